@@ -1,0 +1,870 @@
+"""The overnight driver: one LLM-proposed change to train.py per experiment, scored by prepare.py.
+
+    python agent.py [--tag TAG] [--model NAME] [--max-experiments N] [--max-hours H] [--max-cost USD]
+    python agent.py status [--tag TAG]
+
+Each experiment: prompt the LLM (program.md, the ledger, train.py) → apply its ONE change to
+train.py → commit → run train.py under a time limit in its own process group → score the
+submission with `python prepare.py eval` in a fresh process → keep the commit if val_ppl improved,
+else reset the branch to its parent (the discarded commit stays under a ref) → a ledger row.
+The endpoint is the openai package's: OPENAI_API_KEY and/or OPENAI_BASE_URL (any OpenAI-compatible
+server: OpenAI, vLLM, Ollama, llama.cpp).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import git
+import openai
+import pandas as pd
+import psutil
+import torch
+
+import prepare
+
+# ---------------------------------------------------------------- configuration
+TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
+EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
+KILL_GRACE_S = 10              # SIGTERM → this long → SIGKILL
+MAX_REPAIR_TURNS = 2           # extra LLM turns to fix a reply that does not apply or compile
+MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments before stopping
+LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
+LOG_TAIL_BYTES = 3000          # tail of a crashed run's log shown to the LLM
+LOG_CAP_BYTES = 2_000_000      # train.log beyond this keeps only its tail: floods cannot fill a disk
+LLM_TIMEOUT_S = 600            # one chat completion
+LLM_MAX_TOKENS = 8192
+OUTAGE_MAX_WAIT_S = 600        # longest sleep between tries while an endpoint is down
+SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROPIC_|^AWS_|^AZURE_", re.I)
+EVAL_DATA_REFERENCE = re.compile(r"wiki\.(valid|test)|[\"'](validation|test)[\"']|AR_TRAIN_SPLIT")
+
+SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
+training in train.py. Each reply proposes exactly ONE focused change to train.py; it is committed, \
+trained for 5 minutes and scored by a separate, read-only evaluator (WikiText-2 validation perplexity \
+of the exported ternary weights). Lower val_ppl is kept; anything else is reverted.
+
+Rules: change only train.py. Keep `prepare.submit(...)` at the end of training. Never read or train \
+on the validation or test data. The code must run: an edit that does not apply or compile is wasted.
+
+Reply format, exactly:
+DESCRIPTION: <one line saying what you changed and why>
+<<<<<<< SEARCH
+<lines copied exactly from train.py, enough to match exactly once>
+=======
+<the new lines>
+>>>>>>> REPLACE
+
+Use one or more SEARCH/REPLACE blocks. To rewrite the whole file instead, use one block:
+<<<<<<< FILE
+<the complete new train.py>
+>>>>>>> FILE
+No other text is needed."""
+
+# llama.cpp accepts a GBNF grammar: the reply then always has the text format's structure.
+REPLY_GRAMMAR = r'''root ::= "DESCRIPTION: " [^\n]+ "\n" block+
+block ::= "<<<<<<< SEARCH\n" body "=======\n" body ">>>>>>> REPLACE\n"
+body ::= ( [^<=>\n] [^\n]* "\n" | "\n" )*
+'''
+REPLY_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["description", "edits"],
+    "properties": {
+        "description": {"type": "string"},
+        "edits": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "additionalProperties": False, "required": ["search", "replace"],
+            "properties": {"search": {"type": "string"}, "replace": {"type": "string"}}}},
+    },
+}
+JSON_INSTRUCTIONS = ('\n\nReply with ONE JSON object instead: {"description": "<one line>", "edits": '
+                     '[{"search": "<exact lines of train.py>", "replace": "<new lines>"}]}')
+
+
+class ReplyError(Exception):
+    """The reply cannot be applied; the message is sent back to the LLM as a repair request."""
+
+
+class FatalError(Exception):
+    """Stop the driver: the user must fix something (the message says what)."""
+
+
+# ---------------------------------------------------------------- small helpers
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+# ---------------------------------------------------------------- the reply: parse, apply, validate
+BLOCK_RE = re.compile(r"^<{7} SEARCH[^\n]*\n(.*?)^={7}[ \t]*\n(.*?)^>{7} REPLACE[^\n]*$", re.S | re.M)
+FILE_RE = re.compile(r"^<{7} FILE[^\n]*\n(.*?)^>{7} FILE[^\n]*$", re.S | re.M)
+OTHER_FILE_RE = re.compile(r"^(?:[#*`\s]*(?:file|path)?:?\s*)`?([\w./-]+\.(?:py|md|tsv|txt|sh|cfg|toml|json))`?\s*$",
+                           re.I | re.M)
+
+
+def parse_reply(content: str | None, finish_reason: str | None, reply_format: str) -> tuple[str, list, str | None]:
+    """(description, [(search, replace)], whole_file or None); ReplyError says what is wrong."""
+    if finish_reason == "length":
+        raise ReplyError("the reply was cut off by the length limit: reply with a shorter change")
+    if not content or not content.strip():
+        raise ReplyError("the reply was empty: reply with a DESCRIPTION line and SEARCH/REPLACE blocks")
+    if reply_format == "json":
+        return parse_json_reply(content)
+    content = content.replace("\r\n", "\n")
+    outside = BLOCK_RE.sub("", FILE_RE.sub("", content))
+    named = OTHER_FILE_RE.findall(outside) + re.findall(r"^<{7} (?:SEARCH|FILE)[ \t]+(\S+)", content, re.M)
+    others = sorted({m for m in named if Path(m).name != "train.py"})
+    if others:
+        raise ReplyError(f"the reply names other files ({', '.join(others)}): only train.py may change")
+    blocks = BLOCK_RE.findall(content)
+    files = FILE_RE.findall(content)
+    markers = len(re.findall(r"^<{7} (?:SEARCH|FILE)", content, re.M))
+    if markers != len(blocks) + len(files):
+        raise ReplyError(f"{markers - len(blocks) - len(files)} of {markers} blocks have broken markers: each needs "
+                         "'<<<<<<< SEARCH', '=======', '>>>>>>> REPLACE' on lines of their own (or FILE ... FILE)")
+    if not blocks and not files:
+        raise ReplyError("no SEARCH/REPLACE block found: use the exact block format")
+    if files and (blocks or len(files) > 1):
+        raise ReplyError("use either SEARCH/REPLACE blocks or ONE whole-file block, not both")
+    match = re.search(r"^\W*DESCRIPTION:\s*(.+)$", content, re.M | re.I)
+    prose = [ln for ln in outside.splitlines() if ln.strip(" `#*") and not ln.startswith("```")]
+    description = one_line(match.group(1) if match else (prose[0] if prose else "(no description)"))
+    return description, blocks, (strip_fence(files[0]) if files else None)
+
+
+def parse_json_reply(content: str) -> tuple[str, list, None]:
+    try:
+        data = json.loads(content[content.find("{"): content.rfind("}") + 1])
+        edits = [(e["search"], e["replace"]) for e in data["edits"]]
+        return one_line(data["description"]), edits, None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReplyError(f"the reply is not the JSON object asked for ({type(exc).__name__}: {exc})") from None
+
+
+def strip_fence(text: str) -> str:
+    """A whole file wrapped in a markdown fence inside the FILE block: drop the outer fence only."""
+    lines = text.splitlines(keepends=True)
+    if len(lines) >= 2 and lines[0].startswith("```") and lines[-1].strip() == "```":
+        return "".join(lines[1:-1])
+    return text
+
+
+def closest_lines(text: str, search: str) -> str:
+    """Where the SEARCH text nearly matches, to help the LLM copy it exactly."""
+    lines, want = text.splitlines(), search.splitlines() or [""]
+    best, where = 0.0, 0
+    for i in range(max(len(lines) - len(want) + 1, 1)):
+        score = difflib.SequenceMatcher(None, "\n".join(lines[i:i + len(want)]), "\n".join(want)).ratio()
+        if score > best:
+            best, where = score, i
+    excerpt = "\n".join(lines[where:where + len(want)])
+    return f"closest lines {where + 1}-{where + len(want)} of train.py ({best:.0%} similar):\n{excerpt}"
+
+
+def apply_blocks(text: str, blocks: list) -> str:
+    for i, (search, replace) in enumerate(blocks, 1):
+        if not search.strip():
+            raise ReplyError(f"block {i}: the SEARCH part is empty; copy the lines to replace, or use a FILE block")
+        count = text.count(search)
+        if count == 1:
+            text = text.replace(search, replace, 1)
+            continue
+        if count > 1:
+            starts = [text[:m.start()].count("\n") + 1 for m in re.finditer(re.escape(search), text)]
+            raise ReplyError(f"block {i}: SEARCH matches {count} times (lines {starts}); add surrounding lines "
+                             "so it matches exactly once")
+        squash = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
+        hint = " It matches only if whitespace is ignored: copy the indentation exactly." \
+            if squash(search) and squash(search) in squash(text) else ""
+        raise ReplyError(f"block {i}: SEARCH text not found in train.py.{hint}\n{closest_lines(text, search)}")
+    return text
+
+
+def validate_train_py(old: str, new: str) -> None:
+    """Checks that make an edit `invalid` before it costs a training run."""
+    if new == old:
+        raise ReplyError("the edit changes nothing (no-op): propose an actual change")
+    try:
+        tree = ast.parse(new, "train.py")
+        compile(tree, "train.py", "exec")
+    except SyntaxError as exc:
+        raise ReplyError(f"the new train.py does not compile: {exc.msg} at line {exc.lineno}: "
+                         f"{(exc.text or '').strip()}") from None
+    if not any(isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "submit"
+               and isinstance(node.func.value, ast.Name) and node.func.value.id == "prepare" for node in ast.walk(tree)):
+        raise ReplyError("the edit removes the prepare.submit(...) call: train.py must end by submitting")
+    added = "\n".join(set(new.splitlines()) - set(old.splitlines()))
+    if EVAL_DATA_REFERENCE.search(added):
+        raise ReplyError("the edit refers to the validation/test data or the training split: train only on "
+                         "prepare.load_train_tokens()")
+
+
+def edit_train_py(old: str, content: str | None, finish_reason: str | None, reply_format: str) -> tuple[str, str]:
+    description, blocks, whole = parse_reply(content, finish_reason, reply_format)
+    new = whole if whole is not None else apply_blocks(old, blocks)
+    validate_train_py(old, new)
+    return description, new
+
+
+# ---------------------------------------------------------------- the LLM
+def make_client(args) -> openai.OpenAI:
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key and not base_url:
+        raise FatalError("no LLM endpoint configured: set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
+                         "(e.g. http://127.0.0.1:8080/v1 for a llama.cpp server), or pass --base-url")
+    return openai.OpenAI(api_key=key or "local", base_url=base_url, timeout=args.llm_timeout, max_retries=2)
+
+
+def chat(session: "Session", messages: list[dict]) -> tuple[str | None, str | None, int, int]:
+    """One chat completion; transient faults are waited out (logged), others stop the driver."""
+    kwargs = {"model": session.args.model, "messages": messages, "max_tokens": session.args.max_tokens,
+              "temperature": session.args.temperature}
+    if session.args.reply_format == "json":
+        kwargs["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "edit", "schema": REPLY_SCHEMA, "strict": True}}
+    elif session.args.reply_format == "grammar":
+        kwargs["extra_body"] = {"grammar": REPLY_GRAMMAR}
+    wait = 1.0
+    while True:
+        try:
+            response = session.client.chat.completions.create(**kwargs)
+            if not getattr(response, "choices", None):
+                raise ValueError("the response has no choices")
+            usage = response.usage
+            choice = response.choices[0]
+            return (choice.message.content, choice.finish_reason,
+                    getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+                openai.BadRequestError) as exc:
+            raise FatalError(f"the LLM endpoint refused the request ({type(exc).__name__} {exc.status_code}): "
+                             f"{one_line(exc.message, 300)}. Check --model, OPENAI_BASE_URL and OPENAI_API_KEY") from None
+        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError,
+                openai.APIStatusError, openai.APIResponseValidationError, ValueError) as exc:
+            log(f"LLM endpoint unavailable ({type(exc).__name__}: {one_line(str(exc), 120)}); retrying in {wait:.0f} s")
+            session.outages += 1
+            if session.stop_requested():
+                raise KeyboardInterrupt from None
+            time.sleep(wait)
+            wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
+
+
+# ---------------------------------------------------------------- the ledger
+def read_ledger(path: Path) -> pd.DataFrame:
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=prepare.LEDGER_COLUMNS)
+    return pd.read_csv(path, sep="\t", dtype={"commit": str, "parent": str, "branch": str}, keep_default_na=False,
+                       na_values=[""])
+
+
+def best_kept(rows: pd.DataFrame) -> float | None:
+    kept = rows[rows["status"].isin(["baseline", "keep"])]["val_ppl"].dropna()
+    return float(kept.min()) if len(kept) else None
+
+
+def decide(val_ppl: float | None, best: float | None) -> str:
+    """THE keep/discard rule (the seed's): keep only a strictly lower val_ppl than the best kept."""
+    if val_ppl is None:
+        return "crash"
+    return "keep" if best is None or val_ppl < best else "discard"
+
+
+def ledger_for_prompt(rows: pd.DataFrame) -> str:
+    if rows.empty:
+        return "(no experiments yet)"
+    cols = ["experiment", "status", "val_ppl", "description", "reason"]
+    shown = pd.concat([rows[rows["status"] == "keep"], rows.tail(LEDGER_TAIL_ROWS)]).drop_duplicates()
+    shown = shown.sort_values("experiment")[cols].copy()
+    shown["reason"] = shown["reason"].fillna("").map(lambda r: one_line(r, 120))
+    counts = rows["status"].value_counts().to_dict()
+    return shown.to_csv(sep="\t", index=False) + f"\n(of {len(rows)} rows: {counts})"
+
+
+# ---------------------------------------------------------------- the session
+@dataclass
+class Session:
+    args: argparse.Namespace
+    repo: git.Repo
+    root: Path
+    branch: str
+    runs: Path
+    state_path: Path
+    ledger_backup: Path
+    client: openai.OpenAI | None = None
+    prepare_hash: str = ""
+    interrupts: int = 0
+    outages: int = 0
+    child: subprocess.Popen | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "results.tsv"
+
+    def stop_requested(self) -> bool:
+        return self.interrupts > 0 or (self.runs / "STOP").exists()
+
+    def rows(self) -> pd.DataFrame:
+        rows = read_ledger(self.ledger)
+        return rows[(rows["branch"] == self.branch) & (rows["status"] != "manual")]
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def save_state(self, **state) -> None:
+        atomic_write(self.state_path, json.dumps(state))
+        pause = os.environ.get("AR_TEST_PAUSE", "")  # fault-injection tests: "phase:seconds"
+        if pause.startswith(f"{state.get('phase')}:"):
+            time.sleep(float(pause.split(":")[1]))
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_path.with_name("child.pid")
+
+
+def open_session(args) -> Session:
+    root = Path(args.repo).resolve()
+    try:
+        repo = git.Repo(root)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise FatalError(f"{root} is not a git repository: run `git init && git add -A && git commit -m init` "
+                         "there first") from None
+    private = Path(repo.git_dir) / "autoresearch" / args.tag  # out of train.py's working tree
+    private.mkdir(parents=True, exist_ok=True)
+    return Session(args=args, repo=repo, root=root, branch=f"autoresearch/{args.tag}", runs=root / "runs" / args.tag,
+                   state_path=private / "state.json", ledger_backup=private / "results.tsv")
+
+
+def setup_branch(session: Session) -> None:
+    repo, state = session.repo, session.state()
+    if state.get("phase") == "applying" and repo.is_dirty(path="train.py"):
+        repo.git.checkout("HEAD", "--", "train.py")  # half-written by the driver when it was stopped: ours
+        log("restored train.py, half-written when the driver was stopped")
+    dirty = [f for f in ("train.py", "prepare.py") if repo.is_dirty(path=f)]
+    if dirty:
+        raise FatalError(f"uncommitted changes to {', '.join(dirty)}: commit them (git commit {' '.join(dirty)}) or "
+                         "set them aside (git stash) before starting, so no experiment mixes with your work")
+    for name in ("train.py", "prepare.py", "program.md"):
+        if not (session.root / name).exists():
+            raise FatalError(f"{name} is missing from {session.root}: the driver needs train.py, prepare.py and program.md")
+    if session.branch in repo.heads:
+        if repo.head.is_detached or repo.active_branch.name != session.branch:
+            repo.git.checkout(session.branch)
+        log(f"resuming branch {session.branch}")
+    else:
+        repo.git.checkout("-b", session.branch)
+        log(f"created branch {session.branch}")
+    session.runs.mkdir(parents=True, exist_ok=True)
+    if (session.runs / "STOP").exists():
+        (session.runs / "STOP").unlink()
+        log("removed a STOP file left from an earlier run")
+    kill_leftovers(session)
+    session.prepare_hash = sha256_file(session.root / "prepare.py")
+    protect_ledger(session)
+
+
+def protect_ledger(session: Session) -> str:
+    """The driver's own copy of the ledger lives in .git/: if train.py changed results.tsv, restore it."""
+    current, backup = session.ledger, session.ledger_backup
+    if backup.exists() and sha256_file(current) != sha256_file(backup):
+        shutil.copyfile(backup, current)
+        return "results.tsv was changed by the experiment and restored from the driver's copy; "
+    return ""
+
+
+def append_row(session: Session, row: dict) -> None:
+    note = protect_ledger(session)
+    if note:
+        row["reason"] = note + (row.get("reason") or "")
+    prepare.append_ledger_row(row, session.ledger)
+    shutil.copyfile(session.ledger, session.ledger_backup)
+
+
+def commit_train_py(session: Session, message: str) -> str:
+    repo = session.repo
+    env = {}
+    with repo.config_reader() as config:
+        if not config.has_option("user", "name"):
+            env = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
+                   "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
+    with repo.git.custom_environment(**env):
+        repo.git.commit("--no-verify", "-m", message, "--", "train.py")  # --only train.py: nothing else staged goes in
+    return repo.head.commit.hexsha
+
+
+def discard(session: Session, n: int, commit: str, parent: str) -> None:
+    """Reset the branch to the parent, touching only train.py; the commit stays under a ref."""
+    repo = session.repo
+    repo.git.update_ref(f"refs/autoresearch/{session.args.tag}/discarded/{n}", commit)
+    if repo.head.commit.hexsha == commit:
+        repo.git.reset("--soft", parent)
+    repo.git.checkout(parent, "--", "train.py")
+
+
+# ---------------------------------------------------------------- running train.py and the evaluator
+def clean_env(session: Session, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group and every descendant (even ones that left the group), a grace
+    period, then SIGKILL. Also run after a clean exit: nothing train.py started outlives it."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+
+    def alive() -> list:
+        group = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(p.pid) == proc.pid:
+                    group.append(p)
+        procs = {p.pid: p for p in group + family}.values()
+        running = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(p)
+        return running
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        targets = alive()
+        for p in targets:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        until = time.time() + (KILL_GRACE_S if sig == signal.SIGTERM else 5)
+        while targets and time.time() < until:
+            proc.poll()  # reap our own child so it stops counting as alive
+            targets = alive()
+            time.sleep(0.05)
+        if not targets:
+            break
+    proc.wait()
+
+
+def kill_leftovers(session: Session) -> None:
+    """A driver killed mid-run leaves its train.py (own process group) running: end that group."""
+    if not session.pid_file.exists():
+        return
+    pgid = int(session.pid_file.read_text() or 0)
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if pgid and os.getpgid(p.pid) == pgid:
+                p.kill()
+                log(f"killed process {p.pid} left running by an earlier driver")
+    session.pid_file.unlink()
+
+
+def pump_output(stream, log_path: Path) -> None:
+    """Copy a child's output to its log: \\r progress becomes lines, a flood keeps its head and tail."""
+    written, dropped, tail = 0, 0, b""
+    with open(log_path, "wb") as out:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if written + len(chunk) <= LOG_CAP_BYTES // 2:
+                out.write(chunk)
+                written += len(chunk)
+            else:
+                dropped += len(chunk)
+                tail = (tail + chunk)[-LOG_CAP_BYTES // 2:]
+            out.flush()
+        if dropped:
+            out.write(f"\n[... {dropped - len(tail):,} bytes of output dropped ...]\n".encode())
+            out.write(tail)
+
+
+def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict) -> tuple[int | None, float]:
+    """(exit code or None on timeout, seconds); the whole process tree is gone when this returns."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=session.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    session.child = proc
+    atomic_write(session.pid_file, str(proc.pid))
+    pump = threading.Thread(target=pump_output, args=(proc.stdout, log_path), daemon=True)
+    pump.start()
+    try:
+        proc.wait(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        kill_tree(proc)  # also reaps children left behind by a clean exit
+        session.child = None
+        session.pid_file.unlink(missing_ok=True)
+    pump.join(timeout=10)
+    return code, time.time() - start
+
+
+def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    if not path.exists():
+        return ""
+    data = path.read_bytes()[-limit:]
+    return data.decode("utf-8", errors="replace")
+
+
+def train_and_score(session: Session, st: dict) -> dict:
+    """Run train.py, check the trust boundary, score in a fresh process. Returns ledger fields."""
+    folder = session.runs / str(st["experiment"])
+    folder.mkdir(parents=True, exist_ok=True)
+    submission = folder / "submission.pt"
+    submission.unlink(missing_ok=True)
+    timeout = session.args.timeout
+    env = clean_env(session, AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external")
+    code, train_s = run_process(session, [sys.executable, "train.py"], folder / "train.log", timeout + 1, env)
+    result = {"train_s": round(train_s, 1)}
+    if sha256_file(session.root / "prepare.py") != session.prepare_hash:
+        session.repo.git.checkout("HEAD", "--", "prepare.py")
+        return {**result, "status": "crash", "reason": "prepare.py was modified during the run; restored, not scored"}
+    changed = session.repo.git.diff("--name-only", st["parent"], st["commit"]).split()
+    if st["kind"] != "baseline" and changed != ["train.py"]:
+        return {**result, "status": "invalid", "reason": f"the commit changes {changed}, not only train.py"}
+    if code is None:
+        return {**result, "status": "timeout", "reason": f"train.py ran past its {timeout:.0f} s limit; killed"}
+    if code != 0:
+        last = [ln for ln in log_tail(folder / "train.log").splitlines() if ln.strip()]
+        return {**result, "status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
+    if not submission.exists():
+        return {**result, "status": "crash", "reason": "train.py exited cleanly without writing a submission"}
+    session.save_state(**{**st, "phase": "scoring"})
+    # -I: the evaluator must not import modules that train.py may have dropped next to it
+    cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json"]
+    if session.args.eval_windows:
+        cmd += ["--max-windows", str(session.args.eval_windows)]
+    eval_env = clean_env(session, AR_EVAL="", AR_SUBMISSION="", AR_DEADLINE="")
+    code, eval_s = run_process(session, cmd, folder / "eval.log", session.args.eval_timeout, eval_env)
+    result["eval_s"] = round(eval_s, 1)
+    lines = log_tail(folder / "eval.log", 20000).strip().splitlines()
+    if code is None:
+        return {**result, "status": "crash", "reason": f"the evaluator ran past its {session.args.eval_timeout} s limit"}
+    if code != 0:
+        return {**result, "status": "crash", "reason": one_line(lines[-1] if lines else f"evaluator exited {code}", 200)}
+    try:
+        score = json.loads(lines[-1])
+    except (ValueError, IndexError):
+        return {**result, "status": "crash", "reason": "the evaluator's output has no JSON result; see eval.log"}
+    atomic_write(folder / "eval.json", json.dumps(score, indent=1))
+    try:  # what train.py says of itself: informative only
+        meta = dict(torch.load(submission, weights_only=True, map_location="cpu").get("meta", {}))
+    except Exception:
+        meta = {}
+    return {**result, "val_ppl": score["ppl"], "eval_windows": score["windows"], "protocol": prepare.protocol_label(score),
+            "steps": meta.get("steps"), "train_tokens": meta.get("tokens"), "peak_mem_gb": meta.get("peak_mem_gb")}
+
+
+# ---------------------------------------------------------------- proposing a change
+def build_prompt(session: Session, train_py: str) -> list[dict]:
+    rows = session.rows()
+    baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
+    best = best_kept(rows)
+    parts = [
+        "# program.md\n" + (session.root / "program.md").read_text(),
+        "# results so far (this branch)\n" + ledger_for_prompt(rows),
+        f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}",
+    ]
+    if len(rows) and rows.iloc[-1]["status"] in ("crash", "timeout"):
+        last = rows.iloc[-1]
+        tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log")
+        parts.append(f"# the last run ({last['status']}: {last['reason']}) ended with this output\n{tail}")
+    parts.append("# train.py (current)\n```python\n" + train_py + "```")
+    parts.append("Propose ONE focused change to train.py in the reply format.")
+    system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def propose(session: Session, n: int, train_py: str) -> dict:
+    """Ask the LLM for one change, with repair turns. Returns description/new text or the failure."""
+    folder = session.runs / str(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    messages = build_prompt(session, train_py)
+    tokens = [0, 0]
+    error = ""
+    for turn in range(MAX_REPAIR_TURNS + 1):
+        atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
+        content, finish, p_tok, c_tok = chat(session, messages)
+        tokens[0] += p_tok
+        tokens[1] += c_tok
+        atomic_write(folder / f"response{turn}.md", content or "")
+        try:
+            description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
+            return {"description": description, "train_py": new, "prompt_tokens": tokens[0],
+                    "completion_tokens": tokens[1]}
+        except ReplyError as exc:
+            error = str(exc)
+            log(f"experiment {n}: reply rejected (turn {turn + 1}): {one_line(error, 150)}")
+            messages += [{"role": "assistant", "content": (content or "")[:20000]},
+                         {"role": "user", "content": f"Your reply could not be used: {error}\nReply again with ONE "
+                                                     "change to train.py in the exact format."}]
+    return {"error": error, "prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
+
+
+# ---------------------------------------------------------------- one experiment
+def cost_of(session: Session, prompt_tokens: int, completion_tokens: int) -> float | None:
+    if session.args.price_in is None and session.args.price_out is None:
+        return None
+    return round(((session.args.price_in or 0) * prompt_tokens + (session.args.price_out or 0) * completion_tokens) / 1e6, 6)
+
+
+def finish_experiment(session: Session, st: dict, result: dict) -> str:
+    """Decide, write the row (flushed), then reset if not kept. Idempotent across a kill."""
+    n, commit, parent = st["experiment"], st["commit"], st["parent"]
+    tampered = protect_ledger(session)  # before the decision reads it
+    rows = session.rows()
+    already = rows[(rows["experiment"] == n) & (rows["commit"].fillna("") == commit)]
+    if len(already):
+        status = already.iloc[-1]["status"]
+    else:
+        best = best_kept(rows)
+        status = result.get("status") or ("baseline" if st["kind"] == "baseline" else decide(result.get("val_ppl"), best))
+        if status == "baseline" and result.get("val_ppl") is None:
+            status = "crash"
+        new_best = result.get("val_ppl") if status in ("keep", "baseline") else best
+        append_row(session, {
+            "experiment": n, "timestamp": utc_now(), "branch": session.branch, "commit": commit, "parent": parent,
+            "status": status, "reason": tampered + (result.get("reason") or {"keep": "val_ppl improved", "baseline": "unmodified train.py",
+                                                               "discard": "val_ppl not lower than the best kept"}.get(status, "")),
+            "best_val_ppl": new_best, "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
+            "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
+            "seen": st.get("seen"), "description": st["description"],
+            **{k: result.get(k) for k in ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps",
+                                          "eval_windows", "protocol")},
+        })
+    session.save_state(**{**st, "phase": "recorded"})
+    folder = session.runs / str(n)
+    if status not in ("keep", "baseline"):
+        if st["kind"] != "baseline":
+            discard(session, n, commit, parent)
+        (folder / "submission.pt").unlink(missing_ok=True)
+    else:
+        for old in session.runs.glob("*/submission.pt"):  # only the best submission stays on disk
+            if old.parent != folder:
+                old.unlink(missing_ok=True)
+    session.save_state(**{**st, "phase": "done"})
+    return status
+
+
+def run_committed(session: Session, st: dict) -> str:
+    session.save_state(**{**st, "phase": "training"})
+    log(f"experiment {st['experiment']}: training ({st['description']})")
+    result = train_and_score(session, st)
+    status = finish_experiment(session, st, result)
+    log(f"experiment {st['experiment']}: {status}  val_ppl={result.get('val_ppl')}  {result.get('reason', '')}")
+    return status
+
+
+def next_experiment(session: Session) -> int:
+    """Numbers continue from the ledger; one killed before its row was written is reused."""
+    rows = session.rows()
+    return int(rows["experiment"].max()) + 1 if len(rows) else 0
+
+
+def run_one(session: Session) -> str:
+    repo, n = session.repo, next_experiment(session)
+    parent = repo.head.commit.hexsha
+    if session.rows().empty:  # a new branch: the unmodified train.py first
+        return run_committed(session, {"experiment": n, "kind": "baseline", "commit": parent, "parent": parent,
+                                       "description": "baseline: unmodified train.py"})
+    old = (session.root / "train.py").read_text()
+    seen = int(session.rows()["experiment"].max())
+    session.save_state(experiment=n, kind="proposal", phase="llm")
+    proposal = propose(session, n, old)
+    if "error" in proposal:
+        append_row(session, {"experiment": n, "timestamp": utc_now(), "branch": session.branch, "parent": parent,
+                             "status": "invalid", "reason": proposal["error"], "best_val_ppl": best_kept(session.rows()),
+                             "prompt_tokens": proposal["prompt_tokens"], "completion_tokens": proposal["completion_tokens"],
+                             "cost_usd": cost_of(session, proposal["prompt_tokens"], proposal["completion_tokens"]),
+                             "seen": seen, "description": "(reply rejected)"})
+        session.save_state(experiment=n, kind="proposal", phase="done")
+        log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
+        return "invalid"
+    atomic_write(session.runs / str(n) / "proposed_train.py", proposal["train_py"])
+    st = {"experiment": n, "kind": "proposal", "parent": parent, "description": proposal["description"], "seen": seen,
+          "prompt_tokens": proposal["prompt_tokens"], "completion_tokens": proposal["completion_tokens"]}
+    return run_committed(session, apply_and_commit(session, st))
+
+
+def apply_and_commit(session: Session, st: dict) -> dict:
+    """Write the proposed train.py and commit it; safe to repeat after a kill at any point."""
+    repo, parent = session.repo, st["parent"]
+    session.save_state(**st, phase="applying")
+    head = repo.head.commit
+    if head.hexsha != parent and head.parents and head.parents[0].hexsha == parent:
+        commit = head.hexsha  # committed just before the driver was stopped
+    else:
+        atomic_write(session.root / "train.py", (session.runs / str(st["experiment"]) / "proposed_train.py").read_text())
+        commit = commit_train_py(session, st["description"])
+    st = {**st, "commit": commit}
+    atomic_write(session.runs / str(st["experiment"]) / "diff.patch", repo.git.diff(parent, commit) + "\n")
+    session.save_state(**st, phase="committed")
+    return st
+
+
+def resume(session: Session) -> int:
+    """A committed experiment that was never scored is run again; a recorded one is finished.
+    Returns how many experiments it ran (they count towards --max-experiments)."""
+    st = {k: v for k, v in session.state().items() if k != "phase"}
+    phase = session.state().get("phase")
+    if phase == "applying" and (session.runs / str(st["experiment"]) / "proposed_train.py").exists():
+        log(f"resuming experiment {st['experiment']}: applying its saved proposal")
+        run_committed(session, apply_and_commit(session, st))
+        return 1
+    elif phase in ("committed", "training", "scoring") and st.get("commit"):
+        head = session.repo.head.commit.hexsha
+        if head != st["commit"]:
+            log(f"state names commit {st['commit'][:8]} but HEAD is {head[:8]}: not resuming it")
+            return 0
+        log(f"resuming experiment {st['experiment']}: committed but never scored, running it again")
+        run_committed(session, st)
+        return 1
+    elif phase == "recorded":  # the row is written; the reset may not be
+        finish_experiment(session, st, {})
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- the loop
+def budget_left(session: Session, done: int) -> str:
+    args, rows = session.args, session.rows()
+    if args.max_experiments is not None and done >= args.max_experiments:
+        return f"--max-experiments {args.max_experiments} reached"
+    if args.max_hours is not None and time.time() - session.started > args.max_hours * 3600:
+        return f"--max-hours {args.max_hours} reached"
+    if args.max_cost is not None and rows["cost_usd"].fillna(0).sum() >= args.max_cost:
+        return f"--max-cost {args.max_cost} reached"
+    recent = rows["status"].tail(args.max_failures).tolist()
+    if len(recent) == args.max_failures and all(s in ("crash", "timeout", "invalid") for s in recent):
+        return (f"{args.max_failures} failed experiments in a row ({', '.join(recent)}): look at runs/{args.tag}/ "
+                "and the reasons in results.tsv")
+    if (session.runs / "STOP").exists():
+        (session.runs / "STOP").unlink()
+        return "STOP file found"
+    if session.interrupts:
+        return "interrupted (Ctrl-C)"
+    return ""
+
+
+def install_interrupt_handler(session: Session) -> None:
+    def handler(signum, frame):
+        session.interrupts += 1
+        if session.interrupts == 1:
+            log("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again to stop now)")
+            return
+        if session.child is not None:
+            kill_tree(session.child)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_loop(session: Session) -> int:
+    setup_branch(session)
+    install_interrupt_handler(session)
+    done = resume(session)
+    while not (reason := budget_left(session, done)):
+        run_one(session)
+        done += 1
+    log(f"stopping: {reason}")
+    return 0
+
+
+def show_status(args) -> int:
+    root = Path(args.repo).resolve()
+    rows = read_ledger(root / "results.tsv")
+    branch = f"autoresearch/{args.tag}"
+    rows = rows[rows["branch"] == branch]
+    if rows.empty:
+        print(f"no experiments on {branch} in {root / 'results.tsv'}")
+        return 0
+    baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
+    best = best_kept(rows)
+    best_row = rows[rows["val_ppl"] == best].iloc[0] if best is not None else None
+    print(f"branch {branch}: {len(rows)} experiments")
+    print(f"baseline val_ppl {baseline.iloc[0] if len(baseline) else 'n/a'}; best {best} "
+          f"(experiment {best_row['experiment'] if best_row is not None else '-'}, commit "
+          f"{str(best_row['commit'])[:10] if best_row is not None else '-'})")
+    print("by status: " + ", ".join(f"{k} {v}" for k, v in rows["status"].value_counts().items()))
+    print(f"LLM tokens: {int(rows['prompt_tokens'].fillna(0).sum())} prompt, "
+          f"{int(rows['completion_tokens'].fillna(0).sum())} completion; cost ${rows['cost_usd'].fillna(0).sum():.4f}")
+    with pd.option_context("display.width", 160, "display.max_colwidth", 60):
+        print(rows[["experiment", "status", "val_ppl", "best_val_ppl", "train_s", "description"]].tail(15).to_string(index=False))
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "status"])
+    parser.add_argument("--tag", default=datetime.now().strftime("%b%d").lower(), help="branch autoresearch/<tag>")
+    parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
+    parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
+    parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar"],
+                        help="json/grammar constrain a weak local model's reply so it always parses")
+    parser.add_argument("--max-experiments", type=int, help="stop after N experiments (this start)")
+    parser.add_argument("--max-hours", type=float)
+    parser.add_argument("--max-cost", type=float, help="stop once the branch's LLM cost reaches this (USD)")
+    parser.add_argument("--price-in", type=float, help="USD per 1M prompt tokens, for the cost column")
+    parser.add_argument("--price-out", type=float, help="USD per 1M completion tokens")
+    parser.add_argument("--timeout", type=float, default=TRAIN_TIMEOUT_S, help="train.py's limit in seconds")
+    parser.add_argument("--eval-timeout", type=float, default=EVAL_TIMEOUT_S)
+    parser.add_argument("--eval-windows", type=int, help="smoke runs on CPU: score only the first N windows")
+    parser.add_argument("--max-failures", type=int, default=MAX_FAILURES)
+    parser.add_argument("--max-tokens", type=int, default=LLM_MAX_TOKENS)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--llm-timeout", type=float, default=LLM_TIMEOUT_S)
+    parser.add_argument("--repo", default=str(prepare.ROOT), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("timeout", "eval_timeout", "max_failures", "max_tokens"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "status":
+            return show_status(args)
+        client = make_client(args)  # no endpoint configured: stop now, before any training
+        session = open_session(args)
+        session.client = client
+        return run_loop(session)
+    except FatalError as exc:
+        log(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("stopped now; restart with the same --tag to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

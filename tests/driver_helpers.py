@@ -1,0 +1,151 @@
+"""Helpers for driving the real agent.py against a scratch research repo with stand-in files."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+import pandas as pd
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = Path(__file__).resolve().parent / "standin"
+AGENT = ROOT / "agent.py"
+TAG = "t"
+STATUSES = {"baseline", "keep", "discard", "crash", "timeout", "invalid"}
+
+
+def make_research_repo(path: Path, real: bool = False) -> Path:
+    """A git repo shaped like a user's clone: harness files committed, a user's uncommitted edit
+    to README.md and an untracked notes file that the driver must never touch."""
+    path.mkdir(parents=True, exist_ok=True)
+    source = ROOT if real else STANDIN
+    for name in ("prepare.py", "train.py"):
+        shutil.copy(source / name, path / name)
+    shutil.copy(ROOT / "program.md", path / "program.md")
+    (path / ".gitignore").write_text("results.tsv\nruns/\n__pycache__/\n*.pid\nenv.dump\n")
+    (path / "README.md").write_text("committed readme\n")
+    repo = git.Repo.init(path, initial_branch="main")
+    with repo.config_writer() as cfg:
+        cfg.set_value("user", "name", "tester").set_value("user", "email", "t@example.com")
+    repo.index.add(["prepare.py", "train.py", "program.md", ".gitignore", "README.md"])
+    repo.index.commit("research repo")
+    (path / "README.md").write_text("committed readme\nthe user's uncommitted line\n")
+    (path / "notes.txt").write_text("the user's untracked notes\n")
+    return path
+
+
+def agent_cmd(repo: Path, url: str, *args: str) -> list[str]:
+    return [sys.executable, str(AGENT), "--repo", str(repo), "--tag", TAG, "--base-url", url, "--model", "fake",
+            "--timeout", "10", "--llm-timeout", "5", *args]
+
+
+def agent_env(**extra: str) -> dict:
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-secret-key", "HF_TOKEN": "hf_test_token", **extra}
+    env.pop("OPENAI_BASE_URL", None)
+    return env
+
+
+def run_agent(repo: Path, url: str, *args: str, timeout: float = 180, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(agent_cmd(repo, url, *args), env=agent_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_agent(repo: Path, url: str, *args: str, **env) -> subprocess.Popen:
+    return subprocess.Popen(agent_cmd(repo, url, *args), env=agent_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def state(repo: Path) -> dict:
+    path = repo / ".git" / "autoresearch" / TAG / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for_phase(repo: Path, phase: str, timeout: float = 60, experiment: int | None = None) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        st = state(repo)
+        if st.get("phase") == phase and (experiment is None or st.get("experiment") == experiment):
+            return st
+        time.sleep(0.02)
+    raise TimeoutError(f"phase {phase} not reached; state {state(repo)}")
+
+
+def kill_agent(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver alone (its train.py child keeps running, as after a real crash)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def ledger(repo: Path) -> pd.DataFrame:
+    return pd.read_csv(repo / "results.tsv", sep="\t", dtype={"commit": str, "parent": str}, keep_default_na=False,
+                       na_values=[""])
+
+
+def processes_in(repo: Path) -> list:
+    found = []
+    for p in psutil.process_iter(["cwd"]):
+        try:
+            mine = p.pid == os.getpid() or p.ppid() == os.getpid()  # this test's own gitpython helpers
+            if p.info["cwd"] and Path(p.info["cwd"]).resolve() == repo.resolve() and not mine:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def check_invariants(repo: Path) -> list[str]:
+    """Every promise of the ledger and the branch; returns what is broken (empty = all good)."""
+    problems = []
+    rows = ledger(repo)
+    g = git.Repo(repo)
+    if list(rows.columns)[:6] != ["experiment", "timestamp", "branch", "commit", "parent", "status"]:
+        problems.append(f"bad header {list(rows.columns)}")
+    bad = rows[~rows["status"].isin(STATUSES)]
+    if len(bad):
+        problems.append(f"unknown statuses {bad['status'].tolist()}")
+    numbered = rows.dropna(subset=["experiment"])
+    if numbered["experiment"].duplicated().any():
+        problems.append(f"experiments with 2 rows: {numbered[numbered['experiment'].duplicated()]['experiment'].tolist()}")
+    scored = rows.dropna(subset=["commit"])
+    if scored[scored["status"] != "baseline"]["commit"].duplicated().any():
+        problems.append("a commit scored twice")
+    if (rows["val_ppl"].dropna() <= 0).any():
+        problems.append("non-positive val_ppl")
+    if rows["status"].isin(["keep", "discard", "baseline"]).sum() != rows["val_ppl"].notna().sum():
+        problems.append("val_ppl present exactly for scored rows: violated")
+    kept = rows[rows["status"].isin(["baseline", "keep"])]
+    head = g.head.commit.hexsha
+    st = state(repo)
+    if len(kept) and head != kept.iloc[-1]["commit"]:
+        if not (st.get("phase") in ("committed", "training", "scoring") and st.get("commit") == head):
+            problems.append(f"HEAD {head[:8]} is not the last kept commit {kept.iloc[-1]['commit'][:8]}")
+    if g.is_dirty(path="train.py") or g.is_dirty(path="prepare.py"):
+        problems.append("train.py/prepare.py differ from HEAD")
+    for _, row in rows[rows["status"].isin(["discard", "crash", "timeout"]) & rows["commit"].notna()].iterrows():
+        ref = f"refs/autoresearch/{TAG}/discarded/{int(row['experiment'])}"
+        try:
+            if g.git.rev_parse(ref) != row["commit"]:
+                problems.append(f"{ref} does not point at the discarded commit")
+        except git.GitCommandError:
+            problems.append(f"discarded experiment {int(row['experiment'])} has no ref")
+        if not (repo / "runs" / TAG / str(int(row["experiment"])) / "diff.patch").exists():
+            problems.append(f"discarded experiment {int(row['experiment'])} has no diff in runs/")
+    if (repo / "README.md").read_text() != "committed readme\nthe user's uncommitted line\n":
+        problems.append("the user's uncommitted README.md change was lost")
+    if (repo / "notes.txt").read_text() != "the user's untracked notes\n":
+        problems.append("the user's untracked notes.txt changed")
+    leftovers = [str(p) for p in repo.rglob("*.tmp*")]
+    if leftovers:
+        problems.append(f"leftover temp files {leftovers[:3]}")
+    submissions = list((repo / "runs" / TAG).glob("*/submission.pt"))
+    if len(submissions) > 1:
+        problems.append(f"{len(submissions)} submissions kept on disk (only the best should stay)")
+    return problems

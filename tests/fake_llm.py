@@ -1,0 +1,111 @@
+"""A real HTTP server on 127.0.0.1 speaking OpenAI chat completions, with scripted replies and faults.
+
+Each request takes the next scripted item; with none left it answers with a default edit of the
+stand-in train.py (PPL scaled by `default_factor`). Items:
+  "text"                                     a reply with this content
+  {"content": ..., "finish_reason": ...}     a reply
+  {"status": 429, "headers": {...}, "body": b"..."}   an HTTP error (or any raw body)
+  {"hang": seconds}                          sleep, then answer with the next default reply
+  {"reset": True}                            close the connection without an answer
+  {"choices": []}                            a 200 response with no choices
+"""
+import json
+import re
+import socket
+import threading
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def ppl_edit(text: str, factor: float) -> str | None:
+    match = re.search(r"^PPL = (.+)$", text, re.M)
+    if not match:
+        return None
+    old = float(match.group(1))
+    return (f"DESCRIPTION: scale PPL by {factor}\n<<<<<<< SEARCH\nPPL = {match.group(1)}\n=======\n"
+            f"PPL = {round(old * factor, 6)}\n>>>>>>> REPLACE\n")
+
+
+class FakeLLM:
+    def __init__(self, script=None, port: int = 0, default_factor: float = 0.9):
+        self.script = deque(script or [])
+        self.requests: list[dict] = []
+        self.default_factor = default_factor
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def push(self, *items) -> None:
+        with self.lock:
+            self.script.extend(items)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def default_reply(self, body: dict) -> str:
+        for message in reversed(body.get("messages", [])):
+            edit = ppl_edit(message.get("content") or "", self.default_factor)
+            if edit:
+                return edit
+        return "DESCRIPTION: nothing to edit\n"
+
+    def _handler(self):
+        llm = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.send(200, json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode())
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with llm.lock:
+                    llm.requests.append(body)
+                    item = llm.script.popleft() if llm.script else None
+                if isinstance(item, dict) and "hang" in item:
+                    threading.Event().wait(item["hang"])
+                    item = None
+                if isinstance(item, dict) and item.get("reset"):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.connection.close()
+                    return
+                if isinstance(item, dict) and "status" in item:
+                    default = json.dumps({"error": {"message": f"scripted {item['status']}", "type": "error"}})
+                    self.send(item["status"], item.get("body", default.encode()), item.get("headers"))
+                    return
+                if isinstance(item, dict) and "body" in item:
+                    self.send(200, item["body"])
+                    return
+                if item is None:
+                    item = llm.default_reply(body)
+                if isinstance(item, str):
+                    item = {"content": item}
+                content = item.get("content")
+                prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
+                choices = item.get("choices", [{"index": 0, "finish_reason": item.get("finish_reason", "stop"),
+                                                "message": {"role": "assistant", "content": content}}])
+                self.send(200, json.dumps({
+                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                    "choices": choices,
+                    "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content or "") // 4,
+                              "total_tokens": prompt_chars // 4 + len(content or "") // 4}}).encode())
+
+        return Handler

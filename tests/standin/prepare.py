@@ -1,0 +1,42 @@
+"""Stand-in harness for fast driver tests: same CLI and submit() contract as the real prepare.py,
+no model. A "submission" is JSON; the score is the ppl train.py put in it (the real evaluator's
+honesty is tested in test_harness.py)."""
+import json
+import os
+import sys
+import time
+
+
+def submit(payload: dict) -> str:
+    path = os.environ["AR_SUBMISSION"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if not args or args[0] != "eval":
+        print("usage: prepare.py eval PATH --json", file=sys.stderr)
+        return 2
+    time.sleep(float(os.environ.get("STANDIN_EVAL_SLEEP", "0")))
+    try:
+        sub = json.load(open(args[1]))
+        ppl = float(sub["ppl"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"invalid submission: {args[1]} is not a submission file", file=sys.stderr)
+        return 2
+    if not sub.get("ternary", True):
+        print("invalid submission: layer model.layers.0.mlp.up_proj: 7 codes are not in {-1, 0, 1}: not ternary",
+              file=sys.stderr)
+        return 2
+    windows = int(args[args.index("--max-windows") + 1]) if "--max-windows" in args else 4
+    print(json.dumps({"ppl": ppl, "mean_loss": 0.0, "tokens": windows * 2047, "windows": windows, "split": "validation",
+                      "zero_frac": 0.3, "eval_s": 0.01, "max_windows": None, "protocol": 1}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

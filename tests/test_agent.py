@@ -1,0 +1,261 @@
+"""agent.py end to end: the real driver process, a real git repo, the real openai client against a
+scripted server on 127.0.0.1, stand-in train.py/prepare.py (fast) and one run with the real ones."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import git
+import pytest
+
+from driver_helpers import (AGENT, TAG, check_invariants, kill_agent, ledger, make_research_repo, processes_in, run_agent,
+                            start_agent, state, wait_for_phase)
+from fake_llm import FakeLLM
+
+
+@pytest.fixture
+def llm():
+    server = FakeLLM()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_research_repo(tmp_path / "research")
+
+
+def edit(search: str, replace: str, description: str = "a change") -> str:
+    return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
+
+
+def mode(new: str) -> str:
+    return edit('MODE = "ok"', f'MODE = "{new}"', f"train.py misbehaves: {new}")
+
+
+def head_train_py(repo) -> str:
+    return git.Repo(repo).head.commit.tree["train.py"].data_stream.read().decode()
+
+
+# ---------------------------------------------------------------- keep / discard
+def test_keep_then_discard(repo, llm):
+    llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"), edit("PPL = 18.0", "PPL = 19.0", "raise it"))
+    done = run_agent(repo, llm.url, "--max-experiments", "3", "--price-in", "2.5", "--price-out", "10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["baseline", "keep", "discard"]
+    assert rows["val_ppl"].tolist() == [20.0, 18.0, 19.0]
+    assert rows["best_val_ppl"].tolist() == [20.0, 18.0, 18.0]
+    assert rows["description"].tolist()[1:] == ["lower the ppl", "raise it"]
+    assert (rows["prompt_tokens"][1:] > 0).all() and (rows["cost_usd"][1:] > 0).all()
+    assert rows["branch"].unique().tolist() == [f"autoresearch/{TAG}"]
+    g = git.Repo(repo)
+    assert g.active_branch.name == f"autoresearch/{TAG}"
+    assert "PPL = 18.0" in head_train_py(repo) and "PPL = 18.0" in (repo / "train.py").read_text()
+    assert g.head.commit.message.strip() == "lower the ppl"
+    discarded = g.commit(f"refs/autoresearch/{TAG}/discarded/2")
+    assert "PPL = 19.0" in discarded.tree["train.py"].data_stream.read().decode()
+    assert "+PPL = 19.0" in (repo / "runs" / TAG / "2" / "diff.patch").read_text()
+    assert (repo / "runs" / TAG / "1" / "submission.pt").exists()  # the best stays
+    assert not (repo / "runs" / TAG / "2" / "submission.pt").exists()
+    assert check_invariants(repo) == []
+    # the prompt carried program.md, the ledger and train.py
+    prompt = llm.requests[-1]["messages"][1]["content"]
+    assert "NEVER STOP" in prompt and "lower the ppl" in prompt and "PPL = 18.0" in prompt
+
+
+def test_status_subcommand(repo, llm):
+    run_agent(repo, llm.url, "--max-experiments", "2")
+    done = run_agent(repo, llm.url, "status")
+    assert done.returncode == 0 and "baseline val_ppl 20.0" in done.stdout and "keep 1" in done.stdout
+
+
+# ---------------------------------------------------------------- train.py faults
+def test_train_py_faults_get_the_right_status(repo, llm):
+    faults = {"crash": ("crash", "boom"), "hang": ("timeout", "limit"), "orphan": ("timeout", "limit"),
+              "nosubmit": ("crash", "without writing a submission"), "nonternary": ("crash", "not ternary"),
+              "garbage": ("crash", "not a submission"), "tamper": ("crash", "prepare.py was modified"),
+              "fake": ("discard", "not lower"), "flood": ("discard", "not lower"),
+              "ledger": ("discard", "restored"), "env": ("discard", "not lower")}
+    llm.push(*[mode(m) for m in faults])
+    done = run_agent(repo, llm.url, "--max-experiments", str(len(faults) + 1), "--timeout", "3", "--max-failures", "99",
+                     timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = ledger(repo)
+    assert len(rows) == len(faults) + 1
+    for (name, (status, reason)), (_, row) in zip(faults.items(), rows.iloc[1:].iterrows()):
+        assert row["status"] == status and reason in row["reason"], (name, row.to_dict())
+    assert rows.iloc[1:]["val_ppl"].dropna().tolist() == [20.0] * 4  # the fake print did not count
+    orphan = int((repo / "orphan.pid").read_text())
+    assert not _alive(orphan)
+    assert processes_in(repo) == []
+    log = (repo / "runs" / TAG / str(list(faults).index("flood") + 1) / "train.log")
+    assert log.stat().st_size < 2_100_000 and "bytes of output dropped" in log.read_text()
+    dumped = (repo / "env.dump").read_text()
+    assert "sk-test-secret-key" not in dumped and "hf_test_token" not in dumped and "AR_DEADLINE=" in dumped
+    assert "# tampered" not in (repo / "prepare.py").read_text()
+    assert check_invariants(repo) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+
+
+# ---------------------------------------------------------------- replies
+def test_bad_reply_is_repaired_in_a_second_turn(repo, llm):
+    llm.push("I think we should lower the learning rate.", edit("PPL = 20.0", "PPL = 17.0"))
+    done = run_agent(repo, llm.url, "--max-experiments", "2")
+    assert done.returncode == 0, done.stdout
+    assert ledger(repo)["status"].tolist() == ["baseline", "keep"]
+    repair = llm.requests[1]["messages"]
+    assert repair[-2]["role"] == "assistant" and "no SEARCH/REPLACE block" in repair[-1]["content"]
+
+
+def test_three_bad_replies_make_an_invalid_row_and_nothing_runs(repo, llm):
+    bad = edit("PPL = 99.0", "PPL = 1.0")
+    llm.push(bad, bad, bad)
+    done = run_agent(repo, llm.url, "--max-experiments", "2")
+    assert done.returncode == 0
+    row = ledger(repo).iloc[-1]
+    assert row["status"] == "invalid" and "SEARCH text not found" in row["reason"] and "closest lines" in row["reason"]
+    assert not (repo / "runs" / TAG / "1" / "train.log").exists()
+    assert len(list(git.Repo(repo).iter_commits())) == 1 and check_invariants(repo) == []
+
+
+def test_consecutive_failures_stop_the_driver(repo, llm):
+    llm.push(*["no edit here"] * 9)
+    done = run_agent(repo, llm.url, "--max-failures", "3")
+    assert done.returncode == 0 and "3 failed experiments in a row" in done.stdout
+    assert ledger(repo)["status"].tolist() == ["baseline", "invalid", "invalid", "invalid"]
+
+
+# ---------------------------------------------------------------- the LLM endpoint
+def test_transient_api_faults_are_waited_out(repo, llm):
+    llm.push({"status": 429, "headers": {"Retry-After": "1"}}, {"status": 429}, {"status": 500}, {"status": 503},
+             {"reset": True}, {"body": b"this is not json"}, {"choices": []}, {"hang": 8},
+             edit("PPL = 20.0", "PPL = 15.0"))
+    done = run_agent(repo, llm.url, "--max-experiments", "2", "--llm-timeout", "2", timeout=240)
+    assert done.returncode == 0, done.stdout
+    assert ledger(repo)["status"].tolist() == ["baseline", "keep"]
+    assert "LLM endpoint unavailable" in done.stdout
+
+
+def test_model_not_found_stops_with_a_clear_message(repo, llm):
+    llm.push({"status": 404, "body": b'{"error": {"message": "The model fake does not exist", "code": "model_not_found"}}'})
+    done = run_agent(repo, llm.url, "--max-experiments", "3")
+    assert done.returncode == 2 and "NotFoundError" in done.stdout and "--model" in done.stdout
+    assert ledger(repo)["status"].tolist() == ["baseline"]
+
+
+def test_connection_refused_until_the_server_comes_up(repo):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_agent(repo, f"http://127.0.0.1:{port}/v1", "--max-experiments", "2")
+    wait_for_phase(repo, "llm", experiment=1)
+    time.sleep(3)
+    server = FakeLLM(port=port)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        server.close()
+    assert proc.returncode == 0, out
+    assert "APIConnectionError" in out and ledger(repo)["status"].tolist() == ["baseline", "keep"]
+
+
+def test_no_endpoint_configured_stops_at_once(repo):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    done = subprocess.run([sys.executable, str(AGENT), "--repo", str(repo)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "set OPENAI_API_KEY" in done.stdout
+    assert not (repo / "results.tsv").exists()
+
+
+# ---------------------------------------------------------------- setup
+def test_refuses_uncommitted_train_py(repo, llm):
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "\n# my own edit\n")
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 2 and "uncommitted changes to train.py" in done.stdout and "git stash" in done.stdout
+    assert "# my own edit" in (repo / "train.py").read_text()
+
+
+# ---------------------------------------------------------------- stop and resume
+def test_stop_file_stops_after_the_current_experiment(repo, llm):
+    llm.push(edit("SLEEP_S = 0.0", "SLEEP_S = 2.0", "slow"))
+    proc = start_agent(repo, llm.url)
+    wait_for_phase(repo, "training", experiment=1)
+    (repo / "runs" / TAG / "STOP").touch()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "STOP file" in out
+    assert ledger(repo)["experiment"].tolist() == [0, 1]
+
+
+def slow_and_better(seconds: float, ppl: float, description: str = "slow") -> str:
+    return (edit("SLEEP_S = 0.0", f"SLEEP_S = {seconds}", description)
+            + edit("PPL = 20.0", f"PPL = {ppl}").split("\n", 1)[1])
+
+
+def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
+    llm.push(slow_and_better(3.0, 19.0))
+    proc = start_agent(repo, llm.url)
+    wait_for_phase(repo, "training", experiment=1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and ledger(repo)["status"].tolist() == ["baseline", "keep"]
+
+    llm.push(edit("SLEEP_S = 3.0", "SLEEP_S = 30.0", "slower"))  # on top of the kept experiment 1
+    proc = start_agent(repo, llm.url)
+    wait_for_phase(repo, "training", experiment=2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resume" in out
+    assert processes_in(repo) == [] and state(repo)["phase"] == "training"
+
+
+@pytest.mark.parametrize("phase", ["llm", "applying", "committed", "training", "training-live", "scoring", "recorded"])
+def test_killed_in_any_phase_resumes_without_loss(repo, llm, phase):
+    """SIGKILL the driver in each phase (held there by AR_TEST_PAUSE; 'training-live' kills it while
+    a real train.py runs), restart it: one row per experiment, no LLM call wasted, nothing left running."""
+    run_agent(repo, llm.url, "--max-experiments", "1")  # the baseline
+    idea = slow_and_better(3.0 if phase == "training-live" else 0.5, 19.0, "the idea")
+    llm.push({"hang": 30} if phase == "llm" else idea)
+    pause = {} if phase == "training-live" else {"AR_TEST_PAUSE": f"{phase}:30"}
+    proc = start_agent(repo, llm.url, "--max-experiments", "1", **pause)
+    wait_for_phase(repo, phase.replace("-live", ""), experiment=1)
+    if phase == "training-live":
+        time.sleep(1.5)
+        assert processes_in(repo), "train.py should be running when the driver is killed"
+    requests_before = len(llm.requests)
+    kill_agent(proc)
+    if phase == "llm":
+        llm.push(idea)
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 0, done.stdout
+    rows = ledger(repo)
+    assert rows["experiment"].tolist() == [0, 1], rows
+    assert rows.iloc[1]["description"] == "the idea" and rows.iloc[1]["status"] == "keep", rows.iloc[1].to_dict()
+    if phase != "llm":
+        assert len(llm.requests) == requests_before  # the LLM call was not wasted
+    assert processes_in(repo) == [] and check_invariants(repo) == []
+
+
+# ---------------------------------------------------------------- the real harness through the driver
+def test_real_harness_through_the_driver(tmp_path, tiny_env, llm):
+    repo = make_research_repo(tmp_path / "real", real=True)
+    llm.push(edit("LR = 3e-4", "LR = 1e-3", "raise the learning rate"))
+    done = run_agent(repo, llm.url, "--max-experiments", "2", "--timeout", "40", "--eval-windows", "2", timeout=400,
+                     **{k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"})
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo)
+    assert rows["status"].tolist()[0] == "baseline" and rows["status"].tolist()[1] in ("keep", "discard")
+    assert (rows["val_ppl"] > 1).all() and (rows["steps"] > 0).all() and (rows["protocol"] == "v1-smoke2w").all()
+    assert check_invariants(repo) == []

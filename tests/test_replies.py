@@ -1,0 +1,84 @@
+"""The corpus of bad (and a few good) LLM replies in tests/data/replies: each ends as a precise
+rejection or a clean edit, alone and through the real driver."""
+import json
+import shutil
+from pathlib import Path
+
+import git
+import pytest
+
+import agent
+from driver_helpers import ROOT, TAG, ledger, make_research_repo, run_agent
+from fake_llm import FakeLLM
+
+CORPUS = Path(__file__).resolve().parent / "data" / "replies"
+EXPECTED = json.loads((CORPUS / "expected.json").read_text())
+TRAIN_PY = (ROOT / "train.py").read_text()
+
+
+def reply_text(name: str) -> str:
+    return (CORPUS / name).read_bytes().decode("utf-8", errors="replace")  # as the HTTP client would
+
+
+def test_corpus_is_large_enough():
+    assert len(EXPECTED) >= 30 and sorted(EXPECTED) == sorted(p.name for p in CORPUS.iterdir() if p.name != "expected.json")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_reply_is_rejected_precisely_or_applied(name):
+    want = EXPECTED[name]
+    if want["outcome"] == "ok":
+        description, new = agent.edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
+        assert description == want["reason"] and new != TRAIN_PY and "prepare.submit(" in new
+        compile(new, "train.py", "exec")
+    else:
+        with pytest.raises(agent.ReplyError) as err:
+            agent.edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
+        assert want["reason"] in str(err.value)
+
+
+def test_json_reply_format_parses_and_applies():
+    reply = json.dumps({"description": "lower LR", "edits": [{"search": "LR = 3e-4", "replace": "LR = 2e-4"}]})
+    description, new = agent.edit_train_py(TRAIN_PY, reply, "stop", "json")
+    assert description == "lower LR" and "LR = 2e-4" in new
+    with pytest.raises(agent.ReplyError, match="not the JSON object"):
+        agent.edit_train_py(TRAIN_PY, '{"description": "x"}', "stop", "json")
+
+
+def experiments_needed(outcomes: list[str]) -> int:
+    """How many experiments the driver spends on the corpus: up to 1 + MAX_REPAIR_TURNS replies each."""
+    count, turn = 0, 0
+    for outcome in outcomes:
+        turn += 1
+        if outcome == "ok" or turn == agent.MAX_REPAIR_TURNS + 1:
+            count, turn = count + 1, 0
+    return count + (1 if turn else 0)
+
+
+def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
+    repo = make_research_repo(tmp_path / "research")
+    shutil.copy(ROOT / "train.py", repo / "train.py")  # the corpus edits the real train.py
+    g = git.Repo(repo)
+    g.index.add(["train.py"])
+    g.index.commit("real train.py")
+    prepare_before = (repo / "prepare.py").read_bytes()
+    names = sorted(EXPECTED)
+    llm = FakeLLM([{"content": reply_text(n), "finish_reason": EXPECTED[n]["finish_reason"]} for n in names])
+    try:
+        n = experiments_needed([EXPECTED[n]["outcome"] for n in names])
+        done = run_agent(repo, llm.url, "--max-experiments", str(n + 1), "--max-failures", "999", timeout=600)
+    finally:
+        llm.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert not llm.script, "every corpus reply was served"
+    rows = ledger(repo)
+    assert len(rows) == n + 1
+    # the stand-in harness cannot run the real train.py: edits that apply end as crashes, never as scores
+    assert set(rows["status"][1:]) <= {"invalid", "crash"} and (rows["status"] == "invalid").sum() >= 10
+    assert rows[rows["status"] == "invalid"]["reason"].str.len().min() > 10
+    assert (repo / "prepare.py").read_bytes() == prepare_before
+    for commit in g.iter_commits(f"autoresearch/{TAG}", max_count=50):
+        if commit.parents and commit.message.strip() not in ("real train.py", "research repo"):
+            assert list(commit.stats.files) == ["train.py"]
+    assert (repo / "notes.txt").read_text() == "the user's untracked notes\n"
+    assert (repo / "README.md").read_text().endswith("the user's uncommitted line\n")
