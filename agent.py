@@ -76,9 +76,12 @@ Use one or more SEARCH/REPLACE blocks. To rewrite the whole file instead, use on
 No other text is needed."""
 
 # llama.cpp accepts a GBNF grammar: the reply then always has the text format's structure.
-REPLY_GRAMMAR = r'''root ::= "DESCRIPTION: " [^\n]+ "\n" block+
+# Bounded (at most 2 blocks of 6 lines) so that a rambling small model still ends its reply; one
+# focused change fits, and a strong model does not need this mode.
+REPLY_GRAMMAR = r'''root ::= "DESCRIPTION: " [^\n]{1,160} "\n" block block?
 block ::= "<<<<<<< SEARCH\n" body "=======\n" body ">>>>>>> REPLACE\n"
-body ::= ( [^<=>\n] [^\n]* "\n" | "\n" )*
+body ::= line{1,6}
+line ::= [^<=>\n] [^\n]{0,100} "\n"
 '''
 REPLY_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["description", "edits"],
@@ -611,7 +614,7 @@ def propose(session: Session, n: int, train_py: str) -> dict:
     messages = build_prompt(session, train_py)
     tokens = [0, 0]
     error = ""
-    for turn in range(MAX_REPAIR_TURNS + 1):
+    for turn in range(session.args.repair_turns + 1):
         atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
         content, finish, p_tok, c_tok = chat(session, messages)
         tokens[0] += p_tok
@@ -690,12 +693,16 @@ def next_experiment(session: Session) -> int:
     return int(rows["experiment"].max()) + 1 if len(rows) else 0
 
 
+def run_baseline(session: Session) -> str:
+    """A new branch first scores the unmodified train.py: the reference every change must beat."""
+    head = session.repo.head.commit.hexsha
+    return run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
+                                   "parent": head, "description": "baseline: unmodified train.py"})
+
+
 def run_one(session: Session) -> str:
     repo, n = session.repo, next_experiment(session)
     parent = repo.head.commit.hexsha
-    if session.rows().empty:  # a new branch: the unmodified train.py first
-        return run_committed(session, {"experiment": n, "kind": "baseline", "commit": parent, "parent": parent,
-                                       "description": "baseline: unmodified train.py"})
     old = (session.root / "train.py").read_text()
     seen = int(session.rows()["experiment"].max())
     session.save_state(experiment=n, kind="proposal", phase="llm")
@@ -736,10 +743,11 @@ def resume(session: Session) -> int:
     Returns how many experiments it ran (they count towards --max-experiments)."""
     st = {k: v for k, v in session.state().items() if k != "phase"}
     phase = session.state().get("phase")
+    counted = int(st.get("kind") != "baseline")
     if phase == "applying" and (session.runs / str(st["experiment"]) / "proposed_train.py").exists():
         log(f"resuming experiment {st['experiment']}: applying its saved proposal")
         run_committed(session, apply_and_commit(session, st))
-        return 1
+        return counted
     elif phase in ("committed", "training", "scoring") and st.get("commit"):
         head = session.repo.head.commit.hexsha
         if head != st["commit"]:
@@ -747,10 +755,10 @@ def resume(session: Session) -> int:
             return 0
         log(f"resuming experiment {st['experiment']}: committed but never scored, running it again")
         run_committed(session, st)
-        return 1
+        return counted
     elif phase == "recorded":  # the row is written; the reset may not be
         finish_experiment(session, st, {})
-        return 1
+        return counted
     return 0
 
 
@@ -791,6 +799,8 @@ def run_loop(session: Session) -> int:
     setup_branch(session)
     install_interrupt_handler(session)
     done = resume(session)
+    if session.rows().empty:
+        run_baseline(session)
     while not (reason := budget_left(session, done)):
         run_one(session)
         done += 1
@@ -829,7 +839,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
     parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar"],
                         help="json/grammar constrain a weak local model's reply so it always parses")
-    parser.add_argument("--max-experiments", type=int, help="stop after N experiments (this start)")
+    parser.add_argument("--max-experiments", type=int, help="stop after N proposed experiments in this start "
+                        "(the baseline of a new branch is extra)")
     parser.add_argument("--max-hours", type=float)
     parser.add_argument("--max-cost", type=float, help="stop once the branch's LLM cost reaches this (USD)")
     parser.add_argument("--price-in", type=float, help="USD per 1M prompt tokens, for the cost column")
@@ -838,6 +849,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-timeout", type=float, default=EVAL_TIMEOUT_S)
     parser.add_argument("--eval-windows", type=int, help="smoke runs on CPU: score only the first N windows")
     parser.add_argument("--max-failures", type=int, default=MAX_FAILURES)
+    parser.add_argument("--repair-turns", type=int, default=MAX_REPAIR_TURNS, choices=range(0, 6),
+                        help="extra LLM turns to fix a reply that does not apply")
     parser.add_argument("--max-tokens", type=int, default=LLM_MAX_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--llm-timeout", type=float, default=LLM_TIMEOUT_S)

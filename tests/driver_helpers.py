@@ -138,6 +138,15 @@ def check_invariants(repo: Path) -> list[str]:
             problems.append(f"discarded experiment {int(row['experiment'])} has no ref")
         if not (repo / "runs" / TAG / str(int(row["experiment"])) / "diff.patch").exists():
             problems.append(f"discarded experiment {int(row['experiment'])} has no diff in runs/")
+    chain = [c.hexsha for c in g.iter_commits(f"autoresearch/{TAG}") if c.message.strip() != "research repo"]
+    discarded = [line.split()[0] for line in g.git.for_each_ref("--format=%(objectname)",
+                                                               f"refs/autoresearch/{TAG}/discarded/").split("\n") if line]
+    in_flight = st.get("commit") if st.get("phase") in ("applying", "committed", "training", "scoring") else None
+    for commit in set(chain + discarded) - {in_flight}:
+        if (rows["commit"] == commit).sum() != 1:
+            problems.append(f"experiment commit {commit[:8]} has {(rows['commit'] == commit).sum()} ledger rows")
+    if len(numbered) and sorted(numbered["experiment"].astype(int)) != list(range(int(numbered["experiment"].max()) + 1)):
+        problems.append("experiment numbers have gaps")
     if (repo / "README.md").read_text() != "committed readme\nthe user's uncommitted line\n":
         problems.append("the user's uncommitted README.md change was lost")
     if (repo / "notes.txt").read_text() != "the user's untracked notes\n":

