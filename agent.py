@@ -44,6 +44,8 @@ EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
 KILL_GRACE_S = 10              # SIGTERM → this long → SIGKILL
 MAX_REPAIR_TURNS = 2           # extra LLM turns to fix a reply that does not apply or compile
 MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments before stopping
+CONFIRM_SIGMAS = 2.0           # a gain within this many noise widths is re-run once before it is kept
+CONFIRMATION = "confirmation run: "  # description prefix of a confirmation run's row
 LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
 LOG_TAIL_BYTES = 3000          # tail of a crashed run's log shown to the LLM
 LOG_CAP_BYTES = 2_000_000      # train.log beyond this keeps only its tail: floods cannot fill a disk
@@ -232,8 +234,13 @@ def validate_train_py(old: str, new: str) -> None:
                          "prepare.load_train_tokens()")
 
 
-def edit_train_py(old: str, content: str | None, finish_reason: str | None, reply_format: str) -> tuple[str, str]:
+def edit_train_py(old: str, content: str | None, finish_reason: str | None, reply_format: str,
+                  blocks_only: bool = False) -> tuple[str, str]:
+    """The reply applied to train.py's text: (description, new text), or ReplyError saying why not.
+    blocks_only: the reply was written for an older train.py; a whole file would undo what changed since."""
     description, blocks, whole = parse_reply(content, finish_reason, reply_format)
+    if whole is not None and blocks_only:
+        raise ReplyError("a whole-file reply written for an older train.py")
     new = whole if whole is not None else apply_blocks(old, blocks)
     validate_train_py(old, new)
     return description, new
@@ -275,7 +282,6 @@ def chat(session: "Session", messages: list[dict]) -> tuple[str | None, str | No
         except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError,
                 openai.APIStatusError, openai.APIResponseValidationError, ValueError) as exc:
             log(f"LLM endpoint unavailable ({type(exc).__name__}: {one_line(str(exc), 120)}); retrying in {wait:.0f} s")
-            session.outages += 1
             if session.stop_requested():
                 raise KeyboardInterrupt from None
             time.sleep(wait)
@@ -291,15 +297,32 @@ def read_ledger(path: Path) -> pd.DataFrame:
 
 
 def best_kept(rows: pd.DataFrame) -> float | None:
-    kept = rows[rows["status"].isin(["baseline", "keep"])]["val_ppl"].dropna()
-    return float(kept.min()) if len(kept) else None
+    """The score to beat: the lowest kept commit's mean val_ppl (repeated baselines and confirmed
+    keeps count by their mean)."""
+    kept = rows[rows["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
+    return float(kept.groupby("commit")["val_ppl"].mean().min()) if len(kept) else None
+
+
+def noise(rows: pd.DataFrame) -> float | None:
+    """Run-to-run noise: the standard deviation of the repeated baseline runs (--baseline-runs)."""
+    runs = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
+    return float(runs.std()) if len(runs) >= 2 else None
 
 
 def decide(val_ppl: float | None, best: float | None) -> str:
-    """THE keep/discard rule (the seed's): keep only a strictly lower val_ppl than the best kept."""
+    """THE keep/discard rule (the seed's): keep only a strictly lower val_ppl than the best kept.
+    With noise-aware acceptance this is applied to the mean of the run and its confirmation run."""
     if val_ppl is None:
         return "crash"
     return "keep" if best is None or val_ppl < best else "discard"
+
+
+def needs_confirmation(rows: pd.DataFrame, val_ppl: float | None, strict: bool) -> bool:
+    """A gain within CONFIRM_SIGMAS noise widths may be luck: run it once more before keeping it."""
+    best, sigma = best_kept(rows), noise(rows)
+    if strict or val_ppl is None or best is None or not sigma:
+        return False
+    return 0 < best - val_ppl <= CONFIRM_SIGMAS * sigma
 
 
 def ledger_for_prompt(rows: pd.DataFrame) -> str:
@@ -326,7 +349,6 @@ class Session:
     client: openai.OpenAI | None = None
     prepare_hash: str = ""
     interrupts: int = 0
-    outages: int = 0
     child: subprocess.Popen | None = None
     started: float = field(default_factory=time.time)
 
@@ -365,7 +387,7 @@ def open_session(args) -> Session:
     private = Path(repo.git_dir) / "autoresearch" / args.tag  # out of train.py's working tree
     private.mkdir(parents=True, exist_ok=True)
     return Session(args=args, repo=repo, root=root, branch=f"autoresearch/{args.tag}", runs=root / "runs" / args.tag,
-                   state_path=private / "state.json", ledger_backup=private / "results.tsv")
+                   state_path=private / "state.json", ledger_backup=private.parent / "results.tsv")
 
 
 def setup_branch(session: Session) -> None:
@@ -393,11 +415,16 @@ def setup_branch(session: Session) -> None:
         log("removed a STOP file left from an earlier run")
     kill_leftovers(session)
     session.prepare_hash = sha256_file(session.root / "prepare.py")
-    protect_ledger(session)
+    # results.tsv as found is the truth (other tags and manual runs may have added rows since)
+    if session.ledger.exists():
+        shutil.copyfile(session.ledger, session.ledger_backup)
+    else:
+        session.ledger_backup.unlink(missing_ok=True)
 
 
 def protect_ledger(session: Session) -> str:
-    """The driver's own copy of the ledger lives in .git/: if train.py changed results.tsv, restore it."""
+    """The driver's own copy of the ledger lives in .git/: if results.tsv changed since the driver last
+    wrote it (train.py truncated or rewrote it), restore it."""
     current, backup = session.ledger, session.ledger_backup
     if backup.exists() and sha256_file(current) != sha256_file(backup):
         shutil.copyfile(backup, current)
@@ -435,7 +462,8 @@ def discard(session: Session, n: int, commit: str, parent: str) -> None:
 
 
 # ---------------------------------------------------------------- running train.py and the evaluator
-def clean_env(session: Session, **extra: str) -> dict:
+def clean_env(**extra: str) -> dict:
+    """train.py's and the evaluator's environment: no API keys or tokens."""
     env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)
     return env
@@ -538,15 +566,16 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def train_and_score(session: Session, st: dict) -> dict:
-    """Run train.py, check the trust boundary, score in a fresh process. Returns ledger fields."""
+def train_and_score(session: Session, st: dict, label: str = "") -> dict:
+    """Run train.py, check the trust boundary, score in a fresh process. Returns ledger fields.
+    label names a repeat's log files (a confirmation run)."""
     folder = session.runs / str(st["experiment"])
     folder.mkdir(parents=True, exist_ok=True)
     submission = folder / "submission.pt"
     submission.unlink(missing_ok=True)
     timeout = session.args.timeout
-    env = clean_env(session, AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external")
-    code, train_s = run_process(session, [sys.executable, "train.py"], folder / "train.log", timeout + 1, env)
+    env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external")
+    code, train_s = run_process(session, [sys.executable, "train.py"], folder / f"train{label}.log", timeout + 1, env)
     result = {"train_s": round(train_s, 1)}
     if sha256_file(session.root / "prepare.py") != session.prepare_hash:
         session.repo.git.checkout("HEAD", "--", "prepare.py")
@@ -557,7 +586,7 @@ def train_and_score(session: Session, st: dict) -> dict:
     if code is None:
         return {**result, "status": "timeout", "reason": f"train.py ran past its {timeout:.0f} s limit; killed"}
     if code != 0:
-        last = [ln for ln in log_tail(folder / "train.log").splitlines() if ln.strip()]
+        last = [ln for ln in log_tail(folder / f"train{label}.log").splitlines() if ln.strip()]
         return {**result, "status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
     if not submission.exists():
         return {**result, "status": "crash", "reason": "train.py exited cleanly without writing a submission"}
@@ -566,10 +595,10 @@ def train_and_score(session: Session, st: dict) -> dict:
     cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json"]
     if session.args.eval_windows:
         cmd += ["--max-windows", str(session.args.eval_windows)]
-    eval_env = clean_env(session, AR_EVAL="", AR_SUBMISSION="", AR_DEADLINE="")
-    code, eval_s = run_process(session, cmd, folder / "eval.log", session.args.eval_timeout, eval_env)
+    eval_env = clean_env(AR_EVAL="", AR_SUBMISSION="", AR_DEADLINE="")
+    code, eval_s = run_process(session, cmd, folder / f"eval{label}.log", session.args.eval_timeout, eval_env)
     result["eval_s"] = round(eval_s, 1)
-    lines = log_tail(folder / "eval.log", 20000).strip().splitlines()
+    lines = log_tail(folder / f"eval{label}.log", 20000).strip().splitlines()
     if code is None:
         return {**result, "status": "crash", "reason": f"the evaluator ran past its {session.args.eval_timeout} s limit"}
     if code != 0:
@@ -578,7 +607,7 @@ def train_and_score(session: Session, st: dict) -> dict:
         score = json.loads(lines[-1])
     except (ValueError, IndexError):
         return {**result, "status": "crash", "reason": "the evaluator's output has no JSON result; see eval.log"}
-    atomic_write(folder / "eval.json", json.dumps(score, indent=1))
+    atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
     try:  # what train.py says of itself: informative only
         meta = dict(torch.load(submission, weights_only=True, map_location="cpu").get("meta", {}))
     except Exception:
@@ -588,30 +617,40 @@ def train_and_score(session: Session, st: dict) -> dict:
 
 
 # ---------------------------------------------------------------- proposing a change
-def build_prompt(session: Session, train_py: str) -> list[dict]:
-    rows = session.rows()
+def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
+                 rows: pd.DataFrame | None = None) -> list[dict]:
+    rows = session.rows() if rows is None else rows
     baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
     best = best_kept(rows)
     parts = [
         "# program.md\n" + (session.root / "program.md").read_text(),
         "# results so far (this branch)\n" + ledger_for_prompt(rows),
-        f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}",
+        f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}; "
+        f"run-to-run noise (std of {len(baseline)} baseline runs): {noise(rows) if noise(rows) is not None else 'n/a'}",
     ]
     if len(rows) and rows.iloc[-1]["status"] in ("crash", "timeout"):
         last = rows.iloc[-1]
         tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log")
         parts.append(f"# the last run ({last['status']}: {last['reason']}) ended with this output\n{tail}")
+    if in_flight:
+        parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
+                     "It is NOT in the train.py below. If it is kept, your change is applied on top of it: propose a "
+                     "different change that does not touch the same lines.")
     parts.append("# train.py (current)\n```python\n" + train_py + "```")
     parts.append("Propose ONE focused change to train.py in the reply format.")
     system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-def propose(session: Session, n: int, train_py: str) -> dict:
-    """Ask the LLM for one change, with repair turns. Returns description/new text or the failure."""
+def propose(session: Session, n: int, train_py: str, in_flight: str | None = None,
+            rows: pd.DataFrame | None = None) -> dict:
+    """Ask the LLM for one change to `train_py`, with repair turns. Returns the description, the new
+    text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen."""
     folder = session.runs / str(n)
     folder.mkdir(parents=True, exist_ok=True)
-    messages = build_prompt(session, train_py)
+    rows = session.rows() if rows is None else rows
+    seen = int(rows["experiment"].max()) if len(rows) else None
+    messages = build_prompt(session, train_py, in_flight, rows)
     tokens = [0, 0]
     error = ""
     for turn in range(session.args.repair_turns + 1):
@@ -622,15 +661,58 @@ def propose(session: Session, n: int, train_py: str) -> dict:
         atomic_write(folder / f"response{turn}.md", content or "")
         try:
             description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
-            return {"description": description, "train_py": new, "prompt_tokens": tokens[0],
-                    "completion_tokens": tokens[1]}
+            return {"description": description, "train_py": new, "prompt_tokens": tokens[0], "seen": seen,
+                    "completion_tokens": tokens[1], "base": train_py, "reply": (content, finish)}
         except ReplyError as exc:
             error = str(exc)
             log(f"experiment {n}: reply rejected (turn {turn + 1}): {one_line(error, 150)}")
             messages += [{"role": "assistant", "content": (content or "")[:20000]},
                          {"role": "user", "content": f"Your reply could not be used: {error}\nReply again with ONE "
                                                      "change to train.py in the exact format."}]
-    return {"error": error, "prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
+    return {"error": error, "prompt_tokens": tokens[0], "completion_tokens": tokens[1], "seen": seen, "base": train_py}
+
+
+class Prefetch(threading.Thread):
+    """The next experiment's proposal, asked for while the current one trains (a daemon thread: a hung
+    LLM call never blocks the driver's exit)."""
+
+    def __init__(self, session: Session, n: int, base: str, in_flight: str):
+        super().__init__(daemon=True, name=f"propose-{n}")
+        self.call = (session, n, base, in_flight, session.rows())  # a snapshot: the ledger grows meanwhile
+        self.proposal: dict | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.proposal = propose(*self.call)
+        except BaseException as exc:  # re-raised in the main thread by result()
+            self.error = exc
+
+    def result(self) -> dict:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.proposal
+
+
+def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None) -> dict:
+    """The prefetched proposal if it still applies to train.py as it is now, else a fresh one."""
+    if pending is not None:
+        proposal = pending.result()
+        if proposal["base"] == base:  # the experiment in flight was not kept: same train.py
+            return proposal
+        if "error" not in proposal:  # it was kept: the same blocks must still apply on top of it
+            try:
+                description, new = edit_train_py(base, *proposal["reply"], session.args.reply_format, blocks_only=True)
+                return {**proposal, "description": description, "train_py": new, "base": base}
+            except ReplyError as exc:
+                log(f"experiment {n}: the prefetched change does not apply on top of the kept one ({one_line(exc, 100)}); "
+                    "asking again")
+        extra = {k: proposal[k] for k in ("prompt_tokens", "completion_tokens")}
+        fresh = propose(session, n, base)
+        return {**fresh, **{k: fresh[k] + extra[k] for k in extra}}
+    return propose(session, n, base)
 
 
 # ---------------------------------------------------------------- one experiment
@@ -640,8 +722,8 @@ def cost_of(session: Session, prompt_tokens: int, completion_tokens: int) -> flo
     return round(((session.args.price_in or 0) * prompt_tokens + (session.args.price_out or 0) * completion_tokens) / 1e6, 6)
 
 
-def finish_experiment(session: Session, st: dict, result: dict) -> str:
-    """Decide, write the row (flushed), then reset if not kept. Idempotent across a kill."""
+def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | None = None) -> str:
+    """Decide, write the row(s) (flushed), then reset if not kept. Idempotent across a kill."""
     n, commit, parent = st["experiment"], st["commit"], st["parent"]
     tampered = protect_ledger(session)  # before the decision reads it
     rows = session.rows()
@@ -651,19 +733,31 @@ def finish_experiment(session: Session, st: dict, result: dict) -> str:
     else:
         best = best_kept(rows)
         status = result.get("status") or ("baseline" if st["kind"] == "baseline" else decide(result.get("val_ppl"), best))
+        reason = {"keep": "val_ppl improved", "baseline": "unmodified train.py",
+                  "discard": "val_ppl not lower than the best kept"}.get(status, "")
         if status == "baseline" and result.get("val_ppl") is None:
             status = "crash"
-        new_best = result.get("val_ppl") if status in ("keep", "baseline") else best
+        if confirm is not None:
+            mean = (result["val_ppl"] + confirm["val_ppl"]) / 2 if confirm.get("val_ppl") is not None else None
+            status = decide(mean, best) if mean is not None else "discard"
+            reason = (f"gain {best - result['val_ppl']:.4g} within {CONFIRM_SIGMAS:g} noise widths "
+                      f"({CONFIRM_SIGMAS * noise(rows):.4g}): confirmation run "
+                      + (f"gave {confirm['val_ppl']:.4g}, mean {mean:.4g} vs best {best:.4g}" if mean is not None
+                         else f"failed ({confirm.get('reason')})"))
+        scores = [v for v in (result.get("val_ppl"), (confirm or {}).get("val_ppl")) if v is not None]
+        these = pd.DataFrame([{"commit": commit, "status": status, "val_ppl": v} for v in scores])
+        new_best = best_kept(pd.concat([rows, these])) if status in ("keep", "baseline") else best
+        common = {"experiment": n, "branch": session.branch, "commit": commit, "parent": parent, "status": status,
+                  "best_val_ppl": new_best}
+        fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
         append_row(session, {
-            "experiment": n, "timestamp": utc_now(), "branch": session.branch, "commit": commit, "parent": parent,
-            "status": status, "reason": tampered + (result.get("reason") or {"keep": "val_ppl improved", "baseline": "unmodified train.py",
-                                                               "discard": "val_ppl not lower than the best kept"}.get(status, "")),
-            "best_val_ppl": new_best, "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
+            **common, "timestamp": utc_now(), "reason": tampered + (result.get("reason") or reason),
+            "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
             "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
-            "seen": st.get("seen"), "description": st["description"],
-            **{k: result.get(k) for k in ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps",
-                                          "eval_windows", "protocol")},
-        })
+            "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}})
+        if confirm is not None:
+            append_row(session, {**common, "timestamp": utc_now(), "reason": confirm.get("reason") or reason,
+                                 "description": CONFIRMATION + st["description"], **{k: confirm.get(k) for k in fields}})
     session.save_state(**{**st, "phase": "recorded"})
     folder = session.runs / str(n)
     if status not in ("keep", "baseline"):
@@ -679,10 +773,20 @@ def finish_experiment(session: Session, st: dict, result: dict) -> str:
 
 
 def run_committed(session: Session, st: dict) -> str:
-    session.save_state(**{**st, "phase": "training"})
-    log(f"experiment {st['experiment']}: training ({st['description']})")
-    result = train_and_score(session, st)
-    status = finish_experiment(session, st, result)
+    if "first" in st:  # resumed while confirming: the first run's result is already known
+        result = st["first"]
+    else:
+        session.save_state(**{**st, "phase": "training"})
+        log(f"experiment {st['experiment']}: training ({st['description']})")
+        result = train_and_score(session, st)
+    confirm = None
+    if st["kind"] != "baseline" and not result.get("status") and \
+            needs_confirmation(session.rows(), result.get("val_ppl"), session.args.strict):
+        st = {**st, "first": result}
+        session.save_state(**{**st, "phase": "confirming"})
+        log(f"experiment {st['experiment']}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
+        confirm = train_and_score(session, st, label="-confirm")
+    status = finish_experiment(session, st, result, confirm)
     log(f"experiment {st['experiment']}: {status}  val_ppl={result.get('val_ppl')}  {result.get('reason', '')}")
     return status
 
@@ -693,20 +797,27 @@ def next_experiment(session: Session) -> int:
     return int(rows["experiment"].max()) + 1 if len(rows) else 0
 
 
-def run_baseline(session: Session) -> str:
-    """A new branch first scores the unmodified train.py: the reference every change must beat."""
-    head = session.repo.head.commit.hexsha
-    return run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
-                                   "parent": head, "description": "baseline: unmodified train.py"})
+def run_baselines(session: Session) -> None:
+    """A new branch first scores the unmodified train.py (--baseline-runs times: the spread of the
+    repeats is the run-to-run noise): the reference every change must beat."""
+    while True:
+        rows = session.rows()
+        if len(rows) >= session.args.baseline_runs or not rows["description"].str.startswith("baseline").all():
+            return
+        head = session.repo.head.commit.hexsha
+        description = "baseline: unmodified train.py" + (f" (run {len(rows) + 1})" if len(rows) else "")
+        run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
+                                "parent": head, "description": description})
 
 
-def run_one(session: Session) -> str:
+def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = False) -> tuple[str, Prefetch | None]:
+    """One experiment; with prefetch, the next proposal is asked for while this one trains."""
     repo, n = session.repo, next_experiment(session)
     parent = repo.head.commit.hexsha
     old = (session.root / "train.py").read_text()
-    seen = int(session.rows()["experiment"].max())
     session.save_state(experiment=n, kind="proposal", phase="llm")
-    proposal = propose(session, n, old)
+    proposal = proposal_for(session, n, old, pending)
+    seen = proposal["seen"]
     if "error" in proposal:
         append_row(session, {"experiment": n, "timestamp": utc_now(), "branch": session.branch, "parent": parent,
                              "status": "invalid", "reason": proposal["error"], "best_val_ppl": best_kept(session.rows()),
@@ -715,11 +826,13 @@ def run_one(session: Session) -> str:
                              "seen": seen, "description": "(reply rejected)"})
         session.save_state(experiment=n, kind="proposal", phase="done")
         log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
-        return "invalid"
+        return "invalid", None
     atomic_write(session.runs / str(n) / "proposed_train.py", proposal["train_py"])
     st = {"experiment": n, "kind": "proposal", "parent": parent, "description": proposal["description"], "seen": seen,
           "prompt_tokens": proposal["prompt_tokens"], "completion_tokens": proposal["completion_tokens"]}
-    return run_committed(session, apply_and_commit(session, st))
+    st = apply_and_commit(session, st)
+    following = Prefetch(session, n + 1, old, in_flight=st["description"]) if prefetch else None
+    return run_committed(session, st), following
 
 
 def apply_and_commit(session: Session, st: dict) -> dict:
@@ -748,7 +861,7 @@ def resume(session: Session) -> int:
         log(f"resuming experiment {st['experiment']}: applying its saved proposal")
         run_committed(session, apply_and_commit(session, st))
         return counted
-    elif phase in ("committed", "training", "scoring") and st.get("commit"):
+    elif phase in ("committed", "training", "scoring", "confirming") and st.get("commit"):
         head = session.repo.head.commit.hexsha
         if head != st["commit"]:
             log(f"state names commit {st['commit'][:8]} but HEAD is {head[:8]}: not resuming it")
@@ -799,20 +912,123 @@ def run_loop(session: Session) -> int:
     setup_branch(session)
     install_interrupt_handler(session)
     done = resume(session)
-    if session.rows().empty:
-        run_baseline(session)
+    run_baselines(session)
+    pending = None
     while not (reason := budget_left(session, done)):
-        run_one(session)
+        _, pending = run_one(session, pending, prefetch=session.args.pipeline and not budget_left(session, done + 1))
         done += 1
     log(f"stopping: {reason}")
     return 0
 
 
-def show_status(args) -> int:
+def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
+    """progress.png: every scored experiment, kept ones labelled on the running-best line, failures
+    marked along the bottom."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+    rows = rows.dropna(subset=["experiment"])
+    scored = rows.dropna(subset=["val_ppl"])
+    kept = scored[scored["status"].isin(["baseline", "keep"])]
+    fig, ax = plt.subplots(figsize=(12, 6))
+    discarded = scored[scored["status"] == "discard"]
+    ax.scatter(discarded["experiment"], discarded["val_ppl"], s=16, color="0.55", alpha=0.45, label="discarded")
+    ax.scatter(kept["experiment"], kept["val_ppl"], s=44, color="tab:green", zorder=3, label="kept")
+    means = kept.groupby("commit", sort=False)["val_ppl"].mean()  # what the keep rule compares
+    if len(kept):
+        since = kept.groupby("commit", sort=False)["experiment"].min()
+        xs = rows["experiment"].astype(float).tolist()
+        line = [min((means[c] for c in means.index if since[c] <= x), default=None) for x in xs]
+        ax.step(xs, line, where="post", color="tab:green", lw=1.5, label="best so far (mean of a commit's runs)")
+        for _, row in kept.iterrows():
+            ax.annotate(one_line(row["description"], 40), (row["experiment"], row["val_ppl"]), xytext=(4, 6),
+                        textcoords="offset points", fontsize=7, rotation=18, color="darkgreen")
+    marks = {"crash": ("x", "tab:red"), "timeout": ("v", "tab:orange"), "invalid": ("|", "tab:purple")}
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)
+    for status, (marker, color) in marks.items():
+        failed = rows[rows["status"] == status]
+        if len(failed):
+            ax.scatter(failed["experiment"], [0.03] * len(failed), marker=marker, color=color, transform=bottom,
+                       label=f"{status} ({len(failed)})", clip_on=False)
+    if len(scored) and scored["val_ppl"].max() > 3 * scored["val_ppl"].min():
+        ax.set_yscale("log")
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("val_ppl (WikiText-2 validation, lower is better)")
+    title = f"{branch}: {len(rows)} experiments"
+    if len(kept):
+        title += f", baseline {means.iloc[0]:.2f} → best {means.min():.2f}"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def test_split_ppl(root: Path, submission: Path) -> str:
+    """The best kept submission on the test split (never shown to the LLM)."""
+    if not submission.exists():
+        return "n/a (the best submission is not on disk)"
+    done = subprocess.run([sys.executable, "-I", "prepare.py", "eval", str(submission), "--split", "test", "--json"],
+                          cwd=root, capture_output=True, text=True, env=clean_env(), timeout=EVAL_TIMEOUT_S)
+    if done.returncode:
+        return f"n/a ({one_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'eval failed', 150)})"
+    return f"{json.loads(done.stdout.strip().splitlines()[-1])['ppl']:.4f}"
+
+
+def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_test: bool = True) -> str:
+    numbered = rows.dropna(subset=["experiment"])
+    kept = numbered[numbered["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
+    if kept.empty:
+        return f"# {branch}\n\nno scored baseline yet ({len(numbered)} rows)\n"
+    means = kept.groupby("commit", sort=False)["val_ppl"].mean()
+    best_row = kept[kept["commit"] == means.idxmin()].iloc[0].copy()
+    best_row["val_ppl"] = means.min()
+    baseline = float(means.iloc[0])
+    lines = [f"# {branch}", "",
+             f"- baseline val_ppl {baseline:.4f}; best {best_row['val_ppl']:.4f} "
+             f"({(baseline - best_row['val_ppl']) / baseline:.1%} lower) at experiment {int(best_row['experiment'])}, "
+             f"commit {str(best_row['commit'])[:10]}"]
+    sigma = noise(numbered)
+    lines.append(f"- run-to-run noise (std of the baseline runs): {sigma:.4f}" if sigma is not None
+                 else "- run-to-run noise: n/a (one baseline run; use --baseline-runs 2)")
+    counts = numbered["status"].value_counts()
+    lines.append("- experiments: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    lines.append(f"- LLM: {int(numbered['prompt_tokens'].fillna(0).sum()):,} prompt + "
+                 f"{int(numbered['completion_tokens'].fillna(0).sum()):,} completion tokens, "
+                 f"${numbered['cost_usd'].fillna(0).sum():.2f}")
+    stamps = pd.to_datetime(numbered["timestamp"])  # written as each experiment ends: add the first one's run
+    first = numbered.iloc[0]
+    wall = (stamps.max() - stamps.min()).total_seconds() + (first["train_s"] or 0) + (first["eval_s"] or 0)
+    if wall > 0:
+        lines.append(f"- wall-clock share spent training: {numbered['train_s'].fillna(0).sum() / wall:.0%} "
+                     f"of {wall / 3600:.2f} h")
+    test = test_split_ppl(root, runs / str(int(best_row["experiment"])) / "submission.pt") if with_test else "not run"
+    lines.append(f"- best commit on the test split: test_ppl {test}")
+    lines += ["", "## Kept changes (mean val_ppl over each commit's runs)", "",
+              "| experiment | runs | val_ppl | gain | noise widths | description |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
+    previous = None
+    for commit, runs_of in kept.groupby("commit", sort=False):
+        value, first_row = runs_of["val_ppl"].mean(), runs_of.iloc[0]
+        gain = "" if previous is None else f"{previous - value:.4f}"
+        sig = "" if previous is None or not sigma else f"{(previous - value) / sigma:.1f}"
+        lines.append(f"| {int(first_row['experiment'])} | {len(runs_of)} | {value:.4f} | {gain} | {sig} | "
+                     f"{one_line(first_row['description'], 80)} |")
+        previous = value
+    return "\n".join(lines) + "\n"
+
+
+def branch_rows(args) -> tuple[Path, str, pd.DataFrame]:
     root = Path(args.repo).resolve()
-    rows = read_ledger(root / "results.tsv")
     branch = f"autoresearch/{args.tag}"
-    rows = rows[rows["branch"] == branch]
+    rows = read_ledger(root / "results.tsv")
+    return root, branch, rows[(rows["branch"] == branch) & (rows["status"] != "manual")]
+
+
+def show_status(args) -> int:
+    root, branch, rows = branch_rows(args)
     if rows.empty:
         print(f"no experiments on {branch} in {root / 'results.tsv'}")
         return 0
@@ -833,7 +1049,7 @@ def show_status(args) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "status"])
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "plot", "report"])
     parser.add_argument("--tag", default=datetime.now().strftime("%b%d").lower(), help="branch autoresearch/<tag>")
     parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
@@ -849,6 +1065,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-timeout", type=float, default=EVAL_TIMEOUT_S)
     parser.add_argument("--eval-windows", type=int, help="smoke runs on CPU: score only the first N windows")
     parser.add_argument("--max-failures", type=int, default=MAX_FAILURES)
+    parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                        help="ask for the next change only after the current experiment is scored (strict protocol)")
+    parser.add_argument("--strict", action="store_true",
+                        help="the seed's plain rule: keep if lower, no confirmation runs for marginal gains")
+    parser.add_argument("--baseline-runs", type=int, default=2, choices=range(1, 6),
+                        help="score the unmodified train.py this often on a new branch (the noise estimate)")
     parser.add_argument("--repair-turns", type=int, default=MAX_REPAIR_TURNS, choices=range(0, 6),
                         help="extra LLM turns to fix a reply that does not apply")
     parser.add_argument("--max-tokens", type=int, default=LLM_MAX_TOKENS)
@@ -867,6 +1089,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             return show_status(args)
+        if args.command in ("plot", "report"):
+            root, branch, rows = branch_rows(args)
+            if args.command == "plot":
+                log(f"wrote {plot_progress(rows, branch, root / 'progress.png')}")
+                return 0
+            report = night_report(rows, branch, root / "runs" / args.tag, root)
+            atomic_write(root / "runs" / args.tag / "report.md", report)
+            print(report)
+            return 0
         client = make_client(args)  # no endpoint configured: stop now, before any training
         session = open_session(args)
         session.client = client

@@ -10,6 +10,8 @@ import os
 import resource
 import time
 
+T_PROCESS = time.time()  # before the heavy imports: start-up is reported by phase
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -232,7 +234,9 @@ def main() -> None:
     torch.manual_seed(SEED)
     dev = prepare.device()
     tokens = prepare.load_train_tokens()
+    t_data = time.time()
     model = prepare.load_model().to(dev)
+    t_model = time.time()
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if KD_WEIGHT or FEATURE_WEIGHT else None
     strength = torch.zeros((), device=dev)
     quantize_model(model, strength).train()
@@ -248,7 +252,9 @@ def main() -> None:
     train_start = time.time()
     stop_at = prepare.deadline() - EXPORT_RESERVE_S
     budget = max(stop_at - train_start, 1e-6)
-    print(f"setup {train_start - t0:.1f} s on {dev.type}; training for {budget:.0f} s", flush=True)
+    print(f"start-up {train_start - T_PROCESS:.1f} s on {dev.type}: imports {t0 - T_PROCESS:.1f}, data {t_data - t0:.1f}, "
+          f"model {t_model - t_data:.1f}, teacher+quantize+optimizer {train_start - t_model:.1f}; "
+          f"training for {budget:.0f} s", flush=True)
     step, last_log, step_s, loss = 0, train_start, 0.0, torch.zeros(())
     while time.time() + 1.5 * step_s < stop_at:
         t_step = time.time()
@@ -266,6 +272,8 @@ def main() -> None:
         opt.step()
         step += 1
         now = time.time()
+        if step == 1:
+            print(f"first step done {now - T_PROCESS:.1f} s after start", flush=True)
         step_s = now - t_step if step > 1 else 0.0  # the first step includes warm-up/compile
         if now - last_log >= LOG_EVERY_S:
             tok_s = step * BATCH_SIZE * SEQ_LEN / (now - train_start)

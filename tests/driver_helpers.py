@@ -41,7 +41,7 @@ def make_research_repo(path: Path, real: bool = False) -> Path:
 
 def agent_cmd(repo: Path, url: str, *args: str) -> list[str]:
     return [sys.executable, str(AGENT), "--repo", str(repo), "--tag", TAG, "--base-url", url, "--model", "fake",
-            "--timeout", "10", "--llm-timeout", "5", *args]
+            "--timeout", "10", "--llm-timeout", "5", "--baseline-runs", "1", *args]
 
 
 def agent_env(**extra: str) -> dict:
@@ -111,6 +111,8 @@ def check_invariants(repo: Path) -> list[str]:
     bad = rows[~rows["status"].isin(STATUSES)]
     if len(bad):
         problems.append(f"unknown statuses {bad['status'].tolist()}")
+    confirmations = rows["description"].fillna("").str.startswith("confirmation run: ")
+    rows = rows[~confirmations]  # a confirmation run repeats its experiment's number and commit
     numbered = rows.dropna(subset=["experiment"])
     if numbered["experiment"].duplicated().any():
         problems.append(f"experiments with 2 rows: {numbered[numbered['experiment'].duplicated()]['experiment'].tolist()}")

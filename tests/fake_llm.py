@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -30,8 +31,10 @@ class FakeLLM:
     def __init__(self, script=None, port: int = 0, default_factor=0.9, latency: float = 0.0):
         self.script = deque(script or [])
         self.requests: list[dict] = []
+        self.times: list[float] = []  # when each request arrived
         self.default_factor = default_factor  # a number, or a function returning one per reply
         self.latency = latency
+        self.latency_fn = None  # or a function giving each default reply's latency
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
@@ -81,6 +84,7 @@ class FakeLLM:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with llm.lock:
                     llm.requests.append(body)
+                    llm.times.append(time.time())
                     item = llm.script.popleft() if llm.script else None
                 if isinstance(item, dict) and "hang" in item:
                     threading.Event().wait(item["hang"])
@@ -97,7 +101,7 @@ class FakeLLM:
                     self.send(200, item["body"])
                     return
                 if item is None:
-                    threading.Event().wait(llm.latency)
+                    threading.Event().wait(llm.latency_fn() if llm.latency_fn else llm.latency)
                     item = llm.default_reply(body)
                 if isinstance(item, str):
                     item = {"content": item}

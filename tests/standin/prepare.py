@@ -32,6 +32,11 @@ def main() -> int:
         print("invalid submission: layer model.layers.0.mlp.up_proj: 7 codes are not in {-1, 0, 1}: not ternary",
               file=sys.stderr)
         return 2
+    if os.path.exists("jitter.txt"):  # run-to-run noise, scripted by a test: one offset per evaluation
+        offsets = open("jitter.txt").read().split()
+        if offsets:
+            ppl += float(offsets[0])
+            open("jitter.txt", "w").write(" ".join(offsets[1:]))
     windows = int(args[args.index("--max-windows") + 1]) if "--max-windows" in args else 4
     print(json.dumps({"ppl": ppl, "mean_loss": 0.0, "tokens": windows * 2047, "windows": windows, "split": "validation",
                       "zero_frac": 0.3, "eval_s": 0.01, "max_windows": None, "protocol": 1}))

@@ -1,0 +1,60 @@
+"""A simulated night, scaled down 60×: a scripted LLM answering in 20–90 s (0.33–1.5 s here) and a
+train.py that trains for 300 s (5 s here), through the real driver, with and without pipelining.
+
+    python bench/simulated_night.py [--experiments 10] [--scale 60]
+"""
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import git
+
+from common import header
+from driver_helpers import ledger, make_research_repo, run_agent
+from fake_llm import FakeLLM
+
+
+def night(pipeline: bool, experiments: int, scale: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    repo = make_research_repo(Path(tempfile.mkdtemp()) / "research")
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace("SLEEP_S = 0.0", f"SLEEP_S = {300 / scale}"))
+    g = git.Repo(repo)
+    g.index.add(["train.py"])
+    g.index.commit("a 300 s training run, scaled")
+    llm = FakeLLM(default_factor=lambda: rng.choice([0.97, 1.03]), latency=0)
+    llm.latency_fn = lambda: rng.uniform(20, 90) / scale
+    try:
+        run_agent(repo, llm.url, "--max-experiments", "0")  # the baseline, not part of the measured night
+        start = time.perf_counter()
+        done = run_agent(repo, llm.url, "--max-experiments", str(experiments), *([] if pipeline else ["--no-pipeline"]),
+                         timeout=3600)
+        wall = time.perf_counter() - start
+    finally:
+        llm.close()
+    assert done.returncode == 0, done.stdout
+    rows = ledger(repo).iloc[1:]
+    return {"wall": wall, "train": rows["train_s"].sum(), "n": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--experiments", type=int, default=10)
+    parser.add_argument("--scale", type=float, default=60)
+    args = parser.parse_args()
+    results = {p: night(p, args.experiments, args.scale, seed=0) for p in (False, True)}
+    print(header("A simulated night: share of wall-clock spent training"))
+    print(f"{args.experiments} experiments each, LLM latency uniform 20–90 s and 300 s training runs, all scaled down "
+          f"{args.scale:g}×; driver start-up and exit included\n")
+    print("| mode | wall-clock s | in train.py s | training share | ratio |\n| --- | ---: | ---: | ---: | ---: |")
+    base = results[False]["train"] / results[False]["wall"]
+    for p, r in results.items():
+        share = r["train"] / r["wall"]
+        print(f"| {'pipelined (default)' if p else '--no-pipeline'} | {r['wall']:.1f} | {r['train']:.1f} | {share:.2f} | "
+              f"{share / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
