@@ -577,6 +577,8 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external")
     code, train_s = run_process(session, [sys.executable, "train.py"], folder / f"train{label}.log", timeout + 1, env)
     result = {"train_s": round(train_s, 1)}
+    if session.repo.is_dirty(path="train.py"):  # it rewrote itself on disk: the commit is what was proposed
+        session.repo.git.checkout(st["commit"], "--", "train.py")
     if sha256_file(session.root / "prepare.py") != session.prepare_hash:
         session.repo.git.checkout("HEAD", "--", "prepare.py")
         return {**result, "status": "crash", "reason": "prepare.py was modified during the run; restored, not scored"}
@@ -609,7 +611,7 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
         return {**result, "status": "crash", "reason": "the evaluator's output has no JSON result; see eval.log"}
     atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
     try:  # what train.py says of itself: informative only
-        meta = dict(torch.load(submission, weights_only=True, map_location="cpu").get("meta", {}))
+        meta = dict(torch.load(submission, weights_only=True, map_location="cpu", mmap=True).get("meta", {}))
     except Exception:
         meta = {}
     return {**result, "val_ppl": score["ppl"], "eval_windows": score["windows"], "protocol": prepare.protocol_label(score),
