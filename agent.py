@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -196,6 +197,19 @@ def closest_lines(text: str, search: str) -> str:
     return f"closest lines {where + 1}-{where + len(want)} of train.py ({best:.0%} similar):\n{excerpt}"
 
 
+def near_miss(text: str, search: str) -> str:
+    """Why an exact match failed, and where the SEARCH text nearly matches."""
+    part = search.strip("\n")
+    if part and part in text:
+        lines = sorted({text[:m.start()].count("\n") + 1 for m in re.finditer(re.escape(part), text)})
+        full = "\n".join(text.splitlines()[n - 1] for n in lines[:3])
+        return (f" It matches only part of line(s) {lines}: copy whole lines exactly, comments included:\n{full}")
+    squash = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
+    hint = " It matches only if whitespace is ignored: copy the indentation exactly." \
+        if squash(search) and squash(search) in squash(text) else ""
+    return f"{hint}\n{closest_lines(text, search)}"
+
+
 def apply_blocks(text: str, blocks: list) -> str:
     for i, (search, replace) in enumerate(blocks, 1):
         if not search.strip():
@@ -208,10 +222,7 @@ def apply_blocks(text: str, blocks: list) -> str:
             starts = [text[:m.start()].count("\n") + 1 for m in re.finditer(re.escape(search), text)]
             raise ReplyError(f"block {i}: SEARCH matches {count} times (lines {starts}); add surrounding lines "
                              "so it matches exactly once")
-        squash = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
-        hint = " It matches only if whitespace is ignored: copy the indentation exactly." \
-            if squash(search) and squash(search) in squash(text) else ""
-        raise ReplyError(f"block {i}: SEARCH text not found in train.py.{hint}\n{closest_lines(text, search)}")
+        raise ReplyError(f"block {i}: SEARCH text not found in train.py.{near_miss(text, search)}")
     return text
 
 
@@ -609,6 +620,8 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
         score = json.loads(lines[-1])
     except (ValueError, IndexError):
         return {**result, "status": "crash", "reason": "the evaluator's output has no JSON result; see eval.log"}
+    if not isinstance(score.get("ppl"), (int, float)) or not math.isfinite(score["ppl"]):
+        return {**result, "status": "crash", "reason": f"the evaluator returned val_ppl {score.get('ppl')}: not finite"}
     atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
     try:  # what train.py says of itself: informative only
         meta = dict(torch.load(submission, weights_only=True, map_location="cpu", mmap=True).get("meta", {}))
@@ -846,7 +859,9 @@ def apply_and_commit(session: Session, st: dict) -> dict:
         commit = head.hexsha  # committed just before the driver was stopped
     else:
         atomic_write(session.root / "train.py", (session.runs / str(st["experiment"]) / "proposed_train.py").read_text())
-        commit = commit_train_py(session, st["description"])
+        # the trailer makes each experiment's commit unique (an identical change proposed twice in the
+        # same second would otherwise give the same hash), so the ledger's commit column is a key
+        commit = commit_train_py(session, f"{st['description']}\n\nautoresearch experiment {st['experiment']}")
     st = {**st, "commit": commit}
     atomic_write(session.runs / str(st["experiment"]) / "diff.patch", repo.git.diff(parent, commit) + "\n")
     session.save_state(**st, phase="committed")

@@ -76,7 +76,7 @@ def main() -> None:
           f"{time.time() - start:.0f} s; phase at the kill: {result['phases']}; statuses: {result['statuses']}; "
           f"LLM requests: {result['llm_requests']}\n")
     print("| kills survived | rows lost | inconsistent states | orphan processes |\n| ---: | ---: | ---: | ---: |")
-    print(f"| {result['kills']} | {sum('ledger rows' in p or 'gaps' in p for p in result['problems'])} | "
+    print(f"| {result['kills']} | {sum('has 0 ledger rows' in p or 'gaps' in p for p in result['problems'])} | "
           f"{len(result['problems'])} | {result['orphans']} |")
     for problem in result["problems"][:20]:
         print("-", problem)

@@ -31,6 +31,11 @@ def misbehave() -> None:
             f.write("\n# tampered\n")
     if MODE == "ledger":
         open("results.tsv", "w").close()
+    if MODE == "oom":
+        raise MemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    if MODE == "rmruns":
+        import shutil
+        shutil.rmtree("runs")
     if MODE == "env":
         with open("env.dump", "w") as f:
             f.write("\n".join(f"{k}={v}" for k, v in os.environ.items()))
@@ -41,7 +46,7 @@ def main() -> None:
     misbehave()
     if MODE == "nosubmit":
         return
-    prepare.submit({"ppl": PPL, "ternary": MODE != "nonternary"})
+    prepare.submit({"ppl": float("nan") if MODE == "nan" else PPL, "ternary": MODE != "nonternary"})
     if MODE == "garbage":
         with open(os.environ["AR_SUBMISSION"], "wb") as f:
             f.write(b"\x00not a submission")
