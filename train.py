@@ -241,7 +241,7 @@ def main() -> None:
     strength = torch.zeros((), device=dev)
     quantize_model(model, strength).train()
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, fused=dev.type == "cuda")
@@ -274,7 +274,7 @@ def main() -> None:
         now = time.time()
         if step == 1:
             print(f"first step done {now - T_PROCESS:.1f} s after start", flush=True)
-        step_s = now - t_step if step > 1 else 0.0  # the first step includes warm-up/compile
+        step_s = now - t_step  # the next step must fit before stop_at (a slow first step is the safe estimate)
         if now - last_log >= LOG_EVERY_S:
             tok_s = step * BATCH_SIZE * SEQ_LEN / (now - train_start)
             print(f"step {step:5d}  loss {loss.item():.4f}  λ {lam:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  "
