@@ -958,9 +958,10 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
         xs = rows["experiment"].astype(float).tolist()
         line = [min((means[c] for c in means.index if since[c] <= x), default=None) for x in xs]
         ax.step(xs, line, where="post", color="tab:green", lw=1.5, label="best so far (mean of a commit's runs)")
-        for _, row in kept.iterrows():
+        for _, row in kept.drop_duplicates("commit").iterrows():  # one label per kept change
             ax.annotate(one_line(row["description"], 40), (row["experiment"], row["val_ppl"]), xytext=(4, 6),
                         textcoords="offset points", fontsize=7, rotation=18, color="darkgreen")
+        ax.margins(y=0.15)  # room for the labels under the title
     marks = {"crash": ("x", "tab:red"), "timeout": ("v", "tab:orange"), "invalid": ("|", "tab:purple")}
     bottom = blended_transform_factory(ax.transData, ax.transAxes)
     for status, (marker, color) in marks.items():
