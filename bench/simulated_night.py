@@ -17,7 +17,7 @@ from driver_helpers import ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
 
-def night(pipeline: bool, experiments: int, scale: float, seed: int) -> dict:
+def night(pipeline: bool, experiments: int, scale: float, seed: int, compatible: bool) -> dict:
     rng = random.Random(seed)
     repo = make_research_repo(Path(tempfile.mkdtemp()) / "research")
     path = repo / "train.py"
@@ -25,7 +25,7 @@ def night(pipeline: bool, experiments: int, scale: float, seed: int) -> dict:
     g = git.Repo(repo)
     g.index.add(["train.py"])
     g.index.commit("a 300 s training run, scaled")
-    llm = FakeLLM(default_factor=lambda: rng.choice([0.97, 1.03]), latency=0)
+    llm = FakeLLM(default_factor=lambda: rng.choice([0.97, 1.03]), latency=0, alternate=compatible)
     llm.latency_fn = lambda: rng.uniform(20, 90) / scale
     try:
         run_agent(repo, llm.url, "--max-experiments", "0")  # the baseline, not part of the measured night
@@ -47,17 +47,18 @@ def main() -> None:
     parser.add_argument("--experiments", type=int, default=20)
     parser.add_argument("--scale", type=float, default=60)
     args = parser.parse_args()
-    results = {p: night(p, args.experiments, args.scale, seed=0) for p in (False, True)}
+    runs = {(False, True): "--no-pipeline", (True, True): "pipelined (default), proposals touch different lines",
+            (True, False): "pipelined, every proposal edits the same line (a kept change forces a re-ask)"}
+    results = {key: night(key[0], args.experiments, args.scale, seed=0, compatible=key[1]) for key in runs}
     print(header("A simulated night: share of wall-clock spent training"))
     print(f"{args.experiments} experiments each, LLM latency uniform 20–90 s and 300 s training runs, all scaled down "
           f"{args.scale:g}×; driver start-up and exit included\n")
     print("| mode | wall-clock s | in train.py s | training share, all | ratio | training share, steady state |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    base = results[False]["train"] / results[False]["wall"]
-    for p, r in results.items():
+    base = results[(False, True)]["train"] / results[(False, True)]["wall"]
+    for key, r in results.items():
         share = r["train"] / r["wall"]
-        print(f"| {'pipelined (default)' if p else '--no-pipeline'} | {r['wall']:.1f} | {r['train']:.1f} | {share:.2f} | "
-              f"{share / base:.2f} | {r['steady']:.2f} |")
+        print(f"| {runs[key]} | {r['wall']:.1f} | {r['train']:.1f} | {share:.2f} | {share / base:.2f} | {r['steady']:.2f} |")
     print("\n'all' counts the driver's start-up (about 2 s, unscaled: 0.1 % of a real night); 'steady state' is "
           "training time over the wall-clock between the first and the last experiment's end (1 s timestamps).")
 

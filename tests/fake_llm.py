@@ -18,23 +18,25 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def ppl_edit(text: str, factor: float) -> str | None:
-    match = re.search(r"^PPL = (.+)$", text, re.M)
+def ppl_edit(text: str, factor: float, knob: str = "PPL") -> str | None:
+    """An edit of the stand-in train.py that scales its score; knob PPL or PPL_SCALE (both multiply it)."""
+    match = re.search(rf"^{knob} = ([0-9.]+)(.*)$", text, re.M)
     if not match:
         return None
     old = float(match.group(1))
-    return (f"DESCRIPTION: scale PPL by {factor}\n<<<<<<< SEARCH\nPPL = {match.group(1)}\n=======\n"
-            f"PPL = {round(old * factor, 6)}\n>>>>>>> REPLACE\n")
+    return (f"DESCRIPTION: scale {knob} by {factor}\n<<<<<<< SEARCH\n{match.group(0)}\n=======\n"
+            f"{knob} = {round(old * factor, 6)}{match.group(2)}\n>>>>>>> REPLACE\n")
 
 
 class FakeLLM:
-    def __init__(self, script=None, port: int = 0, default_factor=0.9, latency: float = 0.0):
+    def __init__(self, script=None, port: int = 0, default_factor=0.9, latency: float = 0.0, alternate: bool = False):
         self.script = deque(script or [])
         self.requests: list[dict] = []
         self.times: list[float] = []  # when each request arrived
         self.default_factor = default_factor  # a number, or a function returning one per reply
         self.latency = latency
         self.latency_fn = None  # or a function giving each default reply's latency
+        self.alternate = alternate  # default replies alternate between two knobs (compatible changes)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
@@ -56,7 +58,8 @@ class FakeLLM:
     def default_reply(self, body: dict) -> str:
         for message in reversed(body.get("messages", [])):
             factor = self.default_factor() if callable(self.default_factor) else self.default_factor
-            edit = ppl_edit(message.get("content") or "", factor)
+            knob = "PPL_SCALE" if self.alternate and len(self.requests) % 2 else "PPL"
+            edit = ppl_edit(message.get("content") or "", factor, knob)
             if edit:
                 return edit
         return "DESCRIPTION: nothing to edit\n"
