@@ -307,11 +307,17 @@ def read_ledger(path: Path) -> pd.DataFrame:
                        na_values=[""])
 
 
-def best_kept(rows: pd.DataFrame) -> float | None:
-    """The score to beat: the lowest kept commit's mean val_ppl (repeated baselines and confirmed
-    keeps count by their mean)."""
+def kept_means(rows: pd.DataFrame) -> pd.Series:
+    """Each kept commit's mean val_ppl (repeated baselines and confirmed keeps count by their mean),
+    in the order the commits were first scored."""
     kept = rows[rows["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
-    return float(kept.groupby("commit")["val_ppl"].mean().min()) if len(kept) else None
+    return kept.groupby("commit", sort=False)["val_ppl"].mean()
+
+
+def best_kept(rows: pd.DataFrame) -> float | None:
+    """The score to beat: the lowest kept commit's mean val_ppl."""
+    means = kept_means(rows)
+    return float(means.min()) if len(means) else None
 
 
 def noise(rows: pd.DataFrame) -> float | None:
@@ -952,7 +958,7 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     discarded = scored[scored["status"] == "discard"]
     ax.scatter(discarded["experiment"], discarded["val_ppl"], s=16, color="0.55", alpha=0.45, label="discarded")
     ax.scatter(kept["experiment"], kept["val_ppl"], s=44, color="tab:green", zorder=3, label="kept")
-    means = kept.groupby("commit", sort=False)["val_ppl"].mean()  # what the keep rule compares
+    means = kept_means(rows)  # what the keep rule compares
     if len(kept):
         since = kept.groupby("commit", sort=False)["experiment"].min()
         xs = rows["experiment"].astype(float).tolist()
@@ -1001,7 +1007,7 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
     kept = numbered[numbered["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
     if kept.empty:
         return f"# {branch}\n\nno scored baseline yet ({len(numbered)} rows)\n"
-    means = kept.groupby("commit", sort=False)["val_ppl"].mean()
+    means = kept_means(numbered)
     best_row = kept[kept["commit"] == means.idxmin()].iloc[0].copy()
     best_row["val_ppl"] = means.min()
     baseline = float(means.iloc[0])
@@ -1050,13 +1056,12 @@ def show_status(args) -> int:
     if rows.empty:
         print(f"no experiments on {branch} in {root / 'results.tsv'}")
         return 0
-    baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
-    best = best_kept(rows)
-    best_row = rows[rows["val_ppl"] == best].iloc[0] if best is not None else None
+    means = kept_means(rows)
     print(f"branch {branch}: {len(rows)} experiments")
-    print(f"baseline val_ppl {baseline.iloc[0] if len(baseline) else 'n/a'}; best {best} "
-          f"(experiment {best_row['experiment'] if best_row is not None else '-'}, commit "
-          f"{str(best_row['commit'])[:10] if best_row is not None else '-'})")
+    if len(means):
+        best = rows[rows["commit"] == means.idxmin()].iloc[0]
+        print(f"baseline val_ppl {means.iloc[0]:.4f}; best {means.min():.4f} (experiment {int(best['experiment'])}, "
+              f"commit {str(best['commit'])[:10]})")
     print("by status: " + ", ".join(f"{k} {v}" for k, v in rows["status"].value_counts().items()))
     print(f"LLM tokens: {int(rows['prompt_tokens'].fillna(0).sum())} prompt, "
           f"{int(rows['completion_tokens'].fillna(0).sum())} completion; cost ${rows['cost_usd'].fillna(0).sum():.4f}")

@@ -69,7 +69,7 @@ def test_keep_then_discard(repo, llm):
 def test_status_subcommand(repo, llm):
     run_agent(repo, llm.url, "--max-experiments", "1")
     done = run_agent(repo, llm.url, "status")
-    assert done.returncode == 0 and "baseline val_ppl 20.0" in done.stdout and "keep 1" in done.stdout
+    assert done.returncode == 0 and "baseline val_ppl 20.0000" in done.stdout and "keep 1" in done.stdout
 
 
 # ---------------------------------------------------------------- train.py faults

@@ -94,6 +94,8 @@ def test_noise_aware_acceptance_keeps_clear_gains_and_confirms_marginal_ones(tmp
     assert "within 2 noise widths" in rows["reason"].iloc[3] and "mean 14.9" in rows["reason"].iloc[3]
     assert "mean 15 vs best 14.9" in rows["reason"].iloc[5]
     assert "PPL = 14.5" in (repo / "train.py").read_text()
+    status = run_agent(repo, "http://127.0.0.1:9/v1", "status")  # the baselines' mean (20.0) matches no single run
+    assert status.returncode == 0 and "baseline val_ppl 20.0000; best 14.9000 (experiment 3" in status.stdout
     from driver_helpers import check_invariants
     assert check_invariants(repo) == []
 
