@@ -269,3 +269,12 @@ def test_real_harness_through_the_driver(tmp_path, tiny_env, llm):
     assert rows["status"].tolist()[0] == "baseline" and rows["status"].tolist()[1] in ("keep", "discard")
     assert (rows["val_ppl"] > 1).all() and (rows["steps"] > 0).all() and (rows["protocol"] == "v1-smoke2w").all()
     assert check_invariants(repo) == []
+
+
+def test_cost_and_hour_budgets_stop_the_driver(repo, llm):
+    done = run_agent(repo, llm.url, "--max-cost", "0.001", "--price-in", "1000", "--price-out", "1000")
+    assert done.returncode == 0 and "--max-cost 0.001 reached" in done.stdout
+    rows = ledger(repo)
+    assert len(rows) == 2 and rows["cost_usd"].iloc[-1] >= 0.001  # the first proposal spent the budget
+    done = run_agent(repo, llm.url, "--max-hours", "0.00001")
+    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) == 2
