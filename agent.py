@@ -314,6 +314,12 @@ def kept_means(rows: pd.DataFrame) -> pd.Series:
     return kept.groupby("commit", sort=False)["val_ppl"].mean()
 
 
+def branch_ledger(path: Path, branch: str) -> pd.DataFrame:
+    """The branch's experiments (manual `python train.py` rows are not part of the research)."""
+    rows = read_ledger(path)
+    return rows[(rows["branch"] == branch) & (rows["status"] != "manual")]
+
+
 def best_kept(rows: pd.DataFrame) -> float | None:
     """The score to beat: the lowest kept commit's mean val_ppl."""
     means = kept_means(rows)
@@ -377,8 +383,7 @@ class Session:
         return self.interrupts > 0 or (self.runs / "STOP").exists()
 
     def rows(self) -> pd.DataFrame:
-        rows = read_ledger(self.ledger)
-        return rows[(rows["branch"] == self.branch) & (rows["status"] != "manual")]
+        return branch_ledger(self.ledger, self.branch)
 
     def state(self) -> dict:
         return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
@@ -1045,10 +1050,8 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
 
 
 def branch_rows(args) -> tuple[Path, str, pd.DataFrame]:
-    root = Path(args.repo).resolve()
-    branch = f"autoresearch/{args.tag}"
-    rows = read_ledger(root / "results.tsv")
-    return root, branch, rows[(rows["branch"] == branch) & (rows["status"] != "manual")]
+    root, branch = Path(args.repo).resolve(), f"autoresearch/{args.tag}"
+    return root, branch, branch_ledger(root / "results.tsv", branch)
 
 
 def show_status(args) -> int:
