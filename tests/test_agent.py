@@ -276,5 +276,6 @@ def test_cost_and_hour_budgets_stop_the_driver(repo, llm):
     assert done.returncode == 0 and "--max-cost 0.001 reached" in done.stdout
     rows = ledger(repo)
     assert len(rows) == 2 and rows["cost_usd"].iloc[-1] >= 0.001  # the first proposal spent the budget
+    # 36 ms, checked before each experiment: start-up may be quicker than that, so at most one more runs
     done = run_agent(repo, llm.url, "--max-hours", "0.00001")
-    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) == 2
+    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) in (2, 3)
