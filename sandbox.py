@@ -1,0 +1,253 @@
+"""Run an untrusted command (train.py) under a Linux Landlock sandbox, unprivileged.
+
+    python -I sandbox.py --read PATH ... --write PATH ... -- CMD ARGS...
+
+applies the policy to itself, prints one line to stderr describing it, then execs CMD, which
+inherits the policy with all its children. The policy: read (and execute) only the given read
+paths and the Python installation and system folders; write only the given write paths and a few
+devices; no TCP bind/connect; no signals or abstract unix sockets to processes outside the
+sandbox, which also makes /proc/<pid>/environ of the driver unreadable (ptrace access is denied
+outside the domain). When running as root, the capability bounding set is emptied so CMD runs as
+uid 0 without capabilities.
+
+Written on raw syscalls through ctypes (no dependency): the PyPI bindings are either fs-only
+(`landlock`) or young alpha releases (`py-landlock`), and this file is small enough to audit.
+"""
+import ctypes
+import errno
+import os
+import stat
+import sys
+from pathlib import Path
+
+SYS_LANDLOCK_CREATE_RULESET = 444  # same numbers on x86_64 and aarch64
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+LANDLOCK_RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# Filesystem rights, from include/uapi/linux/landlock.h.
+FS_EXECUTE = 1 << 0
+FS_WRITE_FILE = 1 << 1
+FS_READ_FILE = 1 << 2
+FS_READ_DIR = 1 << 3
+FS_REMOVE_DIR = 1 << 4
+FS_REMOVE_FILE = 1 << 5
+FS_MAKE_CHAR = 1 << 6
+FS_MAKE_DIR = 1 << 7
+FS_MAKE_REG = 1 << 8
+FS_MAKE_SOCK = 1 << 9
+FS_MAKE_FIFO = 1 << 10
+FS_MAKE_BLOCK = 1 << 11
+FS_MAKE_SYM = 1 << 12
+FS_REFER = 1 << 13       # ABI 2
+FS_TRUNCATE = 1 << 14    # ABI 3
+FS_IOCTL_DEV = 1 << 15   # ABI 5
+NET_BIND_TCP = 1 << 0    # ABI 4
+NET_CONNECT_TCP = 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1
+
+FS_ABI1 = (1 << 13) - 1  # EXECUTE .. MAKE_SYM
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # valid on a file
+READ_RIGHTS = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+# Full rights except creating device nodes: as root (no capability needed to *open* a node it
+# made) a block device in the run folder would expose the raw disk.
+WRITE_RIGHTS = (FS_ABI1 | FS_REFER | FS_TRUNCATE | FS_IOCTL_DEV) & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK)
+
+SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys")
+# /dev is listable but only these nodes readable: as root, /dev/vda (mode 0600, owner root) is
+# the raw disk, readable without any capability.
+DEV_LIST = "/dev"
+DEV_READ = ("/dev/urandom", "/dev/random")
+SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/shm", "/dev/dri")
+GPU_DEVICE_PREFIX = "/dev/nvidia"  # /dev/nvidia0, /dev/nvidiactl, /dev/nvidia-uvm, ...
+MIN_ABI = 1  # ABI 1 already confines the filesystem; what older ABIs lack is named in the log line
+EXIT_NO_SANDBOX = 3
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+
+
+class RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # __attribute__((packed)) in the kernel header: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _kernel_abi() -> int:
+    abi = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return max(int(abi), 0)
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when unavailable. Honours the env var
+    AR_TEST_LANDLOCK_ABI (an integer) so tests can simulate an old kernel / no Landlock."""
+    abi = _kernel_abi()
+    simulated = os.environ.get("AR_TEST_LANDLOCK_ABI")
+    # A simulation can only lower the ABI: asking the kernel for more than it has would fail.
+    return min(abi, int(simulated)) if simulated is not None else abi
+
+
+def wrap(cmd: list[str], read: list[Path], write: list[Path]) -> list[str]:
+    """The argv that runs `cmd` inside the sandbox: [sys.executable, "-I", <abs path of sandbox.py>,
+    "--read", p, ..., "--write", p, ..., "--", *cmd]. The caller passes that to subprocess.Popen."""
+    argv = [sys.executable, "-I", str(Path(__file__).resolve())]
+    # Absolute against the caller's cwd: Popen(cwd=...) would otherwise change their meaning.
+    argv += [arg for p in read for arg in ("--read", os.path.abspath(p))]
+    argv += [arg for p in write for arg in ("--write", os.path.abspath(p))]
+    return argv + ["--", *cmd]
+
+
+def handled_fs(abi: int) -> int:
+    """Every filesystem right this ABI knows (best effort, as the kernel docs do)."""
+    rights = FS_ABI1
+    if abi >= 2:
+        rights |= FS_REFER
+    if abi >= 3:
+        rights |= FS_TRUNCATE
+    if abi >= 5:
+        rights |= FS_IOCTL_DEV
+    return rights
+
+
+def with_symlink_targets(paths: list[str]) -> list[str]:
+    """The paths, their realpaths, and the realpath of every symlink found beneath them (a hub
+    model snapshot is a folder of symlinks into ../../blobs). Paths that do not exist are skipped."""
+    found, queue = {}, list(paths)
+    while queue:
+        path = os.path.realpath(queue.pop(0))
+        if path in found or not os.path.exists(path):
+            continue
+        found[path] = None
+        if os.path.isdir(path):
+            for folder, dirs, files in os.walk(path):
+                queue += [os.path.join(folder, n) for n in dirs + files if os.path.islink(os.path.join(folder, n))]
+    return list(found)
+
+
+def python_paths() -> list[str]:
+    """The Python installation: prefixes and every sys.path entry (here under $HOME/.pyenv)."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)}
+    return [p for p in sorted(prefixes) + sys.path if p and os.path.exists(p)]
+
+
+def gpu_devices() -> list[str]:
+    return sorted(os.path.join("/dev", n) for n in os.listdir("/dev")
+                  if os.path.join("/dev", n).startswith(GPU_DEVICE_PREFIX))
+
+
+def add_rule(ruleset_fd: int, path: str, rights: int, handled: int) -> bool:
+    """Allow `rights` beneath `path` (only the file rights if it is a file). False if it vanished."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= FILE_RIGHTS
+        attr = PathBeneathAttr(rights & handled, fd)
+        if _libc.syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset_fd), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                         ctypes.byref(attr), ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_add_rule({path}): {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+    return True
+
+
+def drop_capabilities() -> bool:
+    """Empty the bounding and ambient sets, so that CMD, if it runs as root, gets no capability
+    at exec (raw sockets, module loading, mknod...). Only possible, and only needed, with CAP_SETPCAP."""
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    return all(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0 for cap in range(last_cap + 1))
+
+
+def restrict_self(abi: int, read: list[str], write: list[str]) -> str:
+    """Apply the policy to this process (and so to what it execs); returns the one-line description."""
+    handled = handled_fs(abi)
+    attr = RulesetAttr(handled, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
+                       SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET if abi >= 6 else 0)
+    ruleset_fd = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+                               ctypes.c_uint32(0))
+    if ruleset_fd < 0:
+        raise OSError(ctypes.get_errno(), f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
+    try:
+        # Write paths are not searched for symlinks: a link left in a run folder must not extend it.
+        writable = [p for p in dict.fromkeys(os.path.realpath(p) for p in write + list(SYSTEM_WRITE) + gpu_devices())
+                    if add_rule(ruleset_fd, p, WRITE_RIGHTS, handled)]
+        add_rule(ruleset_fd, DEV_LIST, FS_READ_DIR, handled)
+        readable = [p for p in with_symlink_targets(read) + python_paths() + list(SYSTEM_READ) + list(DEV_READ)
+                    if add_rule(ruleset_fd, p, READ_RIGHTS, handled)]
+        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        no_caps = drop_capabilities()
+        if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(ruleset_fd)
+    return describe(abi, len(writable), len(readable), no_caps)
+
+
+def describe(abi: int, n_write: int, n_read: int, no_caps: bool) -> str:
+    parts = [f"sandbox: Landlock ABI {abi}", f"write: {n_write} paths", f"read: {n_read} paths"]
+    if abi < 3:
+        parts.append("truncate not restricted (needs ABI 3)")
+    parts.append("TCP bind/connect denied" if abi >= 4 else "TCP not restricted (needs ABI 4)")
+    parts.append("signals and abstract unix sockets scoped" if abi >= 6
+                 else "signals and abstract unix sockets not scoped (needs ABI 6)")
+    if os.geteuid() == 0:
+        parts.append("root without capabilities" if no_caps else "root WITH capabilities")
+    return "; ".join(parts)
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(read, write, cmd) from `--read P ... --write P ... -- CMD ARGS...`."""
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        sys.exit("usage: sandbox.py [--read PATH ...] [--write PATH ...] -- CMD [ARGS...]")
+    split = argv.index("--")
+    read, write, target = [], [], None
+    for arg in argv[:split]:
+        if arg in ("--read", "--write"):
+            target = read if arg == "--read" else write
+        elif target is None:
+            sys.exit(f"sandbox: {arg!r} must follow --read or --write")
+        else:
+            target.append(arg)
+    return read, write, argv[split + 1:]
+
+
+def main(argv: list[str]) -> None:
+    read, write, cmd = parse_args(argv)
+    abi = landlock_abi()
+    if abi < MIN_ABI:
+        print(f"sandbox: Landlock is unavailable (ABI {abi}); refusing to run {cmd[0]} unsandboxed. "
+              "Needs Linux >= 5.13 with landlock in the lsm= boot parameter (check "
+              "/sys/kernel/security/lsm).", file=sys.stderr)
+        sys.exit(EXIT_NO_SANDBOX)
+    try:
+        line = restrict_self(abi, read, write)
+    except OSError as e:
+        print(f"sandbox: could not apply the Landlock policy ({e}); refusing to run {cmd[0]} unsandboxed.",
+              file=sys.stderr)
+        sys.exit(EXIT_NO_SANDBOX)
+    print(line, file=sys.stderr, flush=True)
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as e:
+        print(f"sandbox: cannot run {cmd[0]}: {e}", file=sys.stderr)
+        sys.exit(127 if e.errno == errno.ENOENT else 126)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
