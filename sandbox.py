@@ -101,7 +101,10 @@ def landlock_abi() -> int:
 
 def wrap(cmd: list[str], read: list[Path], write: list[Path]) -> list[str]:
     """The argv that runs `cmd` inside the sandbox: [sys.executable, "-I", <abs path of sandbox.py>,
-    "--read", p, ..., "--write", p, ..., "--", *cmd]. The caller passes that to subprocess.Popen."""
+    "--read", p, ..., "--write", p, ..., "--", *cmd]. The caller passes that to subprocess.Popen.
+
+    /tmp is not writable inside: give the command TMPDIR (and any cache folder it writes, e.g.
+    HF_HOME, XDG_CACHE_HOME) inside a write path, or `import torch` fails."""
     argv = [sys.executable, "-I", str(Path(__file__).resolve())]
     # Absolute against the caller's cwd: Popen(cwd=...) would otherwise change their meaning.
     argv += [arg for p in read for arg in ("--read", os.path.abspath(p))]

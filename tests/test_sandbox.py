@@ -242,8 +242,10 @@ def test_torch_and_transformers_work_inside(needs_landlock, tmp_path):
 model = torch.nn.Linear(8, 4)
 loss = model(torch.randn(2, 8)).pow(2).sum()
 loss.backward()
+shared = torch.zeros(4).share_memory_()  # torch multiprocessing's tensors live in /dev/shm
 print(json.dumps({"grad": bool(torch.isfinite(model.weight.grad).all()), "transformers": transformers.__version__}))"""
-    env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    # Without a writable TMPDIR, `import torch` fails (dill asks tempfile for a usable folder).
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     inside, _ = probe(code, write=[tmp_path], env=env, timeout=300)
     assert inside["grad"] is True
 
