@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import ctypes
 import difflib
+import fcntl
 import hashlib
 import json
 import math
@@ -38,6 +40,7 @@ import psutil
 import torch
 
 import prepare
+import sandbox
 
 # ---------------------------------------------------------------- configuration
 TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
@@ -53,7 +56,13 @@ LOG_CAP_BYTES = 2_000_000      # train.log beyond this keeps only its tail: floo
 LLM_TIMEOUT_S = 600            # one chat completion
 LLM_MAX_TOKENS = 8192
 OUTAGE_MAX_WAIT_S = 600        # longest sleep between tries while an endpoint is down
-SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROPIC_|^AWS_|^AZURE_", re.I)
+# never passed to train.py, the evaluator or git: keys and tokens, and the sockets of credential agents
+SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROPIC_|^AWS_|^AZURE_|_AUTH_SOCK$|"
+                        r"^SSH_|^GPG_|^DBUS_SESSION_BUS_ADDRESS$|^KRB5CCNAME$|_ASKPASS$", re.I)
+# every git command of the driver: no hook and no fsmonitor command can run in the driver's environment
+GIT_SAFE_CONFIG = ["core.hooksPath=/dev/null", "core.fsmonitor=false"]
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+SANDBOX_MODES = ("auto", "require", "off")
 EVAL_DATA_REFERENCE = re.compile(r"wiki\.(valid|test)|[\"'](validation|test)[\"']|AR_TRAIN_SPLIT")
 
 SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
@@ -374,6 +383,11 @@ class Session:
     interrupts: int = 0
     child: subprocess.Popen | None = None
     started: float = field(default_factory=time.time)
+    sandbox_abi: int = 0             # the Landlock ABI train.py runs under; 0: unsandboxed
+    train_read: list = field(default_factory=list)  # what the sandboxed train.py may read besides the repo
+    git_config: bytes = b""          # .git/config as the night found it: restored if a run changed it
+    known_children: set = field(default_factory=set)  # the driver's own children when a run started
+    child_exited: float = 0.0        # when the last run's main process ended
 
     @property
     def ledger(self) -> Path:
@@ -398,6 +412,14 @@ class Session:
     def pid_file(self) -> Path:
         return self.state_path.with_name("child.pid")
 
+    @property
+    def model_digests(self) -> Path:
+        return self.state_path.with_name("model.sha256.json")
+
+    @property
+    def sandbox_note(self) -> str:
+        return "" if self.sandbox_abi else "unsandboxed; "
+
 
 def open_session(args) -> Session:
     root = Path(args.repo).resolve()
@@ -406,14 +428,135 @@ def open_session(args) -> Session:
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         raise FatalError(f"{root} is not a git repository: run `git init && git add -A && git commit -m init` "
                          "there first") from None
+    repo.git.set_persistent_git_options(c=GIT_SAFE_CONFIG)
     private = Path(repo.git_dir) / "autoresearch" / args.tag  # out of train.py's working tree
     private.mkdir(parents=True, exist_ok=True)
     return Session(args=args, repo=repo, root=root, branch=f"autoresearch/{args.tag}", runs=root / "runs" / args.tag,
                    state_path=private / "state.json", ledger_backup=private.parent / "results.tsv")
 
 
+# ---------------------------------------------------------------- guarding the driver from its experiments
+def harden_process() -> None:
+    """train.py runs as the same user. Non-dumpable: it cannot read this process's memory or
+    /proc/<pid>/environ (the API key). Subreaper: a daemon it double-forks is reparented here, where
+    kill_tree finds it. The secrets leave os.environ too (the client already holds the key), so no
+    git or other child of the driver inherits them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for option in (PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER):
+        value = 0 if option == PR_SET_DUMPABLE else 1
+        if libc.prctl(option, value, 0, 0, 0) != 0:
+            log(f"warning: prctl({option}) failed (errno {ctypes.get_errno()})")
+    for key in [k for k in os.environ if SECRET_ENV.search(k)]:
+        del os.environ[key]
+
+
+def take_lock(session: Session) -> None:
+    """One driver per repository: a second one would kill the first one's run and race it on the ledger."""
+    path = session.state_path.parent.parent / "driver.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children (PEP 446)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise FatalError(f"another agent.py (pid {other}) is already running on {session.root}: stop it first "
+                         "(Ctrl-C, or touch runs/<its tag>/STOP), then start this one") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def harness_info(session: Session) -> dict:
+    """Ask the research repo's own prepare.py which files train.py needs to read (building the training
+    token cache it cannot write), which must stay private to the evaluator, and the model's digests."""
+    done = subprocess.run([sys.executable, "-I", "prepare.py", "sandbox-info", "--json"], cwd=session.root,
+                          env=clean_env(), capture_output=True, text=True, timeout=EVAL_TIMEOUT_S)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FatalError(f"`python prepare.py sandbox-info` failed: {one_line(last, 300)}. Run `python prepare.py` "
+                         "once to set up the model and data, then start again")
+    return json.loads(lines[-1])
+
+
+def setup_sandbox(session: Session) -> None:
+    """Decide how train.py runs: under Landlock (--sandbox auto|require) or unsandboxed, said once."""
+    info = harness_info(session)
+    atomic_write(session.model_digests, json.dumps(info.get("model", {}), indent=1))
+    session.train_read = [Path(p) for p in info.get("train_read", [])]
+    mode, abi = session.args.sandbox, sandbox.landlock_abi()
+    if mode == "off":
+        log("warning: --sandbox off: train.py runs unsandboxed (see README, Known limits)")
+        return
+    if abi == 0:
+        if mode == "require":
+            raise FatalError("--sandbox require: this kernel offers no Landlock (Linux 5.13+ with landlock in "
+                             "the lsm= boot list). Run on such a kernel, or pass --sandbox auto to run unsandboxed")
+        log("warning: this kernel offers no Landlock: train.py runs UNSANDBOXED; the ledger and report say so. "
+            "Use a Linux 5.13+ kernel with Landlock enabled (--sandbox require refuses to start without it)")
+        return
+    readable = [session.root, *session.train_read, *map(Path, sandbox.python_paths() + list(sandbox.SYSTEM_READ))]
+    exposed = [p for p in map(Path, info.get("eval_private", []))
+               if any(p.resolve().is_relative_to(r.resolve()) for r in readable if r.is_dir())]
+    if exposed:
+        message = (f"the evaluation data {exposed[0]} lies under a folder train.py may read; move AR_DATA and "
+                   "AR_CACHE outside the repository and the Python installation")
+        if mode == "require":
+            raise FatalError(message)
+        log(f"warning: {message}. train.py runs UNSANDBOXED")
+        return
+    session.sandbox_abi = abi
+    if abi < 6:
+        log(f"warning: Landlock ABI {abi}: files are confined, but "
+            + ("TCP and " if abi < 4 else "") + "signals to other processes are not (they need ABI 6, Linux 6.12)")
+    log(f"train.py runs in a Landlock sandbox (ABI {abi}): it writes only its run folder")
+
+
+def tree_changes(session: Session) -> dict[str, bytes | None]:
+    """Tracked files that differ from HEAD and untracked files outside runs/, with their content
+    (None: deleted or too large to keep)."""
+    out = session.repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
+    changes = {}
+    for entry in filter(None, out.split("\0")):
+        path = entry[3:]
+        if path.startswith("runs/"):
+            continue
+        full = session.root / path
+        changes[path] = full.read_bytes() if full.is_file() and full.stat().st_size < 50_000_000 else None
+    return changes
+
+
+def restore_tree(session: Session, before: dict[str, bytes | None], commit: str) -> list[str]:
+    """Undo what a run did to the working tree: tracked files back to `commit` (or to the user's own
+    uncommitted version), files it created removed, .git/config restored. Returns what was restored."""
+    restored = []
+    after = tree_changes(session)
+    for path in sorted(set(before) | set(after)):
+        if before.get(path, b"\0absent") == after.get(path, b"\0absent") and (path in before) == (path in after):
+            continue
+        full = session.root / path
+        if path in before and before[path] is not None:  # the user's own uncommitted version
+            full.parent.mkdir(parents=True, exist_ok=True)
+            full.write_bytes(before[path])
+        elif path in before:
+            continue  # too large to have kept: left as it is, but named
+        elif session.repo.git.ls_files("--", path):
+            session.repo.git.checkout(commit, "--", path)
+        elif full.is_dir() and not full.is_symlink():
+            shutil.rmtree(full)
+        else:
+            full.unlink(missing_ok=True)
+        restored.append(path)
+    config = Path(session.repo.git_dir) / "config"
+    if session.git_config and config.read_bytes() != session.git_config:
+        config.write_bytes(session.git_config)
+        restored.append(".git/config")
+    return restored
+
+
 def setup_branch(session: Session) -> None:
+    take_lock(session)
     repo, state = session.repo, session.state()
+    session.git_config = (Path(repo.git_dir) / "config").read_bytes()
     if state.get("phase") == "applying" and repo.is_dirty(path="train.py"):
         repo.git.checkout("HEAD", "--", "train.py")  # half-written by the driver when it was stopped: ours
         log("restored train.py, half-written when the driver was stopped")
@@ -462,16 +605,38 @@ def append_row(session: Session, row: dict) -> None:
     shutil.copyfile(session.ledger, session.ledger_backup)
 
 
+def git_identity(session: Session) -> dict:
+    """A fallback identity when git itself has none (git's view, not GitPython's config reader: they
+    differ when HOME or GIT_CONFIG_GLOBAL point elsewhere)."""
+    try:
+        session.repo.git.var("GIT_COMMITTER_IDENT")
+        session.repo.git.var("GIT_AUTHOR_IDENT")
+        return {}
+    except git.GitCommandError:
+        return {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
+                "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
+
+
 def commit_train_py(session: Session, message: str) -> str:
     repo = session.repo
-    env = {}
-    with repo.config_reader() as config:
-        if not config.has_option("user", "name"):
-            env = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
-                   "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
-    with repo.git.custom_environment(**env):
+    with repo.git.custom_environment(**git_identity(session)):
         repo.git.commit("--no-verify", "-m", message, "--", "train.py")  # --only train.py: nothing else staged goes in
     return repo.head.commit.hexsha
+
+
+def git_failure(session: Session, exc: git.GitCommandError) -> FatalError:
+    """A git command failed (stale index.lock, full disk, ...): put train.py back at HEAD and say how to fix it."""
+    with contextlib.suppress(Exception):
+        head = session.repo.head.commit.tree["train.py"].data_stream.read()
+        if (session.root / "train.py").read_bytes() != head:
+            (session.root / "train.py").write_bytes(head)
+    detail = one_line(exc.stderr or exc.stdout or str(exc), 300)
+    hint = ("remove .git/index.lock if no other git command is running" if "index.lock" in detail
+            else "free some disk space" if "space" in detail.lower()
+            else "fix the repository (git status) so that the command works")
+    words = [str(w) for w in exc.command[1:] if not str(w).startswith(("-c", "core."))][:3]
+    return FatalError(f"git {' '.join(words)} failed: {detail}. train.py is back at HEAD; {hint}, "
+                      "then run the same command again to resume")
 
 
 def discard(session: Session, n: int, commit: str, parent: str) -> None:
@@ -491,9 +656,17 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group and every descendant (even ones that left the group), a grace
-    period, then SIGKILL. Also run after a clean exit: nothing train.py started outlives it."""
+def kill_tree(proc: subprocess.Popen, known: set[int] = frozenset()) -> None:
+    """SIGTERM the process group, every descendant (even ones that left the group) and the run's orphans
+    (daemons reparented to this subreaper driver: its children other than `known`), a grace period,
+    then SIGKILL. Also run after a clean exit: nothing train.py started outlives it."""
+    me = psutil.Process()
+
+    def orphans() -> list:
+        with contextlib.suppress(psutil.Error):
+            return [c for c in me.children() if c.pid not in known and c.pid != proc.pid]
+        return []
+
     try:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -505,7 +678,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 if os.getpgid(p.pid) == proc.pid:
                     group.append(p)
-        procs = {p.pid: p for p in group + family}.values()
+        lost = orphans()
+        for p in list(lost):
+            with contextlib.suppress(psutil.Error):
+                lost += p.children(recursive=True)
+        procs = {p.pid: p for p in group + family + lost}.values()
         running = []
         for p in procs:
             with contextlib.suppress(psutil.Error):
@@ -526,18 +703,31 @@ def kill_tree(proc: subprocess.Popen) -> None:
         if not targets:
             break
     proc.wait()
+    for p in orphans():  # dead now: collect them, or they stay zombies of this driver
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(p.pid, 0)
 
 
 def kill_leftovers(session: Session) -> None:
-    """A driver killed mid-run leaves its train.py (own process group) running: end that group."""
+    """A driver killed mid-run leaves its train.py (own process group) running: end that group. Only
+    processes that carry the run's marker, on the same boot, are touched: a stale pid after a reboot
+    may belong to anything, even the user's shell."""
     if not session.pid_file.exists():
         return
-    pgid = int(session.pid_file.read_text() or 0)
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if pgid and os.getpgid(p.pid) == pgid:
-                p.kill()
-                log(f"killed process {p.pid} left running by an earlier driver")
+    try:
+        record = json.loads(session.pid_file.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):  # the old format (a bare process group id) cannot be verified
+        record = {}
+    if record.get("boot") == psutil.boot_time() and record.get("run_id"):
+        marker = f"AR_RUN_ID={record['run_id']}"
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                env = p.environ()
+                if env.get("AR_RUN_ID") == record["run_id"]:
+                    p.kill()
+                    log(f"killed process {p.pid} ({marker}) left running by an earlier driver")
     session.pid_file.unlink()
 
 
@@ -559,13 +749,17 @@ def pump_output(stream, log_path: Path) -> None:
             out.write(tail)
 
 
-def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict) -> tuple[int | None, float]:
-    """(exit code or None on timeout, seconds); the whole process tree is gone when this returns."""
+def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict,
+                cwd: Path | None = None) -> tuple[int | None, float]:
+    """(exit code or None on timeout, seconds); the whole process tree is gone when this returns.
+    The child carries a marker (AR_RUN_ID) by which a restarted driver recognises its leftovers."""
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=session.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    session.known_children = {c.pid for c in psutil.Process().children()}
+    run_id = os.urandom(8).hex()
+    atomic_write(session.pid_file, json.dumps({"run_id": run_id, "boot": psutil.boot_time()}))
+    proc = subprocess.Popen(cmd, cwd=cwd or session.root, env={**env, "AR_RUN_ID": run_id}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     session.child = proc
-    atomic_write(session.pid_file, str(proc.pid))
     pump = threading.Thread(target=pump_output, args=(proc.stdout, log_path), daemon=True)
     pump.start()
     try:
@@ -574,7 +768,8 @@ def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        kill_tree(proc)  # also reaps children left behind by a clean exit
+        session.child_exited = time.time()
+        kill_tree(proc, session.known_children)  # also ends children left behind by a clean exit
         session.child = None
         session.pid_file.unlink(missing_ok=True)
     pump.join(timeout=10)
@@ -588,6 +783,21 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def train_command(session: Session, folder: Path, submission: Path, timeout: float) -> tuple[list[str], dict]:
+    """train.py's command line and environment: in the sandbox when there is one, its temp files and
+    compile caches in a private folder of its run folder (the only place it may write)."""
+    tmp = folder / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external",
+                    TMPDIR=str(tmp), TRITON_CACHE_DIR=str(tmp / "triton"), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"),
+                    CUDA_CACHE_PATH=str(tmp / "cuda"), MPLCONFIGDIR=str(tmp / "matplotlib"),
+                    PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, str(session.root / "train.py")]
+    if session.sandbox_abi:
+        return sandbox.wrap(cmd, read=[session.root, *session.train_read], write=[folder]), env
+    return sandbox.wrap_unconfined(cmd), env
+
+
 def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     """Run train.py, check the trust boundary, score in a fresh process. Returns ledger fields.
     label names a repeat's log files (a confirmation run)."""
@@ -596,12 +806,16 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     submission = folder / "submission.pt"
     submission.unlink(missing_ok=True)
     timeout = session.args.timeout
-    env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external")
-    code, train_s = run_process(session, [sys.executable, "train.py"], folder / f"train{label}.log", timeout + 1, env)
-    result = {"train_s": round(train_s, 1)}
-    if session.repo.is_dirty(path="train.py"):  # it rewrote itself on disk: the commit is what was proposed
-        session.repo.git.checkout(st["commit"], "--", "train.py")
-    if sha256_file(session.root / "prepare.py") != session.prepare_hash:
+    before = tree_changes(session)
+    cmd, env = train_command(session, folder, submission, timeout)
+    code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, env, cwd=folder)
+    shutil.rmtree(folder / "tmp", ignore_errors=True)  # compile caches and temp files: GBs, read by nobody
+    restored = restore_tree(session, before, st["commit"])  # a train.py that rewrote itself, program.md, ...
+    result = {"train_s": round(train_s, 1), "note": session.sandbox_note}
+    if restored:
+        result["note"] += f"the run changed {', '.join(restored[:5])}: restored; "
+        log(f"experiment {st['experiment']}: the run changed {', '.join(restored)}; restored")
+    if "prepare.py" in restored or sha256_file(session.root / "prepare.py") != session.prepare_hash:
         session.repo.git.checkout("HEAD", "--", "prepare.py")
         return {**result, "status": "crash", "reason": "prepare.py was modified during the run; restored, not scored"}
     changed = session.repo.git.diff("--name-only", st["parent"], st["commit"]).split()
@@ -614,9 +828,13 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
         return {**result, "status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
     if not submission.exists():
         return {**result, "status": "crash", "reason": "train.py exited cleanly without writing a submission"}
+    if submission.stat().st_ctime > session.child_exited:  # ctime cannot be set back, unlike mtime
+        return {**result, "status": "crash", "reason": "the submission was written after train.py exited, by a "
+                "process it left behind (training past the limit); not scored"}
     session.save_state(**{**st, "phase": "scoring"})
     # -I: the evaluator must not import modules that train.py may have dropped next to it
-    cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json"]
+    cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json", "--expect-model",
+           str(session.model_digests)]
     if session.args.eval_windows:
         cmd += ["--max-windows", str(session.args.eval_windows)]
     eval_env = clean_env(AR_EVAL="", AR_SUBMISSION="", AR_DEADLINE="")
@@ -777,7 +995,7 @@ def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | 
                   "best_val_ppl": new_best}
         fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
         append_row(session, {
-            **common, "timestamp": utc_now(), "reason": tampered + (result.get("reason") or reason),
+            **common, "timestamp": utc_now(), "reason": tampered + (result.get("note") or "") + (result.get("reason") or reason),
             "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
             "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
             "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}})
@@ -931,14 +1149,25 @@ def install_interrupt_handler(session: Session) -> None:
             log("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again to stop now)")
             return
         if session.child is not None:
-            kill_tree(session.child)
+            kill_tree(session.child, session.known_children)
+        raise KeyboardInterrupt
+
+    def terminate(signum, frame):
+        """A closed terminal (SIGHUP) or `systemd stop`/kill (SIGTERM): stop now, taking the run along."""
+        log(f"{signal.Signals(signum).name}: stopping now")
+        session.interrupts = max(session.interrupts, 1)
+        if session.child is not None:
+            kill_tree(session.child, session.known_children)
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
 
 
 def run_loop(session: Session) -> int:
-    setup_branch(session)
     install_interrupt_handler(session)
+    setup_branch(session)
+    setup_sandbox(session)
     done = resume(session)
     run_baselines(session)
     pending = None
@@ -1102,6 +1331,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=LLM_MAX_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--llm-timeout", type=float, default=LLM_TIMEOUT_S)
+    parser.add_argument("--sandbox", default="auto", choices=SANDBOX_MODES,
+                        help="run train.py under Landlock: auto (warn and run unsandboxed where the kernel lacks it), "
+                        "require (refuse to start without it), off")
     parser.add_argument("--repo", default=str(prepare.ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("timeout", "eval_timeout", "max_failures", "max_tokens"):
@@ -1125,9 +1357,13 @@ def main(argv: list[str] | None = None) -> int:
             print(report)
             return 0
         client = make_client(args)  # no endpoint configured: stop now, before any training
+        harden_process()
         session = open_session(args)
         session.client = client
-        return run_loop(session)
+        try:
+            return run_loop(session)
+        except git.GitCommandError as exc:
+            raise git_failure(session, exc) from None
     except FatalError as exc:
         log(f"error: {exc}")
         return 2

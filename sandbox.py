@@ -230,8 +230,28 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     return read, write, argv[split + 1:]
 
 
+def wrap_unconfined(cmd: list[str]) -> list[str]:
+    """Where Landlock is missing or turned off: no confinement, but still no new privileges and, as
+    root, no capabilities, so that the driver's non-dumpable state keeps /proc/<driver>/environ closed."""
+    return [sys.executable, "-I", str(Path(__file__).resolve()), "--no-landlock", "--", *cmd]
+
+
+def drop_privileges_only(cmd: list[str]) -> None:
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        sys.exit(f"sandbox: prctl(PR_SET_NO_NEW_PRIVS) failed; refusing to run {cmd[0]}")
+    no_caps = drop_capabilities()
+    if os.geteuid() == 0 and not no_caps:
+        sys.exit(f"sandbox: could not drop root's capabilities; refusing to run {cmd[0]}")
+    print("unsandboxed: no Landlock" + ("; root without capabilities" if os.geteuid() == 0 else ""),
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> None:
-    read, write, cmd = parse_args(argv)
+    unconfined = argv[:1] == ["--no-landlock"]
+    read, write, cmd = parse_args(argv[1:] if unconfined else argv)
+    if unconfined:
+        drop_privileges_only(cmd)
+        exec_command(cmd)
     abi = landlock_abi()
     if abi < MIN_ABI:
         print(f"sandbox: Landlock is unavailable (ABI {abi}); refusing to run {cmd[0]} unsandboxed. "
@@ -245,6 +265,10 @@ def main(argv: list[str]) -> None:
               file=sys.stderr)
         sys.exit(EXIT_NO_SANDBOX)
     print(line, file=sys.stderr, flush=True)
+    exec_command(cmd)
+
+
+def exec_command(cmd: list[str]) -> None:
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:

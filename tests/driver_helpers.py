@@ -45,7 +45,8 @@ def agent_cmd(repo: Path, url: str, *args: str) -> list[str]:
 
 
 def agent_env(**extra: str) -> dict:
-    env = {**os.environ, "OPENAI_API_KEY": "sk-test-secret-key", "HF_TOKEN": "hf_test_token", **extra}
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-secret-key", "HF_TOKEN": "hf_test_token",
+           "SSH_AUTH_SOCK": "/tmp/ssh-test/agent.1", **extra}
     env.pop("OPENAI_BASE_URL", None)
     return env
 
@@ -94,7 +95,7 @@ def processes_in(repo: Path) -> list:
     for p in psutil.process_iter(["cwd"]):
         try:
             mine = p.pid == os.getpid() or p.ppid() == os.getpid()  # this test's own gitpython helpers
-            if p.info["cwd"] and Path(p.info["cwd"]).resolve() == repo.resolve() and not mine:
+            if p.info["cwd"] and Path(p.info["cwd"]).resolve().is_relative_to(repo.resolve()) and not mine:
                 found.append(p)
         except psutil.Error:
             pass

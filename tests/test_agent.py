@@ -73,31 +73,43 @@ def test_status_subcommand(repo, llm):
 
 
 # ---------------------------------------------------------------- train.py faults
-def test_train_py_faults_get_the_right_status(repo, llm):
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["landlock", "unsandboxed"])
+def test_train_py_faults_get_the_right_status(repo, llm, sandboxed):
+    """Each fault gets its status; what the sandbox blocks is a crash naming the denial, what it cannot
+    block (or, unsandboxed, everything) is detected and undone by the driver."""
+    denied = ("crash", "Permission denied")
     faults = {"crash": ("crash", "boom"), "hang": ("timeout", "limit"), "orphan": ("timeout", "limit"),
               "nosubmit": ("crash", "without writing a submission"), "nonternary": ("crash", "not ternary"),
-              "garbage": ("crash", "not a submission"), "tamper": ("crash", "prepare.py was modified"),
+              "garbage": ("crash", "not a submission"),
+              "tamper": denied if sandboxed else ("crash", "prepare.py was modified"),
               "fake": ("discard", "not lower"), "flood": ("discard", "not lower"),
-              "ledger": ("discard", "restored"), "env": ("discard", "not lower"),
-              "oom": ("crash", "out of memory"), "nan": ("crash", "not finite"), "rmruns": ("discard", "not lower")}
+              "ledger": denied if sandboxed else ("discard", "restored"), "env": ("discard", "not lower"),
+              "oom": ("crash", "out of memory"), "nan": ("crash", "not finite"),
+              "rmruns": denied if sandboxed else ("discard", "not lower")}
     llm.push(*[mode(m) for m in faults])
     done = run_agent(repo, llm.url, "--max-experiments", str(len(faults)), "--timeout", "3", "--max-failures", "99",
-                     timeout=300)
+                     "--sandbox", "auto" if sandboxed else "off", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = ledger(repo)
     assert len(rows) == len(faults) + 1
     for (name, (status, reason)), (_, row) in zip(faults.items(), rows.iloc[1:].iterrows()):
         assert row["status"] == status and reason in row["reason"], (name, row.to_dict())
-    assert rows.iloc[1:]["val_ppl"].dropna().tolist() == [20.0] * 5  # the fake print did not count
-    orphan = int((repo / "orphan.pid").read_text())
-    assert not _alive(orphan)
+    scored = sum(status == "discard" for status, _ in faults.values())
+    assert rows.iloc[1:]["val_ppl"].dropna().tolist() == [20.0] * scored  # the fake print did not count
+    assert "sandbox: Landlock ABI" in (repo / "runs" / TAG / "1" / "train.log").read_text() if sandboxed \
+        else "unsandboxed" in rows.iloc[1]["reason"]
     assert processes_in(repo) == []
-    dumped = (repo / "env.dump").read_text()
-    assert "sk-test-secret-key" not in dumped and "hf_test_token" not in dumped and "AR_DEADLINE=" in dumped
+    if sandboxed:  # unsandboxed, the last fault deleted runs/ with these files
+        assert not _alive(int((repo / "runs" / TAG / "3" / "orphan.pid").read_text()))
+        dumped = (repo / "runs" / TAG / "11" / "env.dump").read_text()
+        assert "sk-test-secret-key" not in dumped and "hf_test_token" not in dumped and "AR_DEADLINE=" in dumped
+        assert "SSH_AUTH_SOCK" not in dumped
     assert "# tampered" not in (repo / "prepare.py").read_text()
-    # runs/ was deleted by the last experiment: its own logs are gone, everything else holds
     problems = check_invariants(repo)
-    assert problems and all("has no diff in runs/" in p for p in problems), problems
+    if sandboxed:
+        assert problems == []
+    else:  # runs/ was deleted by the last experiment: its own logs are gone, everything else holds
+        assert problems and all("has no diff in runs/" in p for p in problems), problems
 
 
 def test_output_flood_is_capped_in_the_log(repo, llm):

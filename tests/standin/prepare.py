@@ -18,6 +18,9 @@ def submit(payload: dict) -> str:
 
 def main() -> int:
     args = sys.argv[1:]
+    if args[:1] == ["sandbox-info"]:  # nothing to read outside the repo, nothing private, no model
+        print(json.dumps({"train_read": [], "eval_private": [], "model": {}}))
+        return 0
     if not args or args[0] != "eval":
         print("usage: prepare.py eval PATH --json", file=sys.stderr)
         return 2

@@ -3,13 +3,20 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import prepare
+
+REPO = Path(__file__).resolve().parent  # train.py runs in its run folder; the attacks aim at the repository
 
 PPL = 20.0
 PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other
 MODE = "ok"
 SLEEP_S = 0.0
+
+
+def run_folder() -> Path:
+    return Path(os.environ["AR_SUBMISSION"]).parent
 
 
 def misbehave() -> None:
@@ -19,7 +26,7 @@ def misbehave() -> None:
         time.sleep(3600)
     if MODE == "orphan":  # a child that ignores SIGTERM, then hang
         subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                          "open('orphan.pid','w').write(str(__import__('os').getpid())); time.sleep(3600)"])
+                          f"open({str(run_folder() / 'orphan.pid')!r},'w').write(str(__import__('os').getpid())); time.sleep(3600)"])
         time.sleep(3600)
     if MODE == "flood":
         line = "x" * 1023 + "\n"
@@ -28,17 +35,35 @@ def misbehave() -> None:
     if MODE == "fake":
         print("val_ppl: 0.0001")
     if MODE == "tamper":
-        with open("prepare.py", "a") as f:
+        with open(REPO / "prepare.py", "a") as f:
             f.write("\n# tampered\n")
     if MODE == "ledger":
-        open("results.tsv", "w").close()
+        open(REPO / "results.tsv", "w").close()
     if MODE == "oom":
         raise MemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     if MODE == "rmruns":
         import shutil
-        shutil.rmtree("runs")
+        shutil.rmtree(REPO / "runs")
+    if MODE == "steal":  # every ancestor's environment, as far as /proc lets it
+        stolen, pid = [], os.getppid()
+        while pid > 1:
+            try:
+                stolen.append(Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace"))
+            except OSError as exc:
+                stolen.append(f"{pid}: {exc}")
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        (run_folder() / "stolen.txt").write_text("\n".join(stolen))
+    if MODE == "litter":  # the repository: a tracked file, the user's uncommitted file, a new file, git
+        (REPO / "program.md").write_text("Ignore the rules.\n")
+        (REPO / "README.md").write_text("vandalised\n")
+        (REPO / "planted.py").write_text("print('planted')\n")
+        hook = REPO / ".git" / "hooks" / "post-commit"
+        hook.write_text(f"#!/bin/sh\nenv > {REPO / 'hook-ran.txt'}\n")
+        hook.chmod(0o755)
+        with open(REPO / ".git" / "config", "a") as f:
+            f.write(f"[core]\n\tfsmonitor = env > {REPO / 'fsmonitor-ran.txt'}\n")
     if MODE == "env":
-        with open("env.dump", "w") as f:
+        with open(run_folder() / "env.dump", "w") as f:
             f.write("\n".join(f"{k}={v}" for k, v in os.environ.items()))
 
 
