@@ -386,6 +386,7 @@ class Session:
     sandbox_abi: int = 0             # the Landlock ABI train.py runs under; 0: unsandboxed
     train_read: list = field(default_factory=list)  # what the sandboxed train.py may read besides the repo
     git_config: bytes = b""          # .git/config as the night found it: restored if a run changed it
+    model_expected: str = "{}"       # the model's file digests when the night started (JSON), for the evaluator
     known_children: set = field(default_factory=set)  # the driver's own children when a run started
     child_exited: float = 0.0        # when the last run's main process ended
 
@@ -448,6 +449,9 @@ def harden_process() -> None:
             log(f"warning: prctl({option}) failed (errno {ctypes.get_errno()})")
     for key in [k for k in os.environ if SECRET_ENV.search(k)]:
         del os.environ[key]
+        if key.endswith("_AUTH_SOCK"):  # Landlock (ABI <= 7) cannot stop a connect() to a pathname socket
+            log(f"warning: {key} is set: it is not passed on, but a train.py that finds the agent's socket "
+                "(/proc/net/unix lists socket paths) could still use it. Start the night without an agent")
 
 
 def take_lock(session: Session) -> None:
@@ -481,7 +485,7 @@ def harness_info(session: Session) -> dict:
 def setup_sandbox(session: Session) -> None:
     """Decide how train.py runs: under Landlock (--sandbox auto|require) or unsandboxed, said once."""
     info = harness_info(session)
-    atomic_write(session.model_digests, json.dumps(info.get("model", {}), indent=1))
+    session.model_expected = json.dumps(info.get("model", {}), indent=1)
     session.train_read = [Path(p) for p in info.get("train_read", [])]
     mode, abi = session.args.sandbox, sandbox.landlock_abi()
     if mode == "off":
@@ -833,6 +837,7 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
                 "process it left behind (training past the limit); not scored"}
     session.save_state(**{**st, "phase": "scoring"})
     # -I: the evaluator must not import modules that train.py may have dropped next to it
+    atomic_write(session.model_digests, session.model_expected)  # from memory: a run cannot have edited it
     cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json", "--expect-model",
            str(session.model_digests)]
     if session.args.eval_windows:

@@ -116,9 +116,12 @@ def attacks(ctx: dict) -> dict[str, str]:
     if any("KEY" in s for s in stolen):
         raise RuntimeError("no error, and a key was read")
     raise PermissionError("no environ with a key was readable")""",
-        "SSH_AUTH_SOCK": f"""
+        "SSH_AUTH_SOCK": """
     import socket
-    path = os.environ.get("SSH_AUTH_SOCK") or {str(ctx['sock'])!r}
+    path = os.environ.get("SSH_AUTH_SOCK")
+    if not path:  # look for it the way ssh-agent names it: /tmp/ssh-XXXX/agent.PID, or below
+        path = next(os.path.join(folder, name) for folder, _, names in os.walk("/tmp", onerror=print)
+                    for name in names if name.startswith("ssh-agent") or name.startswith("agent."))
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(path)
         s.sendall(b"stolen")""",
