@@ -202,6 +202,20 @@ print(json.dumps({{"connect": attempt(connect), "bind": attempt(bind)}}))"""
         assert outside == {"connect": "allowed", "bind": "allowed"}
 
 
+def test_abstract_unix_socket_outside_denied(needs_landlock):
+    name = f"\0ar-sandbox-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(name)
+        listener.listen()
+        code = f"""def connect():
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect({name!r})
+print(json.dumps({{"connect": attempt(connect)}}))"""
+        inside, _ = probe(code)
+        assert inside["connect"] in DENIED
+        assert probe(code, sandboxed=False)[0]["connect"] == "allowed"
+
+
 def run_under_parent(child: list[str], secret: str) -> list[str]:
     """Run `child` under an unsandboxed PARENT that has `secret` in its environment."""
     env = {**os.environ, "AR_TEST_SECRET": secret}
