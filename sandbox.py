@@ -7,8 +7,12 @@ inherits the policy with all its children. The policy: read (and execute) only t
 paths and the Python installation and system folders; write only the given write paths and a few
 devices; no TCP bind/connect; no signals or abstract unix sockets to processes outside the
 sandbox, which also makes /proc/<pid>/environ of the driver unreadable (ptrace access is denied
-outside the domain). When running as root, the capability bounding set is emptied so CMD runs as
-uid 0 without capabilities.
+outside the domain). When running as root, capabilities are dropped so CMD runs as uid 0 without
+any (with CAP_SYS_PTRACE, root reads the driver's environ despite Landlock).
+
+Read paths are searched for symlinks and every target becomes readable: never pass as a read path
+a folder that sandboxed code could have written (an earlier run folder), or a link planted there
+opens the data to the next run. Write paths are not searched.
 
 Written on raw syscalls through ctypes (no dependency): the PyPI bindings are either fs-only
 (`landlock`) or young alpha releases (`py-landlock`), and this file is small enough to audit.
@@ -29,6 +33,8 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECUREBITS = 28
+SECBIT_NOROOT_AND_LOCK = (1 << 0) | (1 << 1)  # uid 0 gets no capability at exec, for good
 
 # Filesystem rights, from include/uapi/linux/landlock.h.
 FS_EXECUTE = 1 << 0
@@ -169,11 +175,15 @@ def add_rule(ruleset_fd: int, path: str, rights: int, handled: int) -> bool:
 
 
 def drop_capabilities() -> bool:
-    """Empty the bounding and ambient sets, so that CMD, if it runs as root, gets no capability
-    at exec (raw sockets, module loading, mknod...). Only possible, and only needed, with CAP_SETPCAP."""
+    """Empty the bounding and ambient sets and stop uid 0 from getting capabilities at exec, so
+    that CMD, if it runs as root, has none: CAP_SYS_PTRACE would let it read the driver's
+    /proc/PID/environ despite Landlock, others give raw sockets, module loading, mknod...
+    Only possible, and only needed, with CAP_SETPCAP."""
     last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    return all(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0 for cap in range(last_cap + 1))
+    dropped = all(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0 for cap in range(last_cap + 1))
+    # The inheritable set survives an empty bounding set for root; without "root is special" it does not.
+    return _libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT_AND_LOCK, 0, 0, 0) == 0 and dropped
 
 
 def restrict_self(abi: int, read: list[str], write: list[str]) -> str:

@@ -151,16 +151,38 @@ def test_root_loses_capabilities_raw_disk_and_device_nodes(needs_landlock, folde
     disks = sorted(str(p) for p in Path("/dev").iterdir() if p.is_block_device())
     code = f"""import stat
 status = read("/proc/self/status").decode()
-print(json.dumps({{"cap_eff": status.split("CapEff:")[1].split()[0],
+print(json.dumps({{"cap_eff": status.split("CapEff:")[1].split()[0], "cap_prm": status.split("CapPrm:")[1].split()[0],
     "mknod": attempt(os.mknod, {str(folders['run'] / 'disk')!r}, stat.S_IFBLK | 0o600, os.makedev(7, 0)),
     "disks": [attempt(os.open, d, os.O_RDONLY) for d in {disks[:2]!r}]}}))"""
     inside, stderr = probe(code, write=[folders["run"]])
-    assert int(inside["cap_eff"], 16) == 0 and "root without capabilities" in stderr
+    assert int(inside["cap_eff"], 16) == 0 and int(inside["cap_prm"], 16) == 0 and "root without capabilities" in stderr
     assert inside["mknod"] == "EACCES", inside  # Landlock (EACCES) checks before the capability (EPERM)
     assert all(result in DENIED for result in inside["disks"])
     outside, _ = probe(code, sandboxed=False)
     assert int(outside["cap_eff"], 16) != 0 and outside["mknod"] == "allowed"
     assert set(outside["disks"]) <= {"allowed"}
+
+
+# Sets the inheritable capabilities to the effective ones, then execs argv: for root, the
+# inheritable set survives an empty bounding set at exec unless "root is special" is turned off.
+WITH_INHERITABLE_CAPS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # capability v3, this process
+assert libc.capget(header, data) == 0
+data[2], data[5] = data[0], data[3]  # inheritable = effective
+assert libc.capset(header, data) == 0, ctypes.get_errno()
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks what root could do; a non-root user cannot anyway")
+def test_root_with_inheritable_capabilities_still_gets_none(needs_landlock):
+    argv = sandbox.wrap(["grep", "^Cap[IPE]", "/proc/self/status"], [], [])
+    done = subprocess.run([sys.executable, "-c", WITH_INHERITABLE_CAPS, *argv], capture_output=True, text=True, timeout=60)
+    caps = dict(line.split(":") for line in done.stdout.split("\n") if line)
+    assert int(caps["CapInh"], 16) != 0, done.stderr  # the launcher worked
+    assert int(caps["CapPrm"], 16) == 0 and int(caps["CapEff"], 16) == 0, caps
 
 
 def test_tcp_connect_and_bind_denied(needs_landlock):
@@ -178,6 +200,20 @@ print(json.dumps({{"connect": attempt(connect), "bind": attempt(bind)}}))"""
             listener.accept()  # the listener saw no connection
         outside, _ = probe(code, sandboxed=False)
         assert outside == {"connect": "allowed", "bind": "allowed"}
+
+
+def test_abstract_unix_socket_outside_denied(needs_landlock):
+    name = f"\0ar-sandbox-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(name)
+        listener.listen()
+        code = f"""def connect():
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect({name!r})
+print(json.dumps({{"connect": attempt(connect)}}))"""
+        inside, _ = probe(code)
+        assert inside["connect"] in DENIED
+        assert probe(code, sandboxed=False)[0]["connect"] == "allowed"
 
 
 def run_under_parent(child: list[str], secret: str) -> list[str]:
