@@ -798,7 +798,7 @@ def train_command(session: Session, folder: Path, submission: Path, timeout: flo
                     PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, str(session.root / "train.py")]
     if session.sandbox_abi:
-        return sandbox.wrap(cmd, read=[session.root, *session.train_read], write=[folder]), env
+        return sandbox.wrap(cmd, read=session.train_read, write=[folder], read_nofollow=[session.root]), env
     return sandbox.wrap_unconfined(cmd), env
 
 

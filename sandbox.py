@@ -105,7 +105,7 @@ def landlock_abi() -> int:
     return min(abi, int(simulated)) if simulated is not None else abi
 
 
-def wrap(cmd: list[str], read: list[Path], write: list[Path]) -> list[str]:
+def wrap(cmd: list[str], read: list[Path], write: list[Path], read_nofollow: list[Path] = ()) -> list[str]:
     """The argv that runs `cmd` inside the sandbox: [sys.executable, "-I", <abs path of sandbox.py>,
     "--read", p, ..., "--write", p, ..., "--", *cmd]. The caller passes that to subprocess.Popen.
 
@@ -114,6 +114,9 @@ def wrap(cmd: list[str], read: list[Path], write: list[Path]) -> list[str]:
     argv = [sys.executable, "-I", str(Path(__file__).resolve())]
     # Absolute against the caller's cwd: Popen(cwd=...) would otherwise change their meaning.
     argv += [arg for p in read for arg in ("--read", os.path.abspath(p))]
+    # a folder that earlier runs could plant links in (the repository holds runs/): its links are not
+    # followed, so a link to the validation data does not make the data readable
+    argv += [arg for p in read_nofollow for arg in ("--read-nofollow", os.path.abspath(p))]
     argv += [arg for p in write for arg in ("--write", os.path.abspath(p))]
     return argv + ["--", *cmd]
 
@@ -186,7 +189,7 @@ def drop_capabilities() -> bool:
     return _libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT_AND_LOCK, 0, 0, 0) == 0 and dropped
 
 
-def restrict_self(abi: int, read: list[str], write: list[str]) -> str:
+def restrict_self(abi: int, read: list[str], write: list[str], read_nofollow: list[str] = ()) -> str:
     """Apply the policy to this process (and so to what it execs); returns the one-line description."""
     handled = handled_fs(abi)
     attr = RulesetAttr(handled, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
@@ -200,7 +203,8 @@ def restrict_self(abi: int, read: list[str], write: list[str]) -> str:
         writable = [p for p in dict.fromkeys(os.path.realpath(p) for p in write + list(SYSTEM_WRITE) + gpu_devices())
                     if add_rule(ruleset_fd, p, WRITE_RIGHTS, handled)]
         add_rule(ruleset_fd, DEV_LIST, FS_READ_DIR, handled)
-        readable = [p for p in with_symlink_targets(read) + python_paths() + list(SYSTEM_READ) + list(DEV_READ)
+        nofollow = [os.path.realpath(p) for p in read_nofollow]
+        readable = [p for p in with_symlink_targets(read) + nofollow + python_paths() + list(SYSTEM_READ) + list(DEV_READ)
                     if add_rule(ruleset_fd, p, READ_RIGHTS, handled)]
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
@@ -224,20 +228,21 @@ def describe(abi: int, n_write: int, n_read: int, no_caps: bool) -> str:
     return "; ".join(parts)
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(read, write, cmd) from `--read P ... --write P ... -- CMD ARGS...`."""
+def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(read, write, read_nofollow, cmd) from `--read P ... --write P ... --read-nofollow P ... -- CMD ARGS...`."""
     if "--" not in argv or argv.index("--") == len(argv) - 1:
-        sys.exit("usage: sandbox.py [--read PATH ...] [--write PATH ...] -- CMD [ARGS...]")
+        sys.exit("usage: sandbox.py [--read PATH ...] [--write PATH ...] [--read-nofollow PATH ...] -- CMD [ARGS...]")
     split = argv.index("--")
-    read, write, target = [], [], None
+    lists = {"--read": [], "--write": [], "--read-nofollow": []}
+    target = None
     for arg in argv[:split]:
-        if arg in ("--read", "--write"):
-            target = read if arg == "--read" else write
+        if arg in lists:
+            target = lists[arg]
         elif target is None:
-            sys.exit(f"sandbox: {arg!r} must follow --read or --write")
+            sys.exit(f"sandbox: {arg!r} must follow --read, --write or --read-nofollow")
         else:
             target.append(arg)
-    return read, write, argv[split + 1:]
+    return lists["--read"], lists["--write"], lists["--read-nofollow"], argv[split + 1:]
 
 
 def wrap_unconfined(cmd: list[str]) -> list[str]:
@@ -258,7 +263,7 @@ def drop_privileges_only(cmd: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     unconfined = argv[:1] == ["--no-landlock"]
-    read, write, cmd = parse_args(argv[1:] if unconfined else argv)
+    read, write, read_nofollow, cmd = parse_args(argv[1:] if unconfined else argv)
     if unconfined:
         drop_privileges_only(cmd)
         exec_command(cmd)
@@ -269,7 +274,7 @@ def main(argv: list[str]) -> None:
               "/sys/kernel/security/lsm).", file=sys.stderr)
         sys.exit(EXIT_NO_SANDBOX)
     try:
-        line = restrict_self(abi, read, write)
+        line = restrict_self(abi, read, write, read_nofollow)
     except OSError as e:
         print(f"sandbox: could not apply the Landlock policy ({e}); refusing to run {cmd[0]} unsandboxed.",
               file=sys.stderr)

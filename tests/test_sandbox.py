@@ -55,11 +55,11 @@ def needs_landlock():
         pytest.skip(reason)
 
 
-def probe(code: str, read=(), write=(), sandboxed=True, env=None, timeout=60) -> tuple[dict, str]:
+def probe(code: str, read=(), write=(), sandboxed=True, env=None, timeout=60, read_nofollow=()) -> tuple[dict, str]:
     """Run PRELUDE + code in a fresh Python (through wrap() when sandboxed); the code prints one
     JSON object as its last line. Returns (that object, stderr)."""
     cmd = [sys.executable, "-c", PRELUDE + code]
-    argv = sandbox.wrap(cmd, list(read), list(write)) if sandboxed else cmd
+    argv = sandbox.wrap(cmd, list(read), list(write), list(read_nofollow)) if sandboxed else cmd
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
@@ -106,6 +106,23 @@ def test_reads_hub_snapshot_through_its_symlinks(needs_landlock, tmp_path):
         "unlinked": attempt(read, {str(blobs / 'unlinked')!r})}}))"""
     inside, _ = probe(code, read=[snapshot])
     assert inside["linked"] == "allowed" and inside["unlinked"] in DENIED
+
+
+def test_links_in_a_nofollow_folder_open_nothing(needs_landlock, tmp_path):
+    """The repository is read-only but not link-followed: a link an earlier run planted in runs/ must
+    not make its target (the validation data) readable."""
+    repo, secret = tmp_path / "repo", tmp_path / "valid"
+    (repo / "runs").mkdir(parents=True)
+    secret.mkdir()
+    (secret / "wiki.valid.raw").write_text("validation text")
+    (repo / "train.py").write_text("x = 1\n")
+    (repo / "runs" / "link").symlink_to(secret / "wiki.valid.raw")
+    code = f"""print(json.dumps({{"own": attempt(read, {str(repo / 'train.py')!r}),
+        "via_link": attempt(read, {str(repo / 'runs' / 'link')!r})}}))"""
+    inside, _ = probe(code, read_nofollow=[repo])
+    assert inside["own"] == "allowed" and inside["via_link"] in DENIED
+    followed, _ = probe(code, read=[repo])  # the control: a followed read path opens the target
+    assert followed["via_link"] == "allowed"
 
 
 def test_writes_only_inside_write_paths(needs_landlock, folders):
