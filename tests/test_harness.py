@@ -226,12 +226,13 @@ def test_bad_environment_gives_the_fix(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- train.py end to end
 def run_train(workdir, env, deadline_s, **constants):
+    """Run train.py; return the finished process, its AR_DEADLINE and a time by which it had exited."""
     patch_constants(workdir / "train.py", **constants)
-    full_env = {**os.environ, **env, "AR_DEADLINE": str(time.time() + deadline_s)}
-    start = time.time()
+    deadline = time.time() + deadline_s
+    full_env = {**os.environ, **env, "AR_DEADLINE": str(deadline)}
     done = subprocess.run([sys.executable, "train.py"], cwd=workdir, env=full_env, capture_output=True,
                           text=True, timeout=deadline_s + 120)
-    return done, time.time() - start
+    return done, deadline, time.time()
 
 
 FAST = dict(BATCH_SIZE=2, SEQ_LEN=128, EXPORT_RESERVE_S=3.0, LOG_EVERY_S=1.0, LAMBDA_WARMUP_STEPS=5)
@@ -239,10 +240,12 @@ FAST = dict(BATCH_SIZE=2, SEQ_LEN=128, EXPORT_RESERVE_S=3.0, LOG_EVERY_S=1.0, LA
 
 def test_train_py_end_to_end_before_the_deadline(tiny_env, workdir):
     env = {**tiny_env, "AR_SUBMISSION": str(workdir / "runs" / "x" / "submission.pt")}
-    done, elapsed = run_train(workdir, env, deadline_s=25, **FAST)
+    done, deadline, _ = run_train(workdir, env, deadline_s=25, **FAST)
     assert done.returncode == 0, done.stderr[-3000:]
-    # training stops before the deadline; the in-process evaluation of a manual run comes after
-    assert "submitted" in done.stdout and (workdir / "runs" / "x" / "submission.pt").is_file()
+    # training stops and submits before the deadline (the file's write time says when); the in-process
+    # evaluation of a manual run comes after
+    submission = workdir / "runs" / "x" / "submission.pt"
+    assert "submitted" in done.stdout and submission.stat().st_mtime < deadline
     assert "val_ppl:" in done.stdout and "step " in done.stdout
     ledger = pd.read_csv(workdir / "results.tsv", sep="\t")
     assert list(ledger.columns) == prepare.LEDGER_COLUMNS
@@ -254,9 +257,9 @@ def test_train_py_end_to_end_before_the_deadline(tiny_env, workdir):
 
 def test_train_py_exits_before_deadline_when_scored_externally(tiny_env, workdir):
     env = {**tiny_env, "AR_EVAL": "external"}
-    done, elapsed = run_train(workdir, env, deadline_s=20, **FAST)
+    done, deadline, exited_by = run_train(workdir, env, deadline_s=20, **FAST)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert elapsed < 20 and "val_ppl" not in done.stdout
+    assert exited_by < deadline and "val_ppl" not in done.stdout
     assert not (workdir / "results.tsv").exists()
 
 
@@ -265,7 +268,7 @@ def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, workdir):
     env = {**tiny_env, "AR_EVAL": "external"}
     path = workdir / "train.py"
     path.write_text(path.read_text().replace('print(f"submitted', 'print("val_ppl: 1.0000")\n    print(f"submitted'))
-    done, _ = run_train(workdir, env, deadline_s=20, **FAST)
+    done, _, _ = run_train(workdir, env, deadline_s=20, **FAST)
     assert "val_ppl: 1.0000" in done.stdout
     scored = subprocess.run([sys.executable, "prepare.py", "eval", env["AR_SUBMISSION"], "--json"], cwd=workdir,
                             env={**os.environ, **env}, capture_output=True, text=True)
