@@ -1,5 +1,6 @@
 """prepare.py and train.py: the ternary layer, the evaluator, invalid submissions, the trust
 boundary, and `python train.py` end to end, on a tiny real Llama model."""
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 import prepare
 import train
-from conftest import SHARED_DATA, patch_constants
+from conftest import patch_constants
 
 
 # ---------------------------------------------------------------- BitLinear
@@ -342,7 +343,7 @@ def test_gguf_conversion_is_keyed_by_content_not_size_and_mtime(tiny_assets, tmp
     monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
     contents = [b"GGUF first model " * 64, b"GGUF other model " * 64]
     for content in contents:  # stand-ins for converted folders, so that nothing is converted
-        key = prepare.hashlib.sha256(content).hexdigest()[:16]
+        key = hashlib.sha256(content).hexdigest()[:16]
         shutil.copytree(tiny_assets["model"], tmp_path / "cache" / "models" / f"model-{key}")
     gguf.write_bytes(contents[0])
     first = prepare.model_dir()
