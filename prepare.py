@@ -6,12 +6,14 @@ process so that the score never comes from code the LLM wrote.
 
     python prepare.py                          # one-time download + cache of model and data
     python prepare.py eval SUBMISSION [--split validation|test] [--json] [--max-windows N]
+                       [--expect-model DIGESTS.json]   # refuse if the model changed (driver)
     python prepare.py eval --base              # the unquantized base model, for reference
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,6 +34,14 @@ ROW_SEPARATOR = "\n\n"
 EVAL_WINDOW = 2048            # tokens per non-overlapping window; the tail is dropped
 TIME_BUDGET_S = 300           # wall-clock for train.py when AR_DEADLINE is not set
 SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+# sha256 of each scored split's text (its rows joined by ROW_SEPARATOR, UTF-8), verified on every load:
+# the same for the hub dataset, the .raw files and the parquet files. AR_DATA_SHA256 replaces them for
+# data of your own. The train split is not pinned: what train.py learns from is its own business.
+SPLIT_SHA256 = {"validation": "b44fb967f92b525731216a507d1fbc44b97446b7ef0a2b4d1a893f81f1bbc29e",
+                "test": "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"}
+# sha256 of the WikiText-2 .raw files themselves (the official zip's members), for a precise error
+RAW_FILE_SHA256 = {"wiki.valid.raw": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
+                   "wiki.test.raw": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"}
 
 # ---------------------------------------------------------------- configuration (not protocol)
 ROOT = Path(__file__).resolve().parent
@@ -39,6 +49,8 @@ LEDGER_PATH = ROOT / "results.tsv"
 RUNS_DIR = ROOT / "runs"
 EVAL_BATCH_GPU, EVAL_BATCH_CPU = 8, 2   # windows per forward; does not change the result
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special", "added_tokens")
+EVAL_CACHE, TRAIN_CACHE = "eval-tokens", "train-tokens"  # apart: train.py may read only the second
 
 LEDGER_COLUMNS = [
     "experiment", "timestamp", "branch", "commit", "parent", "status", "reason",
@@ -86,8 +98,9 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _stat_identity(paths: list[Path]) -> list:
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(paths)]
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------- model
@@ -121,8 +134,7 @@ def model_dir(download: bool = False) -> Path:
 def _gguf_as_folder(gguf: Path) -> Path:
     """Dequantize a GGUF once into a plain HF folder: later loads take a fraction of the time and the
     model is no longer flagged as quantized (which blocks save_pretrained and training)."""
-    key = hashlib.sha256(json.dumps(_stat_identity([gguf])).encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{_gguf_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,6 +149,51 @@ def _gguf_as_folder(gguf: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
     return target
+
+
+_GGUF_SHA256: dict[str, str] = {}
+
+
+def _gguf_sha256(gguf: Path) -> str:
+    """The GGUF's content digest, hashed once per process (0.2 s for 93 MB; model_dir() runs often).
+    The evaluator is a fresh process: it always hashes what is on disk now."""
+    key = str(gguf.resolve())
+    if key not in _GGUF_SHA256:
+        _GGUF_SHA256[key] = _file_sha256(gguf)
+    return _GGUF_SHA256[key]
+
+
+def model_files() -> list[Path]:
+    """Every file of model_dir() (config, weights, tokenizer, ...), symlinks followed, sorted."""
+    folder = model_dir()
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def model_digests() -> dict[str, str]:
+    """{file name relative to model_dir(): sha256 of its content}; the driver records it at the start
+    of the night and passes it to `prepare.py eval --expect-model`."""
+    folder = model_dir()
+    return {p.relative_to(folder).as_posix(): _file_sha256(p) for p in model_files()}
+
+
+def check_model_digests(expected: dict[str, str]) -> None:
+    """Raise HarnessError naming the first file of model_dir() that differs from `expected`."""
+    actual = model_digests()
+    for name in sorted(set(expected) | set(actual)):
+        if actual.get(name) != expected.get(name):
+            raise HarnessError(f"the model changed since the night started: {name} sha256 "
+                               f"{actual.get(name, '(file missing)')} (expected {expected.get(name, 'no such file')})")
+
+
+def _read_expected_digests(path: str) -> dict[str, str]:
+    try:
+        expected = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"--expect-model {path}: {exc}; write it with json.dump(prepare.model_digests())") from None
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        raise HarnessError(f"--expect-model {path} is not a JSON object of file name -> sha256; write it "
+                           "with json.dump(prepare.model_digests())")
+    return expected
 
 
 def load_config():
@@ -177,21 +234,53 @@ def _fp_names(skeleton: torch.nn.Module, targets: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- data
+def _raw_rows(data: bytes) -> list[str]:
+    # HF row semantics: one row per line with its "\n" (only "\n" ends a line); a blank line is "".
+    return [r if r.strip() else "" for r in io.StringIO(data.decode("utf-8"), newline="\n")]
+
+
+def _data_sha256_override() -> dict[str, str]:
+    """AR_DATA_SHA256 (`validation=<hex>,test=<hex>`): digests of data of your own, replacing the pins."""
+    override = {}
+    for item in filter(None, (part.strip() for part in os.environ.get("AR_DATA_SHA256", "").split(","))):
+        split, _, digest = (s.strip() for s in item.partition("="))
+        if split not in SPLIT_FILES or len(digest) != 64 or set(digest.lower()) - set("0123456789abcdef"):
+            raise HarnessError(f"AR_DATA_SHA256 item {item!r} is not <split>=<sha256>: write e.g. "
+                               "AR_DATA_SHA256=validation=<64 hex digits>,test=<64 hex digits>, the sha256 of "
+                               "each split's rows joined by a blank line (the error for your data prints it)")
+        override[split] = digest.lower()
+    return override
+
+
 def _split_rows_from_folder(folder: Path, split: str) -> list[str]:
     raw = folder / SPLIT_FILES[split]
     if raw.is_file():
-        # HF row semantics: one row per line with its "\n"; a blank line is "".
-        with open(raw, encoding="utf-8", newline="\n") as f:
-            rows = [r if r.strip() else "" for r in f]
+        data = raw.read_bytes()  # read once: the digest and the rows come from the same bytes
+        rows = _raw_rows(data)
+        _check_raw_file(raw, split, data, rows)
         return rows
     parquet = sorted(folder.rglob(f"{split}-*.parquet"))
     if parquet:
-        from datasets import load_dataset
-        ds = load_dataset("parquet", data_files={split: [str(p) for p in parquet]}, split=split)
-        return list(ds["text"])
+        # pyarrow, not datasets.load_dataset: that would leave a copy of the split in the datasets cache
+        import pyarrow.parquet as pq
+        return [row for p in parquet for row in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
     hint = " (the train split: set AR_TRAIN_SPLIT=test to train on the test split as an offline stand-in)" \
         if split == "train" else ""
     raise HarnessError(f"AR_DATA={folder} has neither {SPLIT_FILES[split]} nor {split}-*.parquet{hint}")
+
+
+def _check_raw_file(raw: Path, split: str, data: bytes, rows: list[str]) -> None:
+    """A WikiText-2 .raw file must be byte-identical to the official one (unless AR_DATA_SHA256 names the split)."""
+    pinned = RAW_FILE_SHA256.get(raw.name)
+    if pinned is None or split in _data_sha256_override():
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != pinned:
+        text_sha = hashlib.sha256(ROW_SEPARATOR.join(rows).encode("utf-8")).hexdigest()
+        raise HarnessError(f"{raw} has sha256 {actual}, but WikiText-2's {raw.name} has {pinned}: the file was "
+                           "changed. If it came through git, core.autocrlf may have changed its line endings "
+                           "(`git config core.autocrlf false`, then check it out again; `sha256sum -c SHA256SUMS` "
+                           f"checks the original files); if it is data of your own, set AR_DATA_SHA256={split}={text_sha}")
 
 
 def _split_rows(split: str) -> list[str]:
@@ -207,44 +296,163 @@ def _split_rows(split: str) -> list[str]:
     return list(ds["text"])
 
 
-def load_tokens(split: str) -> torch.Tensor:
-    """The split as one 1-D token tensor, tokenized once and cached, keyed by tokenizer and data."""
-    if split not in SPLIT_FILES:
-        raise HarnessError(f"unknown split {split!r}; use one of {', '.join(SPLIT_FILES)}")
-    folder = model_dir()
-    tok_files = [p for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special"))]
-    data_key = [os.environ.get("AR_DATA", ""), split] + _data_identity(split)
-    key = hashlib.sha256(json.dumps([PROTOCOL_VERSION, str(folder), _stat_identity(tok_files), data_key],
-                                    default=str).encode()).hexdigest()[:16]
-    path = cache_dir() / "tokens" / f"{split}-{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True).long()
-    rows = _split_rows(split)
-    ids = load_tokenizer()(ROW_SEPARATOR.join(rows), add_special_tokens=False, verbose=False)["input_ids"]
-    tokens = torch.tensor(ids, dtype=torch.int32)
-    _atomic_save(tokens, path)
+def _split_text(split: str) -> tuple[str, str]:
+    """The split's text (rows joined by ROW_SEPARATOR) and its sha256, verified against the pinned digest
+    (or AR_DATA_SHA256's) wherever the split has one: a changed text is an error, never a score."""
+    text = ROW_SEPARATOR.join(_split_rows(split))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    override = _data_sha256_override()
+    expected = override.get(split, SPLIT_SHA256.get(split))
+    if expected is not None and digest != expected:
+        origin = "AR_DATA_SHA256" if split in override else "WikiText-2's, pinned in prepare.py"
+        source = f"the files in AR_DATA={os.environ['AR_DATA']}" if os.environ.get("AR_DATA") else \
+            "the datasets cache (delete it and run `python prepare.py`)"
+        raise HarnessError(f"the {split} text has sha256 {digest}, expected {expected} ({origin}): the data was "
+                           f"changed. Restore {source}; for data of your own, set AR_DATA_SHA256={split}={digest}")
+    return text, digest
+
+
+def _tokenizer_sha256(folder: Path) -> str:
+    """One digest of the tokenizer files' contents: part of every token cache's key."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES))
+    return hashlib.sha256(json.dumps([[p.name, _file_sha256(p)] for p in files]).encode()).hexdigest()
+
+
+def _tokens_sha256(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+
+
+def _read_token_cache(path: Path, identity: dict) -> torch.Tensor | None:
+    """The cached int32 tokens if the file is intact (their sha256 matches the stored one) and of this
+    identity (protocol, text, tokenizer); else None, with a one-line warning if there was a file."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True, map_location="cpu")
+        tokens = entry.get("tokens") if isinstance(entry, dict) else None
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int32 or tokens.dim() != 1:
+            problem = "not a token cache entry"
+        elif entry.get("sha256") != _tokens_sha256(tokens):
+            problem = "the tokens do not match their sha256"
+        elif any(entry.get(k) != v for k, v in identity.items()):
+            problem = "made from another text or tokenizer"
+        else:
+            return tokens
+    except Exception as exc:  # torch.load raises many types for a damaged file
+        problem = f"unreadable: {type(exc).__name__}"
+    print(f"warning: token cache {path} failed its check ({problem}); rebuilding it from the verified text",
+          file=sys.stderr)
+    return None
+
+
+def _cached_tokens(path: Path, text: str, identity: dict) -> torch.Tensor:
+    tokens = _read_token_cache(path, identity)
+    if tokens is None:
+        ids = load_tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"]
+        tokens = torch.tensor(ids, dtype=torch.int32)
+        _atomic_save({"tokens": tokens, "sha256": _tokens_sha256(tokens), **identity}, path)
     return tokens.long()
 
 
-def _data_identity(split: str) -> list:
-    """Cheap identity of a split's source (file sizes and times) for the cache key."""
-    folder = os.environ.get("AR_DATA")
-    if not folder:
-        return [DATASET_ID, DATASET_CONFIG]
-    path = Path(folder).expanduser()
-    files = [path / SPLIT_FILES[split]] if (path / SPLIT_FILES[split]).is_file() \
-        else sorted(path.rglob(f"{split}-*.parquet"))
-    return _stat_identity(files) if files else []
+def load_tokens(split: str) -> torch.Tensor:
+    """The split as one 1-D token tensor. The text is verified by content on every call; the tokens come
+    from a cache keyed by content (protocol, text sha256, tokenizer sha256) that stores their sha256,
+    checked on every load. validation/test are cached apart from the training tokens (EVAL_CACHE)."""
+    if split not in SPLIT_FILES:
+        raise HarnessError(f"unknown split {split!r}; use one of {', '.join(SPLIT_FILES)}")
+    if split == "train":
+        return _training_tokens(split)
+    text, text_sha = _split_text(split)
+    identity = {"protocol": PROTOCOL_VERSION, "text_sha256": text_sha,
+                "tokenizer_sha256": _tokenizer_sha256(model_dir())}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return _cached_tokens(cache_dir() / EVAL_CACHE / f"{split}-{key}.pt", text, identity)
+
+
+def _train_cache_path(split: str) -> Path:
+    """The training cache file: named by the data source and the tokenizer's content, not by the text's
+    digest, so that train.py finds it in the sandbox, where the text is not readable."""
+    data = os.environ.get("AR_DATA")
+    source = str(Path(data).expanduser().resolve()) if data else f"{DATASET_ID}/{DATASET_CONFIG}"
+    key = hashlib.sha256(json.dumps([PROTOCOL_VERSION, split, source, _tokenizer_sha256(model_dir())])
+                         .encode()).hexdigest()[:16]
+    return cache_dir() / TRAIN_CACHE / f"{split}-{key}.pt"
+
+
+def _training_tokens(split: str) -> torch.Tensor:
+    """Tokens to train on, from the training cache (TRAIN_CACHE), rebuilt when the text changed."""
+    path = _train_cache_path(split)
+    identity = {"protocol": PROTOCOL_VERSION, "tokenizer_sha256": _tokenizer_sha256(model_dir())}
+    try:
+        text, text_sha = _split_text(split)
+    except HarnessError:
+        raise
+    except Exception as exc:  # in the sandbox: the cache that train_read_paths() built serves
+        tokens = _read_token_cache(path, identity)
+        if tokens is None:
+            raise HarnessError(f"cannot read the {split} text ({type(exc).__name__}: {exc}) and there is no "
+                               f"valid token cache at {path}: run `python prepare.py` where the data is readable") from exc
+        return tokens.long()
+    return _cached_tokens(path, text, {**identity, "text_sha256": text_sha})
+
+
+def _train_split() -> str:
+    split = os.environ.get("AR_TRAIN_SPLIT", "train")
+    if split not in ("train", "test"):
+        raise HarnessError(f"AR_TRAIN_SPLIT={split!r}: training may use 'train' (or 'test' as an "
+                           "offline stand-in), never the validation split that is scored")
+    return split
 
 
 def load_train_tokens() -> torch.Tensor:
     """Training tokens: the train split, or AR_TRAIN_SPLIT=test where train is unavailable offline.
     Never the validation split: training on it would make val_ppl meaningless."""
-    split = os.environ.get("AR_TRAIN_SPLIT", "train")
-    if split not in ("train", "test"):
-        raise HarnessError(f"AR_TRAIN_SPLIT={split!r}: training may use 'train' (or 'test' as an "
-                           "offline stand-in), never the validation split that is scored")
-    return load_tokens(split)
+    return _training_tokens(_train_split())
+
+
+# ---------------------------------------------------------------- sandbox paths (for the driver)
+def train_read_paths() -> list[Path]:
+    """What train.py needs to read besides the Python install and the repo: the model folder
+    (and realpaths of any symlink targets, e.g. hub snapshots), and the TRAINING token cache file,
+    which this call builds first if missing (the sandboxed train.py cannot write the cache)."""
+    folder = model_dir()
+    paths = [folder]
+    if folder.parent.name == "snapshots":  # a hub snapshot: the hub reads refs/ beside it to find it
+        paths.append(folder.parent.parent)
+    inside = folder.resolve()
+    for target in sorted({p.resolve() for p in model_files()}):
+        if not target.is_relative_to(inside) and not any(target.is_relative_to(p) for p in paths[1:]):
+            paths.append(target)
+    source = os.environ.get("AR_MODEL", DEFAULT_MODEL)
+    if source.endswith(".gguf"):  # model_dir() hashes it to find the converted folder
+        paths.append(Path(source).expanduser().resolve())
+    load_train_tokens()
+    paths.append(_train_cache_path(_train_split()))
+    return paths
+
+
+def eval_private_paths() -> list[Path]:
+    """Paths that must never be readable by train.py: the validation (and test, unless
+    AR_TRAIN_SPLIT=test) source files (AR_DATA's files, or the hub datasets cache folder) and the
+    evaluation token cache folder. The driver refuses/warns if any lies under a readable root."""
+    splits = ["validation"] + ([] if _train_split() == "test" else ["test"])
+    data = os.environ.get("AR_DATA")
+    if data:
+        folder = Path(data).expanduser().resolve()
+        paths = [p for split in splits for p in
+                 [folder / SPLIT_FILES[split], *sorted(folder.rglob(f"{split}-*.parquet"))] if p.is_file()]
+    else:
+        import datasets.config
+        from huggingface_hub import constants
+        paths = [Path(datasets.config.HF_DATASETS_CACHE),
+                 Path(constants.HF_HUB_CACHE) / f"datasets--{DATASET_ID.replace('/', '--')}"]
+    evaluation = cache_dir() / EVAL_CACHE
+    evaluation.mkdir(exist_ok=True)
+    paths.append(evaluation)
+    legacy = cache_dir() / "tokens"  # the cache of earlier versions holds validation tokens too
+    if legacy.exists():
+        paths.append(legacy)
+    return paths
 
 
 # ---------------------------------------------------------------- submission
@@ -468,13 +676,15 @@ def setup() -> None:
     """Download and cache model and data once, then print where everything is."""
     folder = model_dir(download=True)
     print(f"model:  {folder}")
-    for split in SPLIT_FILES:
+    for label, load in (("train", load_train_tokens), ("validation", lambda: load_tokens("validation")),
+                        ("test", lambda: load_tokens("test"))):
         try:
-            tokens = load_tokens(split)
+            tokens = load()
         except HarnessError as exc:
-            print(f"{split:>10}: unavailable ({exc})")
+            print(f"{label:>10}: unavailable ({exc})")
             continue
-        print(f"{split:>10}: {tokens.numel():,} tokens, {tokens.numel() // EVAL_WINDOW} windows")
+        stand_in = " (the test split: AR_TRAIN_SPLIT=test)" if label == "train" and _train_split() == "test" else ""
+        print(f"{label:>10}: {tokens.numel():,} tokens, {tokens.numel() // EVAL_WINDOW} windows{stand_in}")
     print(f"cache:  {cache_dir()}\nledger: {LEDGER_PATH}\nNext: python train.py (a baseline run), "
           "or python agent.py (the overnight loop)")
 
@@ -488,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", default="validation", choices=["validation", "test"])
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--max-windows", type=int, help="smoke runs only: score the first N windows")
+    ev.add_argument("--expect-model", metavar="DIGESTS.json",
+                    help="refuse to score if model_dir() differs from these digests (from model_digests())")
     args = parser.parse_args(argv)
     try:
         if args.command is None:
@@ -495,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if bool(args.submission) == args.base:
             parser.error("give a SUBMISSION path or --base (not both)")
+        if args.expect_model:  # before anything of the model is read
+            check_model_digests(_read_expected_digests(args.expect_model))
         result = evaluate(None if args.base else args.submission, args.split, args.max_windows)
     except HarnessError as exc:
         print(f"{'invalid submission' if isinstance(exc, SubmissionError) else 'error'}: {exc}",

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT  # noqa: F401  (puts the repo and tests on sys.path)
-from conftest import build_tiny_model, write_text
+from conftest import build_tiny_model, data_sha256, write_text
 from driver_helpers import make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -35,7 +35,8 @@ def main() -> None:
         write_text(data / name, n, seed)
     build_tiny_model(out / "model", data / "wiki.train.raw")
     repo = make_research_repo(out / "research", real=True)
-    env = {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_CACHE": str(out / "cache")}
+    env = {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
+           "AR_CACHE": str(out / "cache")}
     llm = FakeLLM(CHANGES * 3)  # a rejected reply is followed by repair turns
     try:
         done = run_agent(repo, llm.url, "--max-experiments", "5", "--timeout", "30", "--eval-windows", "2",

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny real Llama model + tokenizer saved to disk, small WikiText-shaped files,
 and the real offline assets (SmolLM2 GGUF, WikiText-2 validation) when present."""
+import hashlib
 import importlib.util
 import os
 import random
@@ -38,6 +39,17 @@ def write_text(path: Path, n_articles: int, seed: int) -> None:
     path.write_text("".join(_article(rng) for _ in range(n_articles)), encoding="utf-8")
 
 
+def data_sha256(folder: Path) -> str:
+    """AR_DATA_SHA256 for synthetic data: sha256 of each scored split's rows joined by a blank line,
+    computed here independently of prepare.py (HF row semantics: a blank line is "")."""
+    digests = []
+    for split, name in (("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
+        with open(folder / name, encoding="utf-8", newline="\n") as f:
+            text = "\n\n".join(r if r.strip() else "" for r in f)
+        digests.append(f"{split}={hashlib.sha256(text.encode('utf-8')).hexdigest()}")
+    return ",".join(digests)
+
+
 def build_tiny_model(folder: Path, corpus: Path) -> None:
     """A 2-layer Llama with a byte-level BPE tokenizer trained on the corpus (vocab 512)."""
     import torch
@@ -67,14 +79,15 @@ def tiny_assets(tmp_path_factory) -> dict:
     write_text(data / "wiki.test.raw", 60, seed=3)
     model = base / "model"
     build_tiny_model(model, data / "wiki.train.raw")
-    return {"model": model, "data": data, "cache": base / "cache"}
+    return {"model": model, "data": data, "cache": base / "cache", "data_sha256": data_sha256(data)}
 
 
 @pytest.fixture
 def tiny_env(tiny_assets, monkeypatch, tmp_path) -> dict:
     """Environment pointing prepare.py at the tiny model and data, writing into tmp_path."""
     env = {"AR_MODEL": str(tiny_assets["model"]), "AR_DATA": str(tiny_assets["data"]),
-           "AR_CACHE": str(tiny_assets["cache"]), "AR_SUBMISSION": str(tmp_path / "submission.pt")}
+           "AR_DATA_SHA256": tiny_assets["data_sha256"], "AR_CACHE": str(tiny_assets["cache"]),
+           "AR_SUBMISSION": str(tmp_path / "submission.pt")}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env

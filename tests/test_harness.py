@@ -1,11 +1,14 @@
 """prepare.py and train.py: the ternary layer, the evaluator, invalid submissions, the trust
 boundary, and `python train.py` end to end, on a tiny real Llama model."""
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -127,14 +130,14 @@ def test_evaluator_matches_an_independent_perplexity(tiny_env):
     assert 0 < result["zero_frac"] < 1 and result["max_windows"] is None
 
 
-def test_token_cache_makes_the_second_load_fast(tiny_env, tmp_path, monkeypatch):
+def test_token_cache_serves_the_second_load_without_the_tokenizer(tiny_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AR_CACHE", str(tmp_path / "fresh-cache"))
+    calls, real = [], prepare.load_tokenizer
+    monkeypatch.setattr(prepare, "load_tokenizer", lambda: calls.append("tokenizer") or real())
     first = prepare.load_tokens("test")
-    start = time.perf_counter()
     second = prepare.load_tokens("test")
-    assert time.perf_counter() - start < 0.5
-    assert torch.equal(first, second)
-    assert list((tmp_path / "fresh-cache" / "tokens").glob("test-*.pt"))
+    assert calls == ["tokenizer"] and torch.equal(first, second)
+    assert list((tmp_path / "fresh-cache" / "eval-tokens").glob("test-*.pt"))
 
 
 def test_rows_follow_hf_semantics(tiny_env):
@@ -148,6 +151,207 @@ def test_max_windows_is_recorded_as_a_smoke_run(tiny_env):
     result = prepare.evaluate(tiny_env["AR_SUBMISSION"], max_windows=1)
     assert result["windows"] == 1 and result["max_windows"] == 1
     assert prepare.protocol_label(result) == "v1-smoke1w"
+
+
+# ---------------------------------------------------------------- inputs verified by content
+def eval_cache_file(cache: Path, split: str = "validation") -> Path:
+    [path] = (cache / "eval-tokens").glob(f"{split}-*.pt")
+    return path
+
+
+@pytest.mark.parametrize("attack", ["bare tensor", "stale digest kept", "digest removed", "garbage bytes"])
+def test_overwritten_validation_cache_is_rebuilt_and_scores_the_same(tiny_env, tmp_path, monkeypatch, capsys,
+                                                                     attack):
+    """The attack that was scored ~9x better: other tokens saved at the cache path."""
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    ternary_submission(tiny_env)
+    pristine = prepare.evaluate(tiny_env["AR_SUBMISSION"])
+    path = eval_cache_file(tmp_path / "cache")
+    entry = torch.load(path, weights_only=True)
+    easy = torch.zeros_like(entry["tokens"])  # one token repeated: trivially predictable
+    if attack == "bare tensor":
+        torch.save(easy, path)
+    elif attack == "stale digest kept":
+        torch.save({**entry, "tokens": easy}, path)
+    elif attack == "digest removed":
+        torch.save({k: v for k, v in entry.items() if k != "sha256"} | {"tokens": easy}, path)
+    else:
+        path.write_bytes(b"\x80\x02 not a torch file")
+    capsys.readouterr()
+    attacked = prepare.evaluate(tiny_env["AR_SUBMISSION"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: token cache {path} failed its check") and len(err.splitlines()) == 1
+    assert attacked["ppl"] == pristine["ppl"]
+    assert torch.equal(torch.load(path, weights_only=True)["tokens"], entry["tokens"])  # rebuilt
+
+
+def same_size_rewrite(path: Path) -> None:
+    """Change the text, keeping the file's size and modification time."""
+    before = path.stat()
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace(" the ", " teh "), encoding="utf-8")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert path.read_text(encoding="utf-8") != text
+
+
+def test_rewritten_validation_file_with_same_size_and_mtime_is_refused(tiny_env, tiny_assets, tmp_path, monkeypatch,
+                                                                       capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets["data"], data)
+    monkeypatch.setenv("AR_DATA", str(data))
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    ternary_submission(tiny_env)
+    prepare.load_tokens("validation")  # a cache of the pristine text exists
+    same_size_rewrite(data / "wiki.valid.raw")
+    pinned = dict(item.split("=") for item in tiny_env["AR_DATA_SHA256"].split(","))["validation"]
+    assert prepare.main(["eval", tiny_env["AR_SUBMISSION"], "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith("error: the validation text has sha256 ")
+    assert f"expected {pinned} (AR_DATA_SHA256)" in err and "AR_DATA_SHA256=validation=" in err
+
+
+def test_ar_data_sha256_that_is_not_a_digest_gives_the_format(tiny_env, monkeypatch):
+    monkeypatch.setenv("AR_DATA_SHA256", "validation=abc")
+    with pytest.raises(prepare.HarnessError, match="AR_DATA_SHA256=validation=<64 hex digits>"):
+        prepare.load_tokens("validation")
+
+
+def test_real_wikitext_files_pass_the_pins(real_assets, tmp_path, monkeypatch):
+    """Cheap: the text only, no tokenizer. The .raw files and the parquet files give the same text."""
+    monkeypatch.delenv("AR_DATA_SHA256", raising=False)
+    for folder in (real_assets["data"], real_assets["data"] / "hf-parquet" / "wikitext-2-raw-v1"):
+        monkeypatch.setenv("AR_DATA", str(folder))
+        for split in ("validation", "test"):
+            assert prepare._split_text(split)[1] == prepare.SPLIT_SHA256[split]
+    raw = real_assets["data"] / "wiki.valid.raw"
+    assert prepare.RAW_FILE_SHA256[raw.name] == prepare._file_sha256(raw)
+
+
+def test_a_wikitext_file_with_crlf_line_endings_names_the_file_and_the_fix(real_assets, tmp_path, monkeypatch):
+    monkeypatch.delenv("AR_DATA_SHA256", raising=False)
+    crlf = tmp_path / "wiki.valid.raw"
+    crlf.write_bytes((real_assets["data"] / "wiki.valid.raw").read_bytes().replace(b"\n", b"\r\n"))
+    monkeypatch.setenv("AR_DATA", str(tmp_path))
+    with pytest.raises(prepare.HarnessError) as info:
+        prepare._split_text("validation")
+    message = str(info.value)
+    assert str(crlf) in message and prepare._file_sha256(crlf) in message
+    assert prepare.RAW_FILE_SHA256["wiki.valid.raw"] in message and "core.autocrlf" in message
+
+
+def tamper(path: Path) -> None:
+    """A change that still loads: another config value, scaled weights, a re-serialized tokenizer."""
+    if path.name == "model.safetensors":
+        from safetensors.torch import load_file, save_file
+        weights = load_file(path)
+        name = next(iter(weights))
+        weights[name] = weights[name] * 0.5
+        save_file(weights, path, metadata={"format": "pt"})
+    elif path.name == "config.json":
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, "rms_norm_eps": 0.1}))
+    elif path.name == "tokenizer.json":
+        path.write_text(json.dumps(json.loads(path.read_text()), indent=1))
+    else:
+        path.write_text("{}")
+
+
+@pytest.fixture
+def own_model(tiny_assets, tiny_env, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny model that a test may damage, with the digests the driver would record."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_assets["model"], folder)
+    monkeypatch.setenv("AR_MODEL", str(folder))
+    (tmp_path / "digests.json").write_text(json.dumps(prepare.model_digests()))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "added_tokens.json"])
+def test_eval_refuses_a_model_changed_since_the_night_started(own_model, tiny_env, tmp_path, monkeypatch, capsys,
+                                                               name):
+    ternary_submission(tiny_env)
+    expected = json.loads((tmp_path / "digests.json").read_text())
+    tamper(own_model / name)
+    scored = []
+    monkeypatch.setattr(prepare, "evaluate", lambda *a, **k: scored.append(a))
+    assert prepare.main(["eval", tiny_env["AR_SUBMISSION"], "--json", "--expect-model",
+                         str(tmp_path / "digests.json")]) == 2
+    out, err = capsys.readouterr()
+    new = prepare._file_sha256(own_model / name)
+    assert err == (f"error: the model changed since the night started: {name} sha256 {new} "
+                   f"(expected {expected.get(name, 'no such file')})\n")
+    assert out == "" and scored == []  # nothing of the changed model was used
+
+
+def test_eval_with_the_recorded_model_digests_scores_normally(own_model, tiny_env, tmp_path, capsys):
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(prepare.model_digests())
+    ternary_submission(tiny_env)
+    assert prepare.main(["eval", tiny_env["AR_SUBMISSION"], "--json", "--expect-model",
+                         str(tmp_path / "digests.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
+def test_sandbox_paths_keep_evaluation_data_out_of_training_reach(tiny_env, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AR_CACHE", str(cache))
+    data = Path(tiny_env["AR_DATA"]).resolve()
+    readable = prepare.train_read_paths()
+    [train_cache] = (cache / "train-tokens").glob("train-*.pt")  # built by the call
+    assert train_cache in readable and Path(tiny_env["AR_MODEL"]) in readable
+    private = prepare.eval_private_paths()
+    assert {data / "wiki.valid.raw", data / "wiki.test.raw", cache / "eval-tokens"} <= set(private)
+    assert not any(r.resolve().is_relative_to(p) or p.is_relative_to(r.resolve()) for r in readable for p in private)
+
+    monkeypatch.setenv("AR_TRAIN_SPLIT", "test")  # training reads the test split: then it is not private
+    readable = prepare.train_read_paths()
+    [test_cache] = (cache / "train-tokens").glob("test-*.pt")
+    assert test_cache in readable
+    private = prepare.eval_private_paths()
+    assert data / "wiki.valid.raw" in private and data / "wiki.test.raw" not in private
+
+
+def test_training_tokens_load_from_their_cache_where_the_text_is_unreadable(tiny_env, tmp_path, monkeypatch):
+    """In the sandbox train.py cannot read the data: the cache train_read_paths() built serves."""
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    prepare.train_read_paths()
+    expected = prepare.load_train_tokens()
+
+    def unreadable(split):
+        raise PermissionError(13, "Permission denied", f"wiki.{split}.raw")
+    monkeypatch.setattr(prepare, "_split_rows", unreadable)
+    assert torch.equal(prepare.load_train_tokens(), expected)
+
+
+def test_train_read_paths_list_the_targets_of_symlinked_model_files(tiny_assets, tiny_env, tmp_path, monkeypatch):
+    blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(tiny_assets["model"], blobs)
+    folder.mkdir()
+    for blob in blobs.iterdir():
+        (folder / blob.name).symlink_to(blob)
+    monkeypatch.setenv("AR_MODEL", str(folder))
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    readable = prepare.train_read_paths()
+    assert folder in readable and (blobs / "model.safetensors").resolve() in readable
+
+
+def test_gguf_conversion_is_keyed_by_content_not_size_and_mtime(tiny_assets, tmp_path, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    monkeypatch.setenv("AR_MODEL", str(gguf))
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    contents = [b"GGUF first model " * 64, b"GGUF other model " * 64]
+    for content in contents:  # stand-ins for converted folders, so that nothing is converted
+        key = hashlib.sha256(content).hexdigest()[:16]
+        shutil.copytree(tiny_assets["model"], tmp_path / "cache" / "models" / f"model-{key}")
+    gguf.write_bytes(contents[0])
+    first = prepare.model_dir()
+    before = gguf.stat()
+    gguf.write_bytes(contents[1])
+    os.utime(gguf, ns=(before.st_atime_ns, before.st_mtime_ns))
+    prepare._GGUF_SHA256.clear()  # a fresh process, as the evaluator is
+    assert prepare.model_dir() != first
 
 
 # ---------------------------------------------------------------- invalid submissions
@@ -226,12 +430,13 @@ def test_bad_environment_gives_the_fix(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- train.py end to end
 def run_train(workdir, env, deadline_s, **constants):
+    """Run train.py; return the finished process, its AR_DEADLINE and a time by which it had exited."""
     patch_constants(workdir / "train.py", **constants)
-    full_env = {**os.environ, **env, "AR_DEADLINE": str(time.time() + deadline_s)}
-    start = time.time()
+    deadline = time.time() + deadline_s
+    full_env = {**os.environ, **env, "AR_DEADLINE": str(deadline)}
     done = subprocess.run([sys.executable, "train.py"], cwd=workdir, env=full_env, capture_output=True,
                           text=True, timeout=deadline_s + 120)
-    return done, time.time() - start
+    return done, deadline, time.time()
 
 
 FAST = dict(BATCH_SIZE=2, SEQ_LEN=128, EXPORT_RESERVE_S=3.0, LOG_EVERY_S=1.0, LAMBDA_WARMUP_STEPS=5)
@@ -239,10 +444,12 @@ FAST = dict(BATCH_SIZE=2, SEQ_LEN=128, EXPORT_RESERVE_S=3.0, LOG_EVERY_S=1.0, LA
 
 def test_train_py_end_to_end_before_the_deadline(tiny_env, workdir):
     env = {**tiny_env, "AR_SUBMISSION": str(workdir / "runs" / "x" / "submission.pt")}
-    done, elapsed = run_train(workdir, env, deadline_s=25, **FAST)
+    done, deadline, _ = run_train(workdir, env, deadline_s=25, **FAST)
     assert done.returncode == 0, done.stderr[-3000:]
-    # training stops before the deadline; the in-process evaluation of a manual run comes after
-    assert "submitted" in done.stdout and (workdir / "runs" / "x" / "submission.pt").is_file()
+    # training stops and submits before the deadline (the file's write time says when); the in-process
+    # evaluation of a manual run comes after
+    submission = workdir / "runs" / "x" / "submission.pt"
+    assert "submitted" in done.stdout and submission.stat().st_mtime < deadline
     assert "val_ppl:" in done.stdout and "step " in done.stdout
     ledger = pd.read_csv(workdir / "results.tsv", sep="\t")
     assert list(ledger.columns) == prepare.LEDGER_COLUMNS
@@ -254,9 +461,9 @@ def test_train_py_end_to_end_before_the_deadline(tiny_env, workdir):
 
 def test_train_py_exits_before_deadline_when_scored_externally(tiny_env, workdir):
     env = {**tiny_env, "AR_EVAL": "external"}
-    done, elapsed = run_train(workdir, env, deadline_s=20, **FAST)
+    done, deadline, exited_by = run_train(workdir, env, deadline_s=20, **FAST)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert elapsed < 20 and "val_ppl" not in done.stdout
+    assert exited_by < deadline and "val_ppl" not in done.stdout
     assert not (workdir / "results.tsv").exists()
 
 
@@ -265,7 +472,7 @@ def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, workdir):
     env = {**tiny_env, "AR_EVAL": "external"}
     path = workdir / "train.py"
     path.write_text(path.read_text().replace('print(f"submitted', 'print("val_ppl: 1.0000")\n    print(f"submitted'))
-    done, _ = run_train(workdir, env, deadline_s=20, **FAST)
+    done, _, _ = run_train(workdir, env, deadline_s=20, **FAST)
     assert "val_ppl: 1.0000" in done.stdout
     scored = subprocess.run([sys.executable, "prepare.py", "eval", env["AR_SUBMISSION"], "--json"], cwd=workdir,
                             env={**os.environ, **env}, capture_output=True, text=True)
