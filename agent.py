@@ -387,6 +387,7 @@ class Session:
     train_read: list = field(default_factory=list)  # what the sandboxed train.py may read besides the repo
     git_config: bytes = b""          # .git/config as the night found it: restored if a run changed it
     model_expected: str = "{}"       # the model's file digests when the night started (JSON), for the evaluator
+    tokens_expected: str = ""        # the validation tokens' digest when the night started
     known_children: set = field(default_factory=set)  # the driver's own children when a run started
     child_exited: float = 0.0        # when the last run's main process ended
 
@@ -486,6 +487,7 @@ def setup_sandbox(session: Session) -> None:
     """Decide how train.py runs: under Landlock (--sandbox auto|require) or unsandboxed, said once."""
     info = harness_info(session)
     session.model_expected = json.dumps(info.get("model", {}), indent=1)
+    session.tokens_expected = info.get("tokens", {}).get("validation", "")
     session.train_read = [Path(p) for p in info.get("train_read", [])]
     mode, abi = session.args.sandbox, sandbox.landlock_abi()
     if mode == "off":
@@ -840,6 +842,8 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     atomic_write(session.model_digests, session.model_expected)  # from memory: a run cannot have edited it
     cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json", "--expect-model",
            str(session.model_digests)]
+    if session.tokens_expected:
+        cmd += ["--expect-tokens", session.tokens_expected]
     if session.args.eval_windows:
         cmd += ["--max-windows", str(session.args.eval_windows)]
     eval_env = clean_env(AR_EVAL="", AR_SUBMISSION="", AR_DEADLINE="")

@@ -354,10 +354,12 @@ def _cached_tokens(path: Path, text: str, identity: dict) -> torch.Tensor:
     return tokens.long()
 
 
-def load_tokens(split: str) -> torch.Tensor:
+def load_tokens(split: str, expect_sha256: str | None = None) -> torch.Tensor:
     """The split as one 1-D token tensor. The text is verified by content on every call; the tokens come
     from a cache keyed by content (protocol, text sha256, tokenizer sha256) that stores their sha256,
-    checked on every load. validation/test are cached apart from the training tokens (EVAL_CACHE)."""
+    checked on every load. validation/test are cached apart from the training tokens (EVAL_CACHE).
+    expect_sha256 (the driver's, taken at the start of the night): a cache whose tokens differ, even one
+    forged with a matching stored digest, is rebuilt from the verified text."""
     if split not in SPLIT_FILES:
         raise HarnessError(f"unknown split {split!r}; use one of {', '.join(SPLIT_FILES)}")
     if split == "train":
@@ -366,7 +368,17 @@ def load_tokens(split: str) -> torch.Tensor:
     identity = {"protocol": PROTOCOL_VERSION, "text_sha256": text_sha,
                 "tokenizer_sha256": _tokenizer_sha256(model_dir())}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return _cached_tokens(cache_dir() / EVAL_CACHE / f"{split}-{key}.pt", text, identity)
+    path = cache_dir() / EVAL_CACHE / f"{split}-{key}.pt"
+    tokens = _cached_tokens(path, text, identity)
+    if expect_sha256 and _tokens_sha256(tokens.int()) != expect_sha256:
+        print(f"warning: token cache {path} differs from the tokens of the night's start; rebuilding it",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        tokens = _cached_tokens(path, text, identity)
+        if _tokens_sha256(tokens.int()) != expect_sha256:
+            raise HarnessError(f"the {split} tokens differ from those of the night's start although the text "
+                               "and the tokenizer verify: restart the night")
+    return tokens
 
 
 def _train_cache_path(split: str) -> Path:
@@ -453,6 +465,15 @@ def eval_private_paths() -> list[Path]:
     if legacy.exists():
         paths.append(legacy)
     return paths
+
+
+def sandbox_info() -> dict:
+    """For the driver at the start of a night (`python prepare.py sandbox-info --json`): what train.py
+    may read, what must stay private to the evaluator, and the digests every later scoring is held to."""
+    return {"train_read": [str(p) for p in train_read_paths()],
+            "eval_private": [str(p) for p in eval_private_paths()],
+            "model": model_digests(),
+            "tokens": {"validation": _tokens_sha256(load_tokens("validation").int())}}
 
 
 # ---------------------------------------------------------------- submission
@@ -616,14 +637,15 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, max_windows: int | 
     return {"ppl": math.exp(mean_loss), "mean_loss": mean_loss, "tokens": predicted, "windows": n}
 
 
-def evaluate(path: str | Path | None, split: str = "validation", max_windows: int | None = None) -> dict:
+def evaluate(path: str | Path | None, split: str = "validation", max_windows: int | None = None,
+             expect_tokens: str | None = None) -> dict:
     """Score a submission (or, with path None, the unquantized base model) by the protocol."""
     start = time.time()
     if path is None:
         model, zero_frac = load_model(), None
     else:
         model, zero_frac = build_submitted_model(load_submission(path))
-    result = perplexity(model, load_tokens(split), max_windows)
+    result = perplexity(model, load_tokens(split, expect_tokens), max_windows)
     return {**result, "split": split, "zero_frac": zero_frac, "eval_s": round(time.time() - start, 3),
             "max_windows": max_windows, "protocol": PROTOCOL_VERSION, "device": device().type,
             "submission": str(path) if path else None}
@@ -700,16 +722,23 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-windows", type=int, help="smoke runs only: score the first N windows")
     ev.add_argument("--expect-model", metavar="DIGESTS.json",
                     help="refuse to score if model_dir() differs from these digests (from model_digests())")
+    ev.add_argument("--expect-tokens", metavar="SHA256",
+                    help="the split's token digest at the start of the night: a cache that differs is rebuilt")
+    info = sub.add_parser("sandbox-info", help="for the driver: train.py's read paths, private paths, digests")
+    info.add_argument("--json", action="store_true", help="print one JSON object (the only format)")
     args = parser.parse_args(argv)
     try:
         if args.command is None:
             setup()
             return 0
+        if args.command == "sandbox-info":
+            print(json.dumps(sandbox_info()))
+            return 0
         if bool(args.submission) == args.base:
             parser.error("give a SUBMISSION path or --base (not both)")
         if args.expect_model:  # before anything of the model is read
             check_model_digests(_read_expected_digests(args.expect_model))
-        result = evaluate(None if args.base else args.submission, args.split, args.max_windows)
+        result = evaluate(None if args.base else args.submission, args.split, args.max_windows, args.expect_tokens)
     except HarnessError as exc:
         print(f"{'invalid submission' if isinstance(exc, SubmissionError) else 'error'}: {exc}",
               file=sys.stderr)

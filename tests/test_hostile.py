@@ -20,6 +20,7 @@ from fake_llm import FakeLLM
 
 TEMPLATE = (Path(__file__).resolve().parent / "hostile" / "template.py").read_text()
 SECRET = "sk-test-secret-key"
+DENIALS = ("Permission denied", "Operation not permitted", "no environ with a key was readable")
 
 
 # started by the last attack: waits for train.py to exit, then makes the submission score differently
@@ -206,10 +207,8 @@ def hostile_world(tmp_path, tiny_assets):
     tcp = Listener(socket.AF_INET, ("127.0.0.1", 0))
     agent_sock = Listener(socket.AF_UNIX, str(tmp_path / "ssh-agent.sock"))
     env = {"AR_MODEL": str(assets / "model"), "AR_DATA": str(assets / "data"), "AR_CACHE": str(assets / "cache"),
-           "HOME": str(home), "SSH_AUTH_SOCK": str(tmp_path / "ssh-agent.sock")}
-    for key in ("AR_DATA_SHA256",):  # the tiny data's pinned digests, where the harness uses them
-        if key in os.environ:
-            env[key] = os.environ[key]
+           "AR_DATA_SHA256": tiny_assets["data_sha256"], "HOME": str(home),
+           "SSH_AUTH_SOCK": str(tmp_path / "ssh-agent.sock")}
     ctx = {"marker": tmp_path / "hook-ran", "port": tcp.sock.getsockname()[1], "sock": tmp_path / "ssh-agent.sock"}
     yield {"repo": repo, "env": env, "ctx": ctx, "home": home, "tcp": tcp, "agent_sock": agent_sock,
            "assets": assets, "tmp": tmp_path}
@@ -274,8 +273,8 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
             assert row["status"] == "crash" and "after train.py exited" in row["reason"], (name, row.to_dict())
         else:
             assert row["status"] == "discard" and row["val_ppl"] == pytest.approx(honest, rel=1e-9), (name, row.to_dict())
-        if name != "a child that outlives train.py and swaps the submission":
-            assert "ATTACK blocked" in log, (name, log[-2000:])
+        if name != "a child that outlives train.py and swaps the submission":  # blocked for the right reason
+            assert "ATTACK blocked" in log and any(why in log for why in DENIALS), (name, log[-2000:])
     print("\n".join(f"{n}: {o}" for n, o in outcomes.items()))
     # nothing outside the run folders changed, nothing reached the listeners, no secret left the driver
     assert digests(world["assets"] / "model") == before["model"] and digests(world["assets"] / "data") == before["data"]
