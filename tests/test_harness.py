@@ -185,6 +185,25 @@ def test_overwritten_validation_cache_is_rebuilt_and_scores_the_same(tiny_env, t
     assert torch.equal(torch.load(path, weights_only=True)["tokens"], entry["tokens"])  # rebuilt
 
 
+def test_a_cache_forged_with_its_own_digest_is_caught_by_the_nights_digest(tiny_env, tmp_path, monkeypatch, capsys):
+    """Unsandboxed, train.py can forge tokens together with a matching stored digest: only the digest the
+    driver took at the start of the night (`eval --expect-tokens`, `sandbox_info()`) catches that."""
+    monkeypatch.setenv("AR_CACHE", str(tmp_path / "cache"))
+    ternary_submission(tiny_env)
+    night = prepare.sandbox_info()["tokens"]["validation"]
+    pristine = prepare.evaluate(tiny_env["AR_SUBMISSION"], expect_tokens=night)
+    path = eval_cache_file(tmp_path / "cache")
+    entry = torch.load(path, weights_only=True)
+    easy = torch.zeros_like(entry["tokens"])
+    torch.save({**entry, "tokens": easy, "sha256": prepare._tokens_sha256(easy)}, path)
+    forged = prepare.evaluate(tiny_env["AR_SUBMISSION"])  # the control: the stored digest alone is fooled
+    assert forged["ppl"] < pristine["ppl"] / 2
+    capsys.readouterr()
+    checked = prepare.evaluate(tiny_env["AR_SUBMISSION"], expect_tokens=night)
+    assert checked["ppl"] == pristine["ppl"] and "differs from the tokens of the night's start" in capsys.readouterr().err
+    assert torch.equal(torch.load(path, weights_only=True)["tokens"], entry["tokens"])  # rebuilt
+
+
 def same_size_rewrite(path: Path) -> None:
     """Change the text, keeping the file's size and modification time."""
     before = path.stat()
