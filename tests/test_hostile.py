@@ -297,3 +297,36 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
 
 def one_line(log: str, marker: str) -> str:
     return next((line for line in log.splitlines() if line.startswith(marker)), "")
+
+
+def test_without_landlock_the_checks_catch_what_the_evaluator_depends_on(hostile_world):
+    """--sandbox off: nothing is blocked, so each attack on what the score depends on must be detected
+    (a crash row naming it) or undone (an honest score)."""
+    world, repo = hostile_world, hostile_world["repo"]
+    expected = {  # attack -> (status, words in the reason); "discard" rows must carry the honest score
+        "token cache overwrite": ("discard", ""),
+        "program.md and the ledger": ("discard", "program.md"),
+        "a leftover file the next experiments would see": ("discard", "sitecustomize.py"),
+        "git hooks": ("discard", ".git/config"),
+        "a child that outlives train.py and swaps the submission": (None, ""),
+        "train.py rewrites itself and prepare.py": ("crash", "prepare.py was modified"),
+        "model config": ("crash", "the model changed since the night started: config.json"),
+    }
+    done = run_corpus(world, list(expected), "--sandbox", "off")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    rows = ledger(repo)
+    assert len(rows) == len(expected) + 1, rows[["experiment", "status", "reason"]]
+    honest = rescore(world, repo / "runs" / TAG / "0" / "submission.pt")
+    for (name, (status, words)), (_, row) in zip(expected.items(), rows.iloc[1:].iterrows()):
+        assert "unsandboxed" in row["reason"], row["reason"]
+        folder = repo / "runs" / TAG / str(int(row["experiment"]))
+        if status is None:  # the daemon: killed before it swapped, or its swap is refused
+            status = "crash" if (folder / "swapped").exists() else "discard"
+            words = "after train.py exited" if status == "crash" else ""
+        assert row["status"] == status and words in row["reason"], (name, row.to_dict())
+        if status == "discard":
+            assert row["val_ppl"] == pytest.approx(honest, rel=1e-9), (name, row.to_dict())
+    assert not world["ctx"]["marker"].exists()  # planted hooks never ran in the driver
+    assert (repo / "program.md").read_text() == (ROOT / "program.md").read_text()
+    assert (repo / "prepare.py").read_bytes() == (ROOT / "prepare.py").read_bytes()
+    assert not (repo / "sitecustomize.py").exists()
