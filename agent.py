@@ -525,7 +525,7 @@ def ledger_for_prompt(rows: pd.DataFrame, tail: int = LEDGER_TAIL_ROWS) -> str:
     cols = ["experiment", "status", "val_ppl", "description", "reason"]
     keeps = rows[rows["status"] == "keep"]
     keeps = keeps if tail >= LEDGER_TAIL_ROWS else keeps.tail(tail)
-    shown = pd.concat([keeps, rows.tail(tail) if tail else rows.head(0)]).drop_duplicates()
+    shown = pd.concat([keeps, rows.tail(tail)]).drop_duplicates()
     shown = shown.sort_values("experiment")[cols].copy()
     shown["reason"] = shown["reason"].fillna("").map(lambda r: one_line(r, 120))
     counts = rows["status"].value_counts().to_dict()

@@ -221,11 +221,12 @@ def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
     wait_for_phase(repo, "training", experiment=1)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and ledger(repo)["status"].tolist() == ["baseline", "keep"]
+    # experiment 2, asked for while 1 trained, never runs: an `invalid` row bills its LLM call
+    assert proc.returncode == 0 and ledger(repo)["status"].tolist() == ["baseline", "keep", "invalid"]
 
     llm.push(edit("SLEEP_S = 3.0", "SLEEP_S = 30.0", "slower"))  # on top of the kept experiment 1
     proc = start_agent(repo, llm.url)
-    wait_for_phase(repo, "training", experiment=2)
+    wait_for_phase(repo, "training", experiment=3)
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
@@ -279,10 +280,11 @@ def test_cost_and_hour_budgets_stop_the_driver(repo, llm):
     done = run_agent(repo, llm.url, "--max-cost", "0.001", "--price-in", "1000", "--price-out", "1000")
     assert done.returncode == 0 and "--max-cost 0.001 reached" in done.stdout
     rows = ledger(repo)
-    assert len(rows) == 2 and rows["cost_usd"].iloc[-1] >= 0.001  # the first proposal spent the budget
+    assert len(rows) == 3 and rows["cost_usd"].iloc[1] >= 0.001  # the first proposal spent the budget
+    assert rows.iloc[2]["reason"].startswith("not run") and rows["cost_usd"].iloc[2] > 0  # the prefetch is billed
     # 36 ms, checked before each experiment: start-up may be quicker than that, so at most one more runs
     done = run_agent(repo, llm.url, "--max-hours", "0.00001")
-    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) in (2, 3)
+    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) in (3, 4)
 
 
 # ---------------------------------------------------------------- the endpoint's limits and refusals
