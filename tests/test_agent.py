@@ -234,6 +234,10 @@ def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume" in out
     assert processes_in(repo) == [] and state(repo)["phase"] == "training"
+    # experiment 4, asked for while 3 trained, is billed though it never runs (3's row comes when it is resumed)
+    last = ledger(repo).iloc[-1]
+    assert last["experiment"] == 4 and last["reason"].startswith("not run") and \
+        (last["prompt_tokens"], last["completion_tokens"]) == llm.usage[-1]
 
 
 @pytest.mark.parametrize("phase", ["llm", "applying", "committed", "training", "training-live", "scoring", "recorded"])
@@ -322,6 +326,21 @@ def test_an_outage_ends_at_max_hours(repo):
         llm.close()
     assert done.returncode == 0, done.stdout[-2000:]
     assert "LLM endpoint unavailable" in done.stdout and "--max-hours 0.005 reached while the LLM endpoint" in done.stdout
+
+
+def test_an_outage_ends_at_a_stop_request(repo):
+    llm = FakeLLM([{"status": 503}] * 1000)
+    try:
+        run_agent(repo, llm.url, "--max-experiments", "0")
+        proc = start_agent(repo, llm.url)
+        wait_for_phase(repo, "llm", experiment=1)
+        while len(llm.requests) < 2:  # the outage is under way
+            time.sleep(0.05)
+        (repo / "runs" / TAG / "STOP").touch()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        llm.close()
+    assert proc.returncode == 0 and "stop requested while the LLM endpoint was unavailable" in out, out[-2000:]
 
 
 HUGE_BAD_REPLY = "I think we should lower the learning rate, and here is why. " * 340  # ~20k chars, no block
