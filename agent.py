@@ -1127,7 +1127,7 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
         proposal = proposal_for(session, n, old, pending, spent)
     except BaseException as exc:  # a stop or a refusal while asking: the calls already answered are still billed
         if spent:
-            append_invalid(session, n, parent, f"not run: the driver stopped while asking the LLM ({one_line(exc, 150)})",
+            append_invalid(session, n, parent, f"not run: the driver stopped while asking the LLM ({one_line(exc, 150) or type(exc).__name__})",
                            tokens_since(spent), None, "(abandoned)")
             session.save_state(experiment=n, kind="proposal", phase="done")
         raise

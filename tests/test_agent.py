@@ -318,6 +318,14 @@ def test_permanent_api_refusals_stop_the_night_with_a_clear_message(repo, status
     assert ledger(repo)["status"].tolist() == ["baseline"]
 
 
+def test_a_refusal_during_a_repair_turn_still_bills_the_answered_call(repo, llm):
+    llm.push("no edit here", *[{"status": 409, "body": b'{"error": {"message": "conflict"}}'}] * 3)  # the client retries twice
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 2 and "ConflictError 409" in done.stdout, done.stdout[-2000:]
+    row = ledger(repo).iloc[-1]
+    assert row["status"] == "invalid" and row["reason"].startswith("not run") and billed(repo) == served(llm)
+
+
 def test_an_outage_ends_at_max_hours(repo):
     llm = FakeLLM([{"status": 503}] * 1000)
     try:
