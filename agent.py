@@ -54,7 +54,20 @@ LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every
 LOG_TAIL_BYTES = 3000          # tail of a crashed run's log shown to the LLM
 LOG_CAP_BYTES = 2_000_000      # train.log beyond this keeps only its tail: floods cannot fill a disk
 LLM_TIMEOUT_S = 600            # one chat completion
-LLM_MAX_TOKENS = 8192
+# max_tokens by default: a whole-file reply is the largest legitimate one, so train.py's length with
+# room to spare; a fixed 8192 let a small model ramble for many minutes
+REPLY_TOKENS_FACTOR = 1.3
+REPLY_TOKENS_EXTRA = 512
+# Prompt tokens are estimated from characters: SmolLM2's tokenizer gives 3.2 chars/token on train.py
+# and 3.4 on program.md (llama.cpp /tokenize), GPT-4o's more; 3.0 errs on the safe side
+CHARS_PER_TOKEN = 3.0
+MESSAGE_OVERHEAD_TOKENS = 8    # a chat template's tokens around each message
+CONTEXT_MARGIN_TOKENS = 64     # slack for the template and the estimate
+MIN_REPLY_TOKENS = 1024        # the prompt shrinks until at least this much is left for the reply
+PROBE_TIMEOUT_S = 10           # reading the server's context window at start
+# a 400/413 that means "the prompt does not fit": llama.cpp, OpenAI, vLLM and others
+CONTEXT_OVERFLOW = re.compile(r"context size|context length|context window|maximum context|too many tokens|"
+                              r"exceed_context_size|context_length_exceeded|prompt is too long", re.I)
 OUTAGE_MAX_WAIT_S = 600        # longest sleep between tries while an endpoint is down
 # never passed to train.py, the evaluator or git: keys and tokens, and the sockets of credential agents
 SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROPIC_|^AWS_|^AZURE_|_AUTH_SOCK$|"
@@ -116,6 +129,18 @@ class FatalError(Exception):
     """Stop the driver: the user must fix something (the message says what)."""
 
 
+class StopNight(Exception):
+    """Stop the driver cleanly (a budget ran out or a stop was asked for while waiting on the LLM)."""
+
+
+class ContextOverflow(Exception):
+    """The endpoint refused the request as longer than its context; n_ctx when the error says it."""
+
+    def __init__(self, message: str, n_ctx: int | None = None):
+        super().__init__(message)
+        self.n_ctx = n_ctx
+
+
 # ---------------------------------------------------------------- small helpers
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -168,7 +193,7 @@ def parse_reply(content: str | None, finish_reason: str | None, reply_format: st
         raise ReplyError(f"{markers - len(blocks) - len(files)} of {markers} blocks have broken markers: each needs "
                          "'<<<<<<< SEARCH', '=======', '>>>>>>> REPLACE' on lines of their own (or FILE ... FILE)")
     if not blocks and not files:
-        raise ReplyError("no SEARCH/REPLACE block found: use the exact block format")
+        return whole_file_in_fence(content)
     if files and (blocks or len(files) > 1):
         raise ReplyError("use either SEARCH/REPLACE blocks or ONE whole-file block, not both")
     match = re.search(r"^\W*DESCRIPTION:\s*(.+)$", content, re.M | re.I)
@@ -177,13 +202,46 @@ def parse_reply(content: str | None, finish_reason: str | None, reply_format: st
     return description, blocks, (strip_fence(files[0]) if files else None)
 
 
+FENCE_RE = re.compile(r"^```[ \t]*([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+FENCE_LANGUAGES = ("python", "py", "python3", "")
+
+
+def whole_file_in_fence(content: str) -> tuple[str, list, str]:
+    """Many models answer with a description and the complete train.py in ONE ```python fence. With no
+    SEARCH/REPLACE or FILE marker in the reply, that is a whole-file edit when it is the reply's only
+    code block, compiles, and calls prepare.submit; anything else is the usual 'no block' rejection."""
+    fences = FENCE_RE.findall(content)
+    fence_lines = len(re.findall(r"^```", content, re.M))
+    why = ""
+    if len(fences) == 1 and fence_lines == 2 and fences[0][0].lower() in FENCE_LANGUAGES:
+        code = fences[0][1]
+        try:
+            tree = ast.parse(code, "train.py")
+        except SyntaxError as exc:
+            tree, why = None, f" (the ```python block is not a complete train.py: line {exc.lineno}: {exc.msg})"
+        if tree is not None and calls_submit(tree):
+            outside = FENCE_RE.sub("", content)
+            match = re.search(r"^\W*DESCRIPTION:\s*(.+)$", outside, re.M | re.I)
+            prose = [ln for ln in outside.splitlines() if ln.strip(" `#*")]
+            return one_line(match.group(1) if match else (prose[0].strip(" #*") if prose else "(no description)")), [], code
+        why = why or " (the ```python block is not a complete train.py: it has no prepare.submit(...) call)"
+    elif len(fences) > 1:
+        why = f" ({len(fences)} code blocks: a whole train.py goes in ONE ```python block)"
+    raise ReplyError("no SEARCH/REPLACE block found: use the exact block format" + why)
+
+
 def parse_json_reply(content: str) -> tuple[str, list, None]:
     try:
         data = json.loads(content[content.find("{"): content.rfind("}") + 1])
         edits = [(e["search"], e["replace"]) for e in data["edits"]]
-        return one_line(data["description"]), edits, None
     except (ValueError, KeyError, TypeError) as exc:
         raise ReplyError(f"the reply is not the JSON object asked for ({type(exc).__name__}: {exc})") from None
+    for i, edit in enumerate(edits, 1):  # null or a number where text belongs: say so, never a traceback later
+        if not all(isinstance(part, str) for part in edit):
+            raise ReplyError(f"edit {i}: \"search\" and \"replace\" must both be strings (got "
+                             f"{type(edit[0]).__name__} and {type(edit[1]).__name__})")
+    description = data.get("description")
+    return one_line(description if isinstance(description, str) and description.strip() else "(no description)"), edits, None
 
 
 def strip_fence(text: str) -> str:
@@ -235,6 +293,11 @@ def apply_blocks(text: str, blocks: list) -> str:
     return text
 
 
+def calls_submit(tree: ast.AST) -> bool:
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "submit"
+               and isinstance(node.func.value, ast.Name) and node.func.value.id == "prepare" for node in ast.walk(tree))
+
+
 def validate_train_py(old: str, new: str) -> None:
     """Checks that make an edit `invalid` before it costs a training run."""
     if new == old:
@@ -245,8 +308,7 @@ def validate_train_py(old: str, new: str) -> None:
     except SyntaxError as exc:
         raise ReplyError(f"the new train.py does not compile: {exc.msg} at line {exc.lineno}: "
                          f"{(exc.text or '').strip()}") from None
-    if not any(isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "submit"
-               and isinstance(node.func.value, ast.Name) and node.func.value.id == "prepare" for node in ast.walk(tree)):
+    if not calls_submit(tree):
         raise ReplyError("the edit removes the prepare.submit(...) call: train.py must end by submitting")
     added = "\n".join(set(new.splitlines()) - set(old.splitlines()))
     if EVAL_DATA_REFERENCE.search(added):
@@ -276,10 +338,114 @@ def make_client(args) -> openai.OpenAI:
     return openai.OpenAI(api_key=key or "local", base_url=base_url, timeout=args.llm_timeout, max_retries=2)
 
 
-def chat(session: "Session", messages: list[dict]) -> tuple[str | None, str | None, int, int]:
-    """One chat completion; transient faults are waited out (logged), others stop the driver."""
-    kwargs = {"model": session.args.model, "messages": messages, "max_tokens": session.args.max_tokens,
-              "temperature": session.args.temperature}
+def server_context(client: openai.OpenAI, model: str) -> tuple[int | None, str]:
+    """The server's context window in tokens where it says so: llama.cpp's /props (n_ctx), or the model's
+    entry in /v1/models (vLLM's max_model_len, llama.cpp's meta.n_ctx). (None, "") when it does not."""
+    import urllib.request
+    base = str(client.base_url).rstrip("/")
+
+    def get(url: str):
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {client.api_key}"})
+        with contextlib.suppress(Exception), urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
+            return json.loads(response.read())
+        return None
+
+    props = get(re.sub(r"/v1$", "", base) + "/props")
+    with contextlib.suppress(Exception):
+        return int(props["default_generation_settings"]["n_ctx"]), "llama.cpp /props"
+    listed = get(base + "/models")
+    with contextlib.suppress(Exception):
+        entries = [m for m in listed["data"] if m.get("id") == model] or (listed["data"] if len(listed["data"]) == 1 else [])
+        entry = entries[0]
+        return int(entry.get("max_model_len") or entry["meta"]["n_ctx"]), "/v1/models"
+    return None, ""
+
+
+def context_window(args, client: openai.OpenAI) -> int | None:
+    """The prompt's budget: the server's context where it says so, else --context; the smaller of the two
+    when both are known (--context may ask for less). None: unknown, no budget."""
+    found, where = server_context(client, args.model)
+    known = [n for n in (found, args.context) if n]
+    if not known:
+        log("LLM context window: unknown (the server does not say): pass --context N to budget the prompt")
+        return None
+    context = min(known)
+    log(f"LLM context window: {context} tokens ({where or '--context'}" +
+        (f"; the server says {found}, --context {args.context})" if found and args.context else ")"))
+    return context
+
+
+def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    return math.ceil(len(text) / chars_per_token)
+
+
+def reply_tokens(args, train_py: str) -> int:
+    """max_tokens before the context cap: --max-tokens, else room for a whole new train.py."""
+    return args.max_tokens or int(estimate_tokens(train_py) * REPLY_TOKENS_FACTOR) + REPLY_TOKENS_EXTRA
+
+
+def overflow_context(exc: openai.APIStatusError) -> int | None:
+    """The context size an overflow error names (llama.cpp's n_ctx field; OpenAI's and vLLM's message)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        return int(body["n_ctx"])
+    match = re.search(r"maximum context length is (\d+)", str(exc.message))
+    return int(match.group(1)) if match else None
+
+
+def api_refusal(exc: openai.APIStatusError) -> str:
+    """How to treat an HTTP error: 'overflow' (the prompt does not fit: shrink it), 'permanent' (asking
+    again gives the same answer: stop) or 'transient' (wait and ask again)."""
+    status, code = exc.status_code, str(getattr(exc, "code", "") or "")
+    text = f"{code} {getattr(exc, 'type', '') or ''} {exc.message}"
+    if status == 413 or (status == 400 and CONTEXT_OVERFLOW.search(text)):
+        return "overflow"
+    if status == 429 and (code == "insufficient_quota" or re.search(r"quota|billing|credit", text, re.I)):
+        return "permanent"
+    if 400 <= status < 500 and status not in (408, 425, 429):
+        return "permanent"
+    return "transient"
+
+
+def refusal_hint(status: int) -> str:
+    if status in (401, 403):
+        return "Check OPENAI_API_KEY and that it may use --model"
+    if status in (402, 429):
+        return "The account's quota or credit is used up: add credit (or pick another --model/endpoint), then run " \
+               "the same command again to resume"
+    if status == 404:
+        return "Check --model and OPENAI_BASE_URL"
+    return ("The server rejects this request as malformed: check --model, --reply-format (json/grammar need the "
+            "server's support), --max-tokens and --temperature")
+
+
+def wait_or_stop(session: "Session", seconds: float, fault: str) -> None:
+    """Sleep between tries while the endpoint is down, in short steps: Ctrl-C, the STOP file and --max-hours
+    are honoured during an outage too."""
+    until = time.time() + seconds
+    while True:
+        if session.stop_requested():
+            raise StopNight(f"stop requested while the LLM endpoint was unavailable ({fault})")
+        max_hours = session.args.max_hours
+        if max_hours is not None and time.time() - session.started > max_hours * 3600:
+            raise StopNight(f"--max-hours {max_hours} reached while the LLM endpoint was unavailable ({fault})")
+        if time.time() >= until:
+            return
+        time.sleep(min(1.0, until - time.time()))
+
+
+def tokens_used(usage) -> tuple[int, int]:
+    counts = [getattr(usage, name, 0) for name in ("prompt_tokens", "completion_tokens")]
+    return tuple(int(c) if isinstance(c, (int, float)) and c > 0 else 0 for c in counts)
+
+
+def chat(session: "Session", messages: list[dict], max_tokens: int | None = None) -> tuple[str | None, str | None, int, int]:
+    """One chat completion: (content, finish_reason, prompt tokens, completion tokens). Transient faults are
+    waited out (logged); a refusal that asking again cannot change stops the driver (FatalError); a prompt
+    longer than the server's context raises ContextOverflow."""
+    kwargs = {"model": session.args.model, "messages": messages, "temperature": session.args.temperature}
+    if max_tokens or session.args.max_tokens:
+        kwargs["max_tokens"] = max_tokens or session.args.max_tokens
     if session.args.reply_format == "json":
         kwargs["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "edit", "schema": REPLY_SCHEMA, "strict": True}}
@@ -291,21 +457,25 @@ def chat(session: "Session", messages: list[dict]) -> tuple[str | None, str | No
             response = session.client.chat.completions.create(**kwargs)
             if not getattr(response, "choices", None):
                 raise ValueError("the response has no choices")
-            usage = response.usage
             choice = response.choices[0]
-            return (choice.message.content, choice.finish_reason,
-                    getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
-                openai.BadRequestError) as exc:
-            raise FatalError(f"the LLM endpoint refused the request ({type(exc).__name__} {exc.status_code}): "
-                             f"{one_line(exc.message, 300)}. Check --model, OPENAI_BASE_URL and OPENAI_API_KEY") from None
-        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError,
-                openai.APIStatusError, openai.APIResponseValidationError, ValueError) as exc:
-            log(f"LLM endpoint unavailable ({type(exc).__name__}: {one_line(str(exc), 120)}); retrying in {wait:.0f} s")
-            if session.stop_requested():
-                raise KeyboardInterrupt from None
-            time.sleep(wait)
-            wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
+            # a choice without a message (or with non-text content) is an empty reply: a repair turn, never a traceback
+            content = getattr(getattr(choice, "message", None), "content", None)
+            finish = getattr(choice, "finish_reason", None)
+            return (content if isinstance(content, str) else None, finish if isinstance(finish, str) else None,
+                    *tokens_used(getattr(response, "usage", None)))
+        except openai.APIStatusError as exc:
+            kind = api_refusal(exc)
+            if kind == "overflow":
+                raise ContextOverflow(f"{exc.status_code}: {one_line(exc.message, 200)}", overflow_context(exc)) from None
+            if kind == "permanent":
+                raise FatalError(f"the LLM endpoint refused the request ({type(exc).__name__} {exc.status_code}): "
+                                 f"{one_line(exc.message, 300)}. {refusal_hint(exc.status_code)}") from None
+            fault = f"{type(exc).__name__}: {one_line(str(exc), 120)}"
+        except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as exc:
+            fault = f"{type(exc).__name__}: {one_line(str(exc), 120)}"
+        log(f"LLM endpoint unavailable ({fault}); retrying in {wait:.0f} s")
+        wait_or_stop(session, wait, fault)
+        wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
 
 
 # ---------------------------------------------------------------- the ledger
@@ -357,11 +527,14 @@ def needs_confirmation(rows: pd.DataFrame, val_ppl: float | None, strict: bool) 
     return 0 < best - val_ppl <= CONFIRM_SIGMAS * sigma
 
 
-def ledger_for_prompt(rows: pd.DataFrame) -> str:
+def ledger_for_prompt(rows: pd.DataFrame, tail: int = LEDGER_TAIL_ROWS) -> str:
+    """Every keep and the last `tail` rows; a prompt shrunk to fit the context shows only the last keeps."""
     if rows.empty:
         return "(no experiments yet)"
     cols = ["experiment", "status", "val_ppl", "description", "reason"]
-    shown = pd.concat([rows[rows["status"] == "keep"], rows.tail(LEDGER_TAIL_ROWS)]).drop_duplicates()
+    keeps = rows[rows["status"] == "keep"]
+    keeps = keeps if tail >= LEDGER_TAIL_ROWS else keeps.tail(tail)
+    shown = pd.concat([keeps, rows.tail(tail)]).drop_duplicates()
     shown = shown.sort_values("experiment")[cols].copy()
     shown["reason"] = shown["reason"].fillna("").map(lambda r: one_line(r, 120))
     counts = rows["status"].value_counts().to_dict()
@@ -381,6 +554,8 @@ class Session:
     client: openai.OpenAI | None = None
     prepare_hash: str = ""
     interrupts: int = 0
+    context: int | None = None     # the LLM's context window in tokens (None: unknown, no budget)
+    chars_per_token: float = CHARS_PER_TOKEN  # lowered when the server says a prompt was longer than estimated
     child: subprocess.Popen | None = None
     started: float = field(default_factory=time.time)
     sandbox_abi: int = 0             # the Landlock ABI train.py runs under; 0: unsandboxed
@@ -871,19 +1046,20 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
 
 # ---------------------------------------------------------------- proposing a change
 def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
-                 rows: pd.DataFrame | None = None) -> list[dict]:
+                 rows: pd.DataFrame | None = None, ledger_rows: int = LEDGER_TAIL_ROWS,
+                 log_bytes: int = LOG_TAIL_BYTES) -> list[dict]:
     rows = session.rows() if rows is None else rows
     baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
     best = best_kept(rows)
     parts = [
         "# program.md\n" + (session.root / "program.md").read_text(),
-        "# results so far (this branch)\n" + ledger_for_prompt(rows),
+        "# results so far (this branch)\n" + ledger_for_prompt(rows, ledger_rows),
         f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}; "
         f"run-to-run noise (std of {len(baseline)} baseline runs): {noise(rows) if noise(rows) is not None else 'n/a'}",
     ]
-    if len(rows) and rows.iloc[-1]["status"] in ("crash", "timeout"):
+    if len(rows) and rows.iloc[-1]["status"] in ("crash", "timeout") and log_bytes:
         last = rows.iloc[-1]
-        tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log")
+        tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log", log_bytes)
         parts.append(f"# the last run ({last['status']}: {last['reason']}) ended with this output\n{tail}")
     if in_flight:
         parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
@@ -895,43 +1071,114 @@ def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
+# How the prompt shrinks to fit the server's context, fullest first: (ledger rows shown, bytes of a crashed
+# run's log, repair history: every earlier reply / the last one / only the last error, without the reply)
+PROMPT_SIZES = ((LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "all"), (LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "last"),
+                (10, 1000, "last"), (3, 300, "error"), (0, 0, "error"))
+
+
+def repair_request(error: str) -> str:
+    return f"Your reply could not be used: {error}\nReply again with ONE change to train.py in the exact format."
+
+
+def with_history(messages: list[dict], history: list[tuple[str, str]], keep: str) -> list[dict]:
+    """The first prompt plus the repair turns so far ((reply, why it was rejected) each), as much as `keep` says."""
+    if not history:
+        return messages
+    if keep == "error":  # no earlier reply at all: the last rejection joins the prompt (roles keep alternating)
+        return messages[:-1] + [{"role": "user", "content": messages[-1]["content"] + "\n\n" + repair_request(history[-1][1])}]
+    turns = history if keep == "all" else history[-1:]
+    return messages + [m for content, error in turns for m in (
+        {"role": "assistant", "content": content[:20000]}, {"role": "user", "content": repair_request(error)})]
+
+
+def prompt_tokens_estimate(session: Session, messages: list[dict]) -> int:
+    return sum(estimate_tokens(m["content"], session.chars_per_token) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+def fitted_request(session: Session, train_py: str, in_flight: str | None, rows: pd.DataFrame,
+                   history: list[tuple[str, str]], squeeze: bool = False) -> tuple[list[dict], int]:
+    """One LLM call's (messages, max_tokens) within the server's context: the prompt shrinks (fewer ledger
+    rows, a shorter log tail, less repair history) until MIN_REPLY_TOKENS are left, and max_tokens is capped
+    to what is left. squeeze: the server refused a request as too long; take the smallest prompt."""
+    want = reply_tokens(session.args, train_py)
+    if squeeze:
+        want = min(want, MIN_REPLY_TOKENS)
+    for ledger_rows, log_bytes, keep in PROMPT_SIZES[-1:] if squeeze else PROMPT_SIZES:
+        messages = with_history(build_prompt(session, train_py, in_flight, rows, ledger_rows, log_bytes), history, keep)
+        if session.context is None:
+            return messages, want
+        left = session.context - prompt_tokens_estimate(session, messages) - CONTEXT_MARGIN_TOKENS
+        if left >= min(want, MIN_REPLY_TOKENS):
+            break
+    # even the smallest prompt may not leave enough: the server, whose tokenizer is exact, decides
+    return messages, max(min(want, left), 128)
+
+
+def overflow_error(message: str) -> str:
+    return (f"the prompt does not fit the LLM's context even shrunk ({message}): give the server a larger context "
+            "(llama-server -c 16384, vllm --max-model-len) or pass a smaller --max-tokens")
+
+
 def propose(session: Session, n: int, train_py: str, in_flight: str | None = None,
-            rows: pd.DataFrame | None = None) -> dict:
+            rows: pd.DataFrame | None = None, spent: list | None = None) -> dict:
     """Ask the LLM for one change to `train_py`, with repair turns. Returns the description, the new
-    text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen."""
+    text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen.
+    spent: each answered call's (prompt, completion) tokens are appended as it returns, so that a caller
+    that gives up on this proposal (a stop, an exception) can still bill them."""
     folder = session.runs / str(n)
     folder.mkdir(parents=True, exist_ok=True)
     rows = session.rows() if rows is None else rows
     seen = int(rows["experiment"].max()) if len(rows) else None
-    messages = build_prompt(session, train_py, in_flight, rows)
-    tokens = [0, 0]
+    spent = [] if spent is None else spent
+    before = len(spent)
+    history: list[tuple[str, str]] = []
     error = ""
     for turn in range(session.args.repair_turns + 1):
-        atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
-        content, finish, p_tok, c_tok = chat(session, messages)
-        tokens[0] += p_tok
-        tokens[1] += c_tok
+        squeeze = False
+        while True:  # a request the server finds too long: shrink it and try once more
+            messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze)
+            atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
+            try:
+                content, finish, p_tok, c_tok = chat(session, messages, max_tokens)
+                break
+            except ContextOverflow as exc:
+                if squeeze:
+                    error = overflow_error(str(exc))
+                    log(f"experiment {n}: {error}")
+                    return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
+                squeeze = True
+                if exc.n_ctx:
+                    session.context = min(session.context or exc.n_ctx, exc.n_ctx)
+                session.chars_per_token = max(session.chars_per_token * 0.8, 1.0)  # the estimate was short
+                log(f"experiment {n}: the LLM refused the prompt as too long ({exc}); shrinking it and asking again")
+        spent.append((p_tok, c_tok))
         atomic_write(folder / f"response{turn}.md", content or "")
         try:
             description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
-            return {"description": description, "train_py": new, "prompt_tokens": tokens[0], "seen": seen,
-                    "completion_tokens": tokens[1], "base": train_py, "reply": (content, finish)}
+            return {"description": description, "train_py": new, **tokens_since(spent, before), "seen": seen,
+                    "base": train_py, "reply": (content, finish)}
         except ReplyError as exc:
             error = str(exc)
             log(f"experiment {n}: reply rejected (turn {turn + 1}): {one_line(error, 150)}")
-            messages += [{"role": "assistant", "content": (content or "")[:20000]},
-                         {"role": "user", "content": f"Your reply could not be used: {error}\nReply again with ONE "
-                                                     "change to train.py in the exact format."}]
-    return {"error": error, "prompt_tokens": tokens[0], "completion_tokens": tokens[1], "seen": seen, "base": train_py}
+            history.append((content or "", error))
+    return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
+
+
+def tokens_since(spent: list, start: int = 0) -> dict:
+    calls = list(spent)[start:]  # a snapshot: a prefetch thread may still append
+    return {"prompt_tokens": sum(p for p, _ in calls), "completion_tokens": sum(c for _, c in calls)}
 
 
 class Prefetch(threading.Thread):
     """The next experiment's proposal, asked for while the current one trains (a daemon thread: a hung
-    LLM call never blocks the driver's exit)."""
+    LLM call never blocks the driver's exit). spent: its answered calls' tokens, readable at any time."""
 
     def __init__(self, session: Session, n: int, base: str, in_flight: str):
         super().__init__(daemon=True, name=f"propose-{n}")
-        self.call = (session, n, base, in_flight, session.rows())  # a snapshot: the ledger grows meanwhile
+        self.n = n
+        self.spent: list[tuple[int, int]] = []
+        self.call = (session, n, base, in_flight, session.rows(), self.spent)  # a snapshot: the ledger grows meanwhile
         self.proposal: dict | None = None
         self.error: BaseException | None = None
         self.start()
@@ -949,23 +1196,56 @@ class Prefetch(threading.Thread):
         return self.proposal
 
 
-def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None) -> dict:
-    """The prefetched proposal if it still applies to train.py as it is now, else a fresh one."""
+def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, spent: list | None = None) -> dict:
+    """The prefetched proposal if it still applies to train.py as it is now, else a fresh one. spent gathers
+    every answered call's tokens for experiment n, the abandoned prefetch's included."""
+    spent = [] if spent is None else spent
     if pending is not None:
-        proposal = pending.result()
+        try:
+            proposal = pending.result()
+        finally:
+            spent.extend(pending.spent)  # billed to experiment n whether it is used, replaced or failed
         if proposal["base"] == base:  # the experiment in flight was not kept: same train.py
-            return proposal
+            return {**proposal, **tokens_since(spent)}
         if "error" not in proposal:  # it was kept: the same blocks must still apply on top of it
             try:
                 description, new = edit_train_py(base, *proposal["reply"], session.args.reply_format, blocks_only=True)
-                return {**proposal, "description": description, "train_py": new, "base": base}
+                return {**proposal, "description": description, "train_py": new, "base": base, **tokens_since(spent)}
             except ReplyError as exc:
                 log(f"experiment {n}: the prefetched change does not apply on top of the kept one ({one_line(exc, 100)}); "
                     "asking again")
-        extra = {k: proposal[k] for k in ("prompt_tokens", "completion_tokens")}
-        fresh = propose(session, n, base)
-        return {**fresh, **{k: fresh[k] + extra[k] for k in extra}}
-    return propose(session, n, base)
+    fresh = propose(session, n, base, spent=spent)
+    return {**fresh, **tokens_since(spent)}
+
+
+def append_invalid(session: Session, n: int, parent: str, reason: str, tokens: dict, seen, description: str) -> None:
+    """A proposal that never ran: its LLM tokens and cost still reach the ledger."""
+    append_row(session, {"experiment": n, "timestamp": utc_now(), "branch": session.branch, "parent": parent,
+                         "status": "invalid", "reason": reason, "best_val_ppl": best_kept(session.rows()),
+                         "prompt_tokens": tokens["prompt_tokens"], "completion_tokens": tokens["completion_tokens"],
+                         "cost_usd": cost_of(session, tokens["prompt_tokens"], tokens["completion_tokens"]),
+                         "seen": seen, "description": description})
+
+
+def abandon(session: Session, pending: Prefetch, why: str) -> None:
+    """A prefetched proposal that will never run (the driver stops): the calls it made are billed in an
+    `invalid` row of its own number; one still being asked for is not waited for."""
+    tokens = tokens_since(pending.spent)
+    if not pending.spent:
+        return
+    proposal = None if pending.is_alive() else pending.proposal
+    if pending.error is not None:
+        reason, description = f"not run: {why}; asking for it failed ({one_line(pending.error, 150)})", "(abandoned)"
+    elif proposal is not None and "error" in proposal:
+        reason, description = proposal["error"], "(reply rejected)"
+    elif proposal is not None:
+        reason, description = f"not run: {why}", proposal["description"]
+    else:
+        reason, description = f"not run: {why} while its proposal was still being asked for", "(abandoned)"
+    append_invalid(session, pending.n, session.repo.head.commit.hexsha, reason, tokens,
+                   (proposal or {}).get("seen"), description)
+    log(f"experiment {pending.n}: the prefetched proposal will not run; its {sum(tokens.values())} LLM tokens are "
+        "in the ledger")
 
 
 # ---------------------------------------------------------------- one experiment
@@ -1069,14 +1349,18 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
     parent = repo.head.commit.hexsha
     old = (session.root / "train.py").read_text()
     session.save_state(experiment=n, kind="proposal", phase="llm")
-    proposal = proposal_for(session, n, old, pending)
+    spent: list[tuple[int, int]] = []
+    try:
+        proposal = proposal_for(session, n, old, pending, spent)
+    except BaseException as exc:  # a stop or a refusal while asking: the calls already answered are still billed
+        if spent:
+            append_invalid(session, n, parent, f"not run: the driver stopped while asking the LLM ({one_line(exc, 150) or type(exc).__name__})",
+                           tokens_since(spent), None, "(abandoned)")
+            session.save_state(experiment=n, kind="proposal", phase="done")
+        raise
     seen = proposal["seen"]
     if "error" in proposal:
-        append_row(session, {"experiment": n, "timestamp": utc_now(), "branch": session.branch, "parent": parent,
-                             "status": "invalid", "reason": proposal["error"], "best_val_ppl": best_kept(session.rows()),
-                             "prompt_tokens": proposal["prompt_tokens"], "completion_tokens": proposal["completion_tokens"],
-                             "cost_usd": cost_of(session, proposal["prompt_tokens"], proposal["completion_tokens"]),
-                             "seen": seen, "description": "(reply rejected)"})
+        append_invalid(session, n, parent, proposal["error"], proposal, seen, "(reply rejected)")
         session.save_state(experiment=n, kind="proposal", phase="done")
         log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
         return "invalid", None
@@ -1085,7 +1369,12 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
           "prompt_tokens": proposal["prompt_tokens"], "completion_tokens": proposal["completion_tokens"]}
     st = apply_and_commit(session, st)
     following = Prefetch(session, n + 1, old, in_flight=st["description"]) if prefetch else None
-    return run_committed(session, st), following
+    try:
+        return run_committed(session, st), following
+    except BaseException:
+        if following is not None:
+            abandon(session, following, f"the driver stopped while experiment {n} ran")
+        raise
 
 
 def apply_and_commit(session: Session, st: dict) -> dict:
@@ -1183,6 +1472,8 @@ def run_loop(session: Session) -> int:
     while not (reason := budget_left(session, done)):
         _, pending = run_one(session, pending, prefetch=session.args.pipeline and not budget_left(session, done + 1))
         done += 1
+    if pending is not None:
+        abandon(session, pending, f"the driver stopped ({reason}) before it could run")
     log(f"stopping: {reason}")
     return 0
 
@@ -1337,7 +1628,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="score the unmodified train.py this often on a new branch (the noise estimate)")
     parser.add_argument("--repair-turns", type=int, default=MAX_REPAIR_TURNS, choices=range(0, 6),
                         help="extra LLM turns to fix a reply that does not apply")
-    parser.add_argument("--max-tokens", type=int, default=LLM_MAX_TOKENS)
+    parser.add_argument("--max-tokens", type=int, help="the reply's limit (default: room for a whole new train.py); "
+                        "capped to what the LLM's context leaves after the prompt")
+    parser.add_argument("--context", type=int, help="the LLM's context window in tokens, when the server does not say "
+                        "(llama.cpp's /props and vLLM's /v1/models do); the prompt shrinks to fit it")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--llm-timeout", type=float, default=LLM_TIMEOUT_S)
     parser.add_argument("--sandbox", default="auto", choices=SANDBOX_MODES,
@@ -1345,8 +1639,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "require (refuse to start without it), off")
     parser.add_argument("--repo", default=str(prepare.ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("timeout", "eval_timeout", "max_failures", "max_tokens"):
-        if getattr(args, name) <= 0:
+    for name in ("timeout", "eval_timeout", "max_failures", "max_tokens", "context"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
@@ -1369,6 +1663,7 @@ def main(argv: list[str] | None = None) -> int:
         harden_process()
         session = open_session(args)
         session.client = client
+        session.context = context_window(args, client)
         try:
             return run_loop(session)
         except git.GitCommandError as exc:
@@ -1376,6 +1671,9 @@ def main(argv: list[str] | None = None) -> int:
     except FatalError as exc:
         log(f"error: {exc}")
         return 2
+    except StopNight as exc:
+        log(f"stopping: {exc}")
+        return 0
     except KeyboardInterrupt:
         log("stopped now; restart with the same --tag to resume")
         return 130

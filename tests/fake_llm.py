@@ -7,7 +7,11 @@ stand-in train.py (PPL scaled by `default_factor`). Items:
   {"status": 429, "headers": {...}, "body": b"..."}   an HTTP error (or any raw body)
   {"hang": seconds}                          sleep, then answer with the next default reply
   {"reset": True}                            close the connection without an answer
-  {"choices": []}                            a 200 response with no choices
+  {"choices": []}                            a 200 response with no choices (or any choices)
+Context limits, like llama.cpp: with n_ctx set, a prompt longer than n_ctx tokens (chars / chars_per_token,
+SmolLM2's ratio on train.py) is refused with llama.cpp's 400 (overflow_body replaces its body). GET /props
+says n_ctx when props is true (404 otherwise, as other servers); models_meta adds fields to /v1/models's entry.
+`usage` lists each answered request's (prompt, completion) tokens as reported.
 """
 import json
 import re
@@ -29,9 +33,15 @@ def ppl_edit(text: str, factor: float, knob: str = "PPL") -> str | None:
 
 
 class FakeLLM:
-    def __init__(self, script=None, port: int = 0, default_factor=0.9, latency: float = 0.0, alternate: bool = False):
+    def __init__(self, script=None, port: int = 0, default_factor=0.9, latency: float = 0.0, alternate: bool = False,
+                 n_ctx: int | None = None, props: bool = False, models_meta: dict | None = None):
         self.script = deque(script or [])
         self.requests: list[dict] = []
+        self.usage: list[tuple[int, int]] = []
+        self.n_ctx, self.props, self.models_meta = n_ctx, props, models_meta or {}
+        self.chars_per_token = 3.2
+        self.overflow_body: bytes | None = None
+        self.overflows = 0  # requests refused as too long
         self.times: list[float] = []  # when each request arrived
         self.default_factor = default_factor  # a number, or a function returning one per reply
         self.latency = latency
@@ -81,14 +91,33 @@ class FakeLLM:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self.send(200, json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode())
+                if self.path.rstrip("/").endswith("/props"):
+                    if llm.props and llm.n_ctx:
+                        self.send(200, json.dumps({"default_generation_settings": {"n_ctx": llm.n_ctx}}).encode())
+                    else:
+                        self.send(404, b'{"error": {"message": "File Not Found", "code": 404}}')
+                    return
+                entry = {"id": "fake", "object": "model", **llm.models_meta}
+                self.send(200, json.dumps({"object": "list", "data": [entry]}).encode())
+
+            def prompt_tokens(self, body: dict) -> int:
+                return int(sum(len(m.get("content") or "") for m in body.get("messages", [])) / llm.chars_per_token)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with llm.lock:
                     llm.requests.append(body)
                     llm.times.append(time.time())
-                    item = llm.script.popleft() if llm.script else None
+                    too_long = llm.n_ctx is not None and self.prompt_tokens(body) > llm.n_ctx
+                    llm.overflows += too_long
+                    item = llm.script.popleft() if llm.script and not too_long else None
+                if too_long:  # llama.cpp's answer, word for word; the scripted item waits for the next request
+                    n = self.prompt_tokens(body)
+                    self.send(400, llm.overflow_body or json.dumps({"error": {
+                        "code": 400, "message": f"request ({n} tokens) exceeds the available context size "
+                        f"({llm.n_ctx} tokens), try increasing it", "type": "exceed_context_size_error",
+                        "n_prompt_tokens": n, "n_ctx": llm.n_ctx}}).encode())
+                    return
                 if isinstance(item, dict) and "hang" in item:
                     threading.Event().wait(item["hang"])
                     item = None
@@ -110,6 +139,8 @@ class FakeLLM:
                     item = {"content": item}
                 content = item.get("content")
                 prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
+                with llm.lock:
+                    llm.usage.append((prompt_chars // 4, len(content or "") // 4))
                 choices = item.get("choices", [{"index": 0, "finish_reason": item.get("finish_reason", "stop"),
                                                 "message": {"role": "assistant", "content": content}}])
                 self.send(200, json.dumps({

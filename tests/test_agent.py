@@ -215,7 +215,11 @@ def test_stop_file_stops_after_the_current_experiment(repo, llm):
     (repo / "runs" / TAG / "STOP").touch()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "STOP file" in out
-    assert ledger(repo)["experiment"].tolist() == [0, 1]
+    rows = ledger(repo)
+    assert rows["experiment"].tolist() == [0, 1, 2]
+    # experiment 2 was asked for while 1 trained and will never run: its LLM call is billed all the same
+    assert rows.iloc[2]["status"] == "invalid" and rows.iloc[2]["reason"].startswith("not run: the driver stopped")
+    assert billed(repo) == served(llm) and len(llm.usage) == 2
 
 
 def slow_and_better(seconds: float, ppl: float, description: str = "slow") -> str:
@@ -229,11 +233,12 @@ def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
     wait_for_phase(repo, "training", experiment=1)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and ledger(repo)["status"].tolist() == ["baseline", "keep"]
+    # experiment 2, asked for while 1 trained, never runs: an `invalid` row bills its LLM call
+    assert proc.returncode == 0 and ledger(repo)["status"].tolist() == ["baseline", "keep", "invalid"]
 
     llm.push(edit("SLEEP_S = 3.0", "SLEEP_S = 30.0", "slower"))  # on top of the kept experiment 1
     proc = start_agent(repo, llm.url)
-    wait_for_phase(repo, "training", experiment=2)
+    wait_for_phase(repo, "training", experiment=3)
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
@@ -241,6 +246,10 @@ def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume" in out
     assert processes_in(repo) == [] and state(repo)["phase"] == "training"
+    # experiment 4, asked for while 3 trained, is billed though it never runs (3's row comes when it is resumed)
+    last = ledger(repo).iloc[-1]
+    assert last["experiment"] == 4 and last["reason"].startswith("not run") and \
+        (last["prompt_tokens"], last["completion_tokens"]) == llm.usage[-1]
 
 
 @pytest.mark.parametrize("phase", ["llm", "applying", "committed", "training", "training-live", "scoring", "recorded"])
@@ -287,7 +296,128 @@ def test_cost_and_hour_budgets_stop_the_driver(repo, llm):
     done = run_agent(repo, llm.url, "--max-cost", "0.001", "--price-in", "1000", "--price-out", "1000")
     assert done.returncode == 0 and "--max-cost 0.001 reached" in done.stdout
     rows = ledger(repo)
-    assert len(rows) == 2 and rows["cost_usd"].iloc[-1] >= 0.001  # the first proposal spent the budget
+    assert len(rows) == 3 and rows["cost_usd"].iloc[1] >= 0.001  # the first proposal spent the budget
+    assert rows.iloc[2]["reason"].startswith("not run") and rows["cost_usd"].iloc[2] > 0  # the prefetch is billed
     # 36 ms, checked before each experiment: start-up may be quicker than that, so at most one more runs
     done = run_agent(repo, llm.url, "--max-hours", "0.00001")
-    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) in (2, 3)
+    assert done.returncode == 0 and "--max-hours 1e-05 reached" in done.stdout and len(ledger(repo)) in (3, 4)
+
+
+# ---------------------------------------------------------------- the endpoint's limits and refusals
+def billed(repo) -> tuple[int, int]:
+    rows = ledger(repo)
+    return int(rows["prompt_tokens"].fillna(0).sum()), int(rows["completion_tokens"].fillna(0).sum())
+
+
+def served(llm) -> tuple[int, int]:
+    return sum(p for p, _ in llm.usage), sum(c for _, c in llm.usage)
+
+
+@pytest.mark.parametrize("status, body, says", [
+    (409, b'{"error": {"message": "conflict"}}', "ConflictError 409"),
+    (422, b'{"error": {"message": "unprocessable"}}', "UnprocessableEntityError 422"),
+    (429, b'{"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}', "quota"),
+    (402, b'{"error": {"message": "insufficient credits"}}', "402"),
+])
+def test_permanent_api_refusals_stop_the_night_with_a_clear_message(repo, status, body, says):
+    llm = FakeLLM([{"status": status, "body": body}] * 20)
+    try:
+        done = run_agent(repo, llm.url, "--max-experiments", "1", timeout=90)
+    finally:
+        llm.close()
+    assert done.returncode == 2 and says in done.stdout, done.stdout[-2000:]
+    assert len(llm.requests) <= 3  # the openai client's own retries at most, never a retry loop
+    assert ledger(repo)["status"].tolist() == ["baseline"]
+
+
+def test_a_refusal_during_a_repair_turn_still_bills_the_answered_call(repo, llm):
+    llm.push("no edit here", *[{"status": 409, "body": b'{"error": {"message": "conflict"}}'}] * 3)  # the client retries twice
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 2 and "ConflictError 409" in done.stdout, done.stdout[-2000:]
+    row = ledger(repo).iloc[-1]
+    assert row["status"] == "invalid" and row["reason"].startswith("not run") and billed(repo) == served(llm)
+
+
+def test_an_outage_ends_at_max_hours(repo):
+    llm = FakeLLM([{"status": 503}] * 1000)
+    try:
+        done = run_agent(repo, llm.url, "--max-hours", "0.005", timeout=120)  # 18 s, the baseline takes ~2
+    finally:
+        llm.close()
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "LLM endpoint unavailable" in done.stdout and "--max-hours 0.005 reached while the LLM endpoint" in done.stdout
+
+
+def test_an_outage_ends_at_a_stop_request(repo):
+    llm = FakeLLM([{"status": 503}] * 1000)
+    try:
+        run_agent(repo, llm.url, "--max-experiments", "0")
+        proc = start_agent(repo, llm.url)
+        wait_for_phase(repo, "llm", experiment=1)
+        while len(llm.requests) < 2:  # the outage is under way
+            time.sleep(0.05)
+        (repo / "runs" / TAG / "STOP").touch()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        llm.close()
+    assert proc.returncode == 0 and "stop requested while the LLM endpoint was unavailable" in out, out[-2000:]
+
+
+HUGE_BAD_REPLY = "I think we should lower the learning rate, and here is why. " * 340  # ~20k chars, no block
+
+
+@pytest.mark.parametrize("told_by", ["props", "models", "flag"])
+def test_the_prompt_is_fitted_to_the_servers_context(repo, told_by):
+    """The server's context (llama.cpp /props, vLLM's max_model_len, or --context) budgets every request:
+    the repair turn drops the long rejected reply instead of overflowing, max_tokens is capped."""
+    n_ctx = 5000
+    llm = FakeLLM([HUGE_BAD_REPLY, edit("PPL = 20.0", "PPL = 17.0")], n_ctx=n_ctx, props=told_by == "props",
+                  models_meta={"max_model_len": n_ctx} if told_by == "models" else None)
+    try:
+        done = run_agent(repo, llm.url, "--max-experiments", "1", *(["--context", str(n_ctx)] if told_by == "flag" else []))
+    finally:
+        llm.close()
+    assert done.returncode == 0 and f"LLM context window: {n_ctx} tokens" in done.stdout, done.stdout[-3000:]
+    assert ledger(repo)["status"].tolist() == ["baseline", "keep"] and llm.overflows == 0
+    repair = llm.requests[1]
+    assert all(HUGE_BAD_REPLY[:200] not in (m["content"] or "") for m in repair["messages"])
+    assert "no SEARCH/REPLACE block" in repair["messages"][-1]["content"]
+    for request in llm.requests:
+        prompt = sum(len(m["content"]) for m in request["messages"]) / llm.chars_per_token
+        assert prompt + request["max_tokens"] <= n_ctx
+
+
+def test_context_overflow_shrinks_and_retries_once(repo, llm):
+    """The server does not say its context: the long repair turn is refused like llama.cpp refuses it, the
+    driver learns n_ctx from the error, shrinks the prompt and asks again."""
+    llm.n_ctx = 5000
+    llm.push(HUGE_BAD_REPLY, edit("PPL = 20.0", "PPL = 17.0"))
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 0 and "context window: unknown" in done.stdout, done.stdout[-3000:]
+    assert ledger(repo)["status"].tolist() == ["baseline", "keep"] and llm.overflows == 1
+    # the default max_tokens is room for a whole new train.py, not 8192
+    train_py = head_train_py(repo).replace("PPL = 17.0", "PPL = 20.0")
+    assert llm.requests[0]["max_tokens"] == int(-(-len(train_py) // 3) * 1.3) + 512 < 8192
+
+
+@pytest.mark.parametrize("body", [None, b'{"error": {"message": "This model\'s maximum context length is 500 tokens. '
+                                        b'However, your messages resulted in 3000 tokens", "code": "context_length_exceeded"}}'])
+def test_a_context_too_small_gives_invalid_rows_never_a_stop(repo, llm, body):
+    llm.n_ctx = 500  # smaller than program.md alone
+    llm.overflow_body = body  # llama.cpp's (None), or OpenAI's / vLLM's wording
+    done = run_agent(repo, llm.url, "--max-failures", "2")
+    assert done.returncode == 0 and "2 failed experiments in a row" in done.stdout, done.stdout[-3000:]
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["baseline", "invalid", "invalid"]
+    assert rows["reason"].str.contains("does not fit the LLM's context even shrunk").sum() == 2
+    assert llm.overflows == 4  # each experiment: asked, shrunk and asked once more
+
+
+def test_json_nulls_and_a_choice_without_a_message_are_invalid_rows(repo, llm):
+    llm.push('{"description": "x", "edits": [{"search": null, "replace": "PPL = 1.0"}]}',
+             '{"description": "x", "edits": [{"search": "PPL = 20.0", "replace": null}]}',
+             {"choices": [{"index": 0, "finish_reason": "stop"}]})
+    done = run_agent(repo, llm.url, "--max-experiments", "1", "--reply-format", "json")
+    assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:]
+    row = ledger(repo).iloc[-1]
+    assert row["status"] == "invalid" and "empty" in row["reason"] and row["prompt_tokens"] > 0

@@ -58,6 +58,8 @@ def test_after_a_keep_a_conflicting_prefetch_is_asked_again(repo):
     assert "PPL = 18.0" in llm.requests[2]["messages"][1]["content"]  # re-asked with the new train.py
     assert rows["status"].tolist() == ["baseline", "keep", "keep"]
     assert rows.iloc[2]["prompt_tokens"] > rows.iloc[1]["prompt_tokens"]  # both calls are counted
+    assert rows["prompt_tokens"].sum() == sum(p for p, _ in llm.usage)  # ... each exactly once
+    assert rows["completion_tokens"].sum() == sum(c for _, c in llm.usage)
     assert check_invariants(repo) == []
 
 

@@ -82,3 +82,44 @@ def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
             assert list(commit.stats.files) == ["train.py"]
     assert (repo / "notes.txt").read_text() == "the user's untracked notes\n"
     assert (repo / "README.md").read_text().endswith("the user's uncommitted line\n")
+
+
+def test_whole_file_in_one_fence_is_the_pinned_rule():
+    """A reply with no SEARCH/REPLACE or FILE marker is a whole-file edit exactly when its ONLY fenced block
+    (```python, ```py, ```python3 or a bare ```) compiles and calls prepare.submit; the description is the
+    DESCRIPTION: line, else the first line outside the block."""
+    new = TRAIN_PY.replace("LR = 3e-4", "LR = 2e-4", 1)
+    for fence in ("```python", "```py", "```python3", "```"):
+        description, text = agent.edit_train_py(TRAIN_PY, f"Lower LR.\n{fence}\n{new}```\n", "stop", "text")
+        assert (description, text) == ("Lower LR.", new)
+    assert agent.edit_train_py(TRAIN_PY, f"```python\n{new}```\n", "stop", "text") == ("(no description)", new)
+    rejected = {
+        "another language": f"Lower LR.\n```bash\n{new}```\n",
+        "two blocks": f"Lower LR.\n```python\n{new}```\n```python\nprint(1)\n```\n",
+        "a fragment": "Lower LR.\n```python\nLR = 2e-4\n```\n",
+        "no submit": f"Lower LR.\n```python\n{new.replace('prepare.submit(', 'print(')}```\n",
+        "a marker too": f"Lower LR.\n```python\n{new}```\n<<<<<<< SEARCH\nLR = 3e-4\n=======\nLR = 1e-4\n",
+        "unclosed": f"Lower LR.\n```python\n{new}",
+    }
+    for case, reply in rejected.items():
+        with pytest.raises(agent.ReplyError, match="no SEARCH/REPLACE block|broken markers"):
+            agent.edit_train_py(TRAIN_PY, reply, "stop", "text")
+            pytest.fail(case)
+
+
+@pytest.mark.parametrize("reply", [
+    {"description": "x", "edits": [{"search": None, "replace": "LR = 2e-4"}]},
+    {"description": "x", "edits": [{"search": "LR = 3e-4", "replace": None}]},
+    {"description": "x", "edits": [{"search": 3, "replace": "LR = 2e-4"}]},
+    {"description": "x", "edits": None},
+    {"description": "x", "edits": ["LR = 2e-4"]},
+    {"description": "x", "edits": [None]},
+])
+def test_json_replies_with_wrong_types_are_rejected_not_crashed(reply):
+    with pytest.raises(agent.ReplyError):
+        agent.edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")
+
+
+def test_json_reply_without_a_description_still_applies():
+    reply = {"description": None, "edits": [{"search": "LR = 3e-4", "replace": "LR = 2e-4"}]}
+    assert agent.edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")[0] == "(no description)"
