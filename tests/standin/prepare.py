@@ -22,6 +22,12 @@ def main() -> int:
         print("usage: prepare.py eval PATH --json", file=sys.stderr)
         return 2
     time.sleep(float(os.environ.get("STANDIN_EVAL_SLEEP", "0")))
+    if os.path.exists("evalfail.txt"):  # evaluator failures, scripted by a test: the next N evaluations fail
+        left = int(open("evalfail.txt").read() or 0)
+        if left > 0:
+            open("evalfail.txt", "w").write(str(left - 1))
+            print(f"error: scripted evaluator failure ({left - 1} more to come)", file=sys.stderr)
+            return 2
     try:
         sub = json.load(open(args[1]))
         ppl = float(sub["ppl"])
