@@ -397,8 +397,8 @@ def read_ledger(path: Path) -> pd.DataFrame:
             _REPORTED_LINES.add(line)
             log(f"{path.name}: left out a line with the wrong number of fields (cut by a kill or an editor?): "
                 f"{one_line(line, 100)!r}")
-    rows = pd.read_csv(io.StringIO("\n".join(good) + "\n"), sep="\t", dtype={"commit": str, "parent": str, "branch": str, "protocol": str},
-                       keep_default_na=False, na_values=[""])
+    rows = pd.read_csv(io.StringIO("\n".join(good) + "\n"), sep="\t", keep_default_na=False, na_values=[""],
+                       dtype={"commit": str, "parent": str, "branch": str, "protocol": str})
     return rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + list(rows.columns))))
 
 
@@ -422,7 +422,8 @@ def repair_last_line(path: Path) -> str:
         atomic_write_bytes(path, data + b"\n")
         return "results.tsv: added the missing newline after its last row"
     atomic_write_bytes(path, head + b"\n" if head else b"")
-    return f"results.tsv: dropped a last row cut short (a kill mid-write?): {one_line(last.decode(errors='replace'), 100)!r}"
+    cut = one_line(last.decode(errors="replace"), 100)
+    return f"results.tsv: dropped a last row cut short (a kill mid-write?): {cut!r}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -464,6 +465,8 @@ def ledger_for_prompt(rows: pd.DataFrame) -> str:
     if rows.empty:
         return "(no experiments yet)"
     cols = ["experiment", "status", "val_ppl", "description", "reason"]
+    if rows["protocol"].dropna().nunique() > 1:  # scores of different protocols do not compare: say which is which
+        cols.insert(3, "protocol")
     shown = pd.concat([rows[rows["status"] == "keep"], rows.tail(LEDGER_TAIL_ROWS)]).drop_duplicates()
     shown = shown.sort_values("experiment")[cols].copy()
     shown["reason"] = shown["reason"].fillna("").map(lambda r: one_line(r, 120))
@@ -1057,7 +1060,8 @@ def budget_left(session: Session, done: int) -> str:
     if args.max_cost is not None and rows["cost_usd"].fillna(0).sum() >= args.max_cost:
         return f"--max-cost {args.max_cost} reached"
     started = datetime.fromtimestamp(int(session.started), timezone.utc)  # failures before this start are old news
-    recent = rows[pd.to_datetime(rows["timestamp"], utc=True) >= started]["status"].tail(args.max_failures).tolist()
+    since = rows[pd.to_datetime(rows["timestamp"], utc=True, errors="coerce") >= started]
+    recent = since["status"].tail(args.max_failures).tolist()
     if len(recent) == args.max_failures and all(s in ("crash", "timeout", "invalid") for s in recent):
         return (f"{args.max_failures} failed experiments in a row ({', '.join(recent)}): look at runs/{args.tag}/ "
                 "and the reasons in results.tsv")
@@ -1161,10 +1165,11 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
     best_row["val_ppl"] = means.min()
     baseline = float(means.iloc[0])
     protocol = kept.iloc[-1]["protocol"] if pd.notna(kept.iloc[-1]["protocol"]) else "unrecorded"
-    others = numbered.dropna(subset=["val_ppl"])["protocol"].astype(object).fillna("unrecorded").value_counts().drop(protocol, errors="ignore")
+    labels = numbered.dropna(subset=["val_ppl"])["protocol"].astype(object).fillna("unrecorded")
+    others = ", ".join(f"{k} ({v} scored)" for k, v in labels.value_counts().items() if k != protocol)
     lines = [f"# {branch}", "",
-             f"- protocol {protocol}: every score below" + (" (rows under " + ", ".join(
-                 f"{k} ({v} scored)" for k, v in others.items()) + " are not compared with them)" if len(others) else ""),
+             f"- protocol {protocol}: every score below" + (f" (rows under {others} are not compared with them)"
+                                                            if others else ""),
              f"- baseline val_ppl {baseline:.4f}; best {best_row['val_ppl']:.4f} "
              f"({(baseline - best_row['val_ppl']) / baseline:.1%} lower) at experiment {int(best_row['experiment'])}, "
              f"commit {str(best_row['commit'])[:10]}"]
@@ -1227,7 +1232,8 @@ def default_tag(root: Path) -> str:
     rows = read_ledger(root / "results.tsv")
     research = rows[rows["branch"].fillna("").str.startswith("autoresearch/") & (rows["status"] != "manual")]
     if len(research):
-        newest = research.assign(t=pd.to_datetime(research["timestamp"], utc=True)).sort_values("t", kind="stable")
+        stamps = pd.to_datetime(research["timestamp"], utc=True, errors="coerce")
+        newest = research.assign(t=stamps).sort_values("t", kind="stable")
         return newest.iloc[-1]["branch"].split("/", 1)[1]
     return datetime.now().strftime("%b%d").lower()
 

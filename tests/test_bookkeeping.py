@@ -102,6 +102,7 @@ def test_smoke_scores_are_never_compared_with_full_ones(repo, llm):
     assert rows["status"].tolist() == ["baseline", "baseline", "keep"], rows
     assert rows["protocol"].tolist() == ["v1-smoke2w", "v1", "v1"] and rows["val_ppl"].tolist() == [10.0, 20.0, 19.0]
     assert "protocol v1)" in rows["reason"].iloc[2] and rows["best_val_ppl"].iloc[2] == 19.0
+    assert "experiment\tstatus\tval_ppl\tprotocol" in llm.requests[-1]["messages"][1]["content"]
     report = run_agent(repo, llm.url, "report").stdout
     assert "protocol v1: every score below (rows under v1-smoke2w (1 scored) are not compared" in report
     assert "baseline val_ppl 20.0000; best 19.0000" in report
