@@ -1181,7 +1181,7 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
     lines.append(f"- LLM: {int(numbered['prompt_tokens'].fillna(0).sum()):,} prompt + "
                  f"{int(numbered['completion_tokens'].fillna(0).sum()):,} completion tokens, "
                  f"${numbered['cost_usd'].fillna(0).sum():.2f}")
-    stamps = pd.to_datetime(numbered["timestamp"])  # written as each experiment ends: add the first one's run
+    stamps = pd.to_datetime(numbered["timestamp"], utc=True, errors="coerce")  # as each experiment ends: add the first run
     first = numbered.iloc[0]
     wall = (stamps.max() - stamps.min()).total_seconds() + (first["train_s"] or 0) + (first["eval_s"] or 0)
     if wall > 0:
