@@ -55,8 +55,8 @@ def experiments_needed(outcomes: list[str]) -> int:
     return count + (1 if turn else 0)
 
 
-# The real train.py's first call into the harness submits the baseline's score and ends the run:
-# the stand-in scores every applied edit (as unchanged, so discarded) in a second, without training.
+# The real train.py's first call into the harness submits the baseline's score and ends the run: the
+# stand-in scores every applied edit (as unchanged, so discarded) after train.py's imports, without training.
 REAL_TRAIN_PY_STANDIN = """
 
 def device():
