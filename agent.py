@@ -1723,6 +1723,9 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
                  else "- run-to-run noise: n/a (one baseline run; use --baseline-runs 2)")
     counts = numbered["status"].value_counts()
     lines.append("- experiments: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    ran = numbered[numbered["status"].isin(["baseline", "keep", "discard", "crash", "timeout"])]
+    bare = int(ran["reason"].fillna("").str.contains("unsandboxed;").sum())
+    lines.append(f"- sandbox: {'every run in Landlock' if not bare else f'{bare} of {len(ran)} runs UNSANDBOXED'}")
     lines.append(f"- LLM: {int(numbered['prompt_tokens'].fillna(0).sum()):,} prompt + "
                  f"{int(numbered['completion_tokens'].fillna(0).sum()):,} completion tokens, "
                  f"${numbered['cost_usd'].fillna(0).sum():.2f}")
