@@ -19,6 +19,11 @@ TAG = "t"
 STATUSES = {"baseline", "keep", "discard", "crash", "timeout", "invalid"}
 
 
+def edit(search: str, replace: str, description: str = "a change") -> str:
+    """A SEARCH/REPLACE reply, as the LLM writes it."""
+    return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
+
+
 def make_research_repo(path: Path, real: bool = False) -> Path:
     """A git repo shaped like a user's clone: harness files committed, a user's uncommitted edit
     to README.md and an untracked notes file that the driver must never touch."""

@@ -11,22 +11,9 @@ import time
 import git
 import pytest
 
-from driver_helpers import (TAG, check_invariants, ledger, make_research_repo, processes_in, run_agent, start_agent,
+from driver_helpers import (TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent,
                             state, wait_for_phase)
-from fake_llm import FakeLLM
-from test_agent import edit, mode
-
-
-@pytest.fixture
-def llm():
-    server = FakeLLM()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return make_research_repo(tmp_path / "research")
+from test_agent import mode
 
 
 # ---------------------------------------------------------------- sandbox modes
