@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import contextlib
 import ctypes
 import difflib
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -238,8 +240,24 @@ def sha256_file(path: Path) -> str:
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open_new(tmp) as f:
+        f.write(text.encode("utf-8"))
     os.replace(tmp, path)
+
+
+def open_new(path: Path):
+    """A fresh file for writing, never through a link someone left at `path` (a run folder is not ours alone
+    when train.py runs unsandboxed)."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf without recursion in Python: a run may leave a tree deeper than the recursion limit."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        subprocess.run(["rm", "-rf", "--", str(path)], check=False)
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -705,6 +723,10 @@ class Session:
         return self.state_path.with_name("child.pid")
 
     @property
+    def tree_snapshot(self) -> Path:
+        return self.state_path.with_name("tree-before-run.json")
+
+    @property
     def model_digests(self) -> Path:
         return self.state_path.with_name("model.sha256.json")
 
@@ -821,6 +843,26 @@ def tree_changes(session: Session) -> dict[str, bytes | None]:
     return changes
 
 
+def save_tree_snapshot(session: Session, before: dict[str, bytes | None]) -> None:
+    """What tree_changes() found before a run, on disk: a driver killed during the run must not take the
+    run's changes for the user's own at its restart."""
+    atomic_write(session.tree_snapshot, json.dumps(
+        {path: None if data is None else base64.b64encode(data).decode() for path, data in before.items()}))
+
+
+def restore_after_a_kill(session: Session) -> None:
+    """At start: a run that was going on when the driver died is undone against the snapshot taken before it."""
+    try:
+        saved = json.loads(session.tree_snapshot.read_text())
+    except (OSError, ValueError):
+        return
+    before = {path: None if data is None else base64.b64decode(data) for path, data in saved.items()}
+    restored = restore_tree(session, before, session.repo.head.commit.hexsha)
+    if restored:
+        log(f"a run interrupted by the driver's stop had changed {', '.join(restored)}: restored")
+    session.tree_snapshot.unlink()
+
+
 def restore_tree(session: Session, before: dict[str, bytes | None], commit: str) -> list[str]:
     """Undo what a run did to the working tree: tracked files back to `commit` (or to the user's own
     uncommitted version), files it created removed, .git/config restored. Returns what was restored."""
@@ -851,6 +893,7 @@ def restore_tree(session: Session, before: dict[str, bytes | None], commit: str)
 
 def setup_branch(session: Session) -> None:
     take_lock(session)
+    restore_after_a_kill(session)
     repo, state = session.repo, session.state()
     session.git_config = (Path(repo.git_dir) / "config").read_bytes()
     if state.get("phase") in ("applying", "discarding") and repo.is_dirty(path="train.py"):
@@ -1025,9 +1068,33 @@ def kill_tree(proc: subprocess.Popen, known: set[int] = frozenset()) -> None:
         if not targets:
             break
     proc.wait()
-    for p in orphans():  # dead now: collect them, or they stay zombies of this driver
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(p.pid, 0)
+    kill_strays(known | {proc.pid})
+
+
+def own_children() -> set[int]:
+    """This driver's children, read straight from /proc (fast: a stray that forks away is reparented here)."""
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            pids.update(int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split())
+    return pids
+
+
+def kill_strays(known: set[int]) -> None:
+    """SIGKILL every child of this driver it did not start itself, and reap it, until none is left for a
+    while. A process that keeps forking away (a new pid each generation) escapes a list of pids taken once,
+    but every generation whose parent dies is reparented to this subreaper and killed on the next pass."""
+    quiet, until = 0, time.time() + 30
+    while quiet < 20 and time.time() < until:
+        strays = own_children() - known
+        quiet = 0 if strays else quiet + 1
+        for pid in strays:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        if not strays:
+            time.sleep(0.001)
 
 
 def kill_leftovers(session: Session) -> None:
@@ -1056,7 +1123,7 @@ def kill_leftovers(session: Session) -> None:
 def pump_output(stream, log_path: Path) -> None:
     """Copy a child's output to its log: \\r progress becomes lines, a flood keeps its head and tail."""
     written, dropped, tail = 0, 0, b""
-    with open(log_path, "wb") as out:
+    with open_new(log_path) as out:
         for chunk in iter(lambda: stream.read1(65536), b""):
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             if written + len(chunk) <= LOG_CAP_BYTES // 2:
@@ -1099,24 +1166,46 @@ def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float
 
 
 def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
-    if not path.exists():
+    """The end of a log the driver wrote; nothing if it is gone or is no longer a plain file (a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
         return ""
-    data = path.read_bytes()[-limit:]
-    return data.decode("utf-8", errors="replace")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        f.seek(max(os.fstat(fd).st_size - limit, 0))
+        return f.read(limit).decode("utf-8", errors="replace")
 
 
-def train_command(session: Session, folder: Path, submission: Path, timeout: float) -> tuple[list[str], dict]:
-    """train.py's command line and environment: in the sandbox when there is one, its temp files and
-    compile caches in a private folder of its run folder (the only place it may write)."""
-    tmp = folder / "tmp"
+def take_submission(written: Path, kept: Path, exited: float) -> str:
+    """Move the submission out of train.py's folder, where nothing it left behind can change it; returns ''
+    or why it cannot be scored."""
+    try:
+        info = os.lstat(written)
+    except FileNotFoundError:
+        return "train.py exited cleanly without writing a submission"
+    if not stat.S_ISREG(info.st_mode):
+        return "the submission is not a plain file (a link, a folder or a device); not scored"
+    if info.st_ctime > exited:  # ctime cannot be set back, unlike mtime
+        return ("the submission was written after train.py exited, by a process it left behind (training past "
+                "the limit); not scored")
+    os.replace(written, kept)
+    return ""
+
+
+def train_command(session: Session, work: Path, timeout: float) -> tuple[list[str], dict]:
+    """train.py's command line and environment: in the sandbox when there is one, writing only `work`
+    (its submission, temp files and compile caches)."""
+    tmp = work / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(submission), AR_EVAL="external",
+    env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(work / "submission.pt"), AR_EVAL="external",
                     TMPDIR=str(tmp), TRITON_CACHE_DIR=str(tmp / "triton"), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"),
                     CUDA_CACHE_PATH=str(tmp / "cuda"), MPLCONFIGDIR=str(tmp / "matplotlib"),
                     PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, str(session.root / "train.py")]
     if session.sandbox_abi:
-        return sandbox.wrap(cmd, read=session.train_read, write=[folder], read_nofollow=[session.root]), env
+        return sandbox.wrap(cmd, read=session.train_read, write=[work], read_nofollow=[session.root]), env
     return sandbox.wrap_unconfined(cmd), env
 
 
@@ -1124,15 +1213,19 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     """Run train.py, check the trust boundary, score in a fresh process. Returns ledger fields.
     label names a repeat's log files (a confirmation run)."""
     folder = session.runs / str(st["experiment"])
-    folder.mkdir(parents=True, exist_ok=True)
+    work = folder / f"work{label}"  # train.py's cwd and only writable folder: the driver's files stay beside it
     submission = folder / "submission.pt"
     submission.unlink(missing_ok=True)
+    remove_tree(work)
+    work.mkdir(parents=True)
     timeout = session.args.timeout
     before = tree_changes(session)
-    cmd, env = train_command(session, folder, submission, timeout)
-    code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, env, cwd=folder)
-    shutil.rmtree(folder / "tmp", ignore_errors=True)  # compile caches and temp files: GBs, read by nobody
+    save_tree_snapshot(session, before)  # a driver killed during the run restores against it at its restart
+    cmd, env = train_command(session, work, timeout)
+    code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, env, cwd=work)
+    remove_tree(work / "tmp")  # compile caches and temp files: GBs, read by nobody
     restored = restore_tree(session, before, st["commit"])  # a train.py that rewrote itself, program.md, ...
+    session.tree_snapshot.unlink(missing_ok=True)
     result = {"train_s": round(train_s, 1), "note": session.sandbox_note}
     if restored:
         result["note"] += f"the run changed {', '.join(restored[:5])}: restored; "
@@ -1148,11 +1241,9 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     if code != 0:
         last = [ln for ln in log_tail(folder / f"train{label}.log").splitlines() if ln.strip()]
         return {**result, "status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
-    if not submission.exists():
-        return {**result, "status": "crash", "reason": "train.py exited cleanly without writing a submission"}
-    if submission.stat().st_ctime > session.child_exited:  # ctime cannot be set back, unlike mtime
-        return {**result, "status": "crash", "reason": "the submission was written after train.py exited, by a "
-                "process it left behind (training past the limit); not scored"}
+    problem = take_submission(work / "submission.pt", submission, session.child_exited)
+    if problem:
+        return {**result, "status": "crash", "reason": problem}
     session.save_state(**{**st, "phase": "scoring"})
     # -I: the evaluator must not import modules that train.py may have dropped next to it
     atomic_write(session.model_digests, session.model_expected)  # from memory: a run cannot have edited it
@@ -1447,20 +1538,33 @@ def checked_ledger(session: Session, result: dict) -> dict:
     return {**result, "ledger_note": note} if note else result
 
 
+def guarded_run(session: Session, st: dict, label: str = "") -> dict:
+    """train_and_score, where anything unexpected in what the run left behind (an unreadable file, a tree
+    too deep) is a crash row naming it, not a driver that dies on it again at every restart."""
+    try:
+        return train_and_score(session, st, label)
+    except (git.GitCommandError, FatalError):
+        raise
+    except Exception as exc:
+        log(f"experiment {st['experiment']}: the run could not be handled: {type(exc).__name__}: {exc}")
+        return {"status": "crash", "reason": f"the driver could not handle what the run left: {type(exc).__name__}: "
+                                             f"{one_line(exc, 150)}"}
+
+
 def run_committed(session: Session, st: dict) -> str:
     if "first" in st:  # resumed while confirming: the first run's result is already known
         result = st["first"]
     else:
         session.save_state(**{**st, "phase": "training"})
         log(f"experiment {st['experiment']}: training ({st['description']})")
-        result = checked_ledger(session, train_and_score(session, st))
+        result = checked_ledger(session, guarded_run(session, st))
     confirm = None
     if st["kind"] != "baseline" and keep_rule(session.rows(), result, strict=session.args.strict,
                                               protocol=night_protocol(session.args)).confirm:
         st = {**st, "first": result}
         session.save_state(**{**st, "phase": "confirming"})
         log(f"experiment {st['experiment']}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
-        confirm = checked_ledger(session, train_and_score(session, st, label="-confirm"))
+        confirm = checked_ledger(session, guarded_run(session, st, label="-confirm"))
     status = finish_experiment(session, st, result, confirm)
     log(f"experiment {st['experiment']}: {status}  val_ppl={result.get('val_ppl')}  {result.get('reason', '')}")
     return status

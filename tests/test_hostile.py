@@ -268,7 +268,7 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
         log = (folder / "train.log").read_text()
         assert "sandbox: Landlock ABI" in log, (name, log[-2000:])
         outcomes[name] = (row["status"], row["val_ppl"], one_line(log, "ATTACK"))
-        swapped = (folder / "swapped").exists()
+        swapped = (folder / "work" / "swapped").exists()
         if swapped:  # the daemon won the race against the driver's kill: the score must not count
             assert row["status"] == "crash" and "after train.py exited" in row["reason"], (name, row.to_dict())
         else:
@@ -290,7 +290,7 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
     for path in (repo / "runs").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    daemon = repo / "runs" / TAG / str(len(names)) / "daemon.pid"
+    daemon = repo / "runs" / TAG / str(len(names)) / "work" / "daemon.pid"
     if daemon.exists():
         assert not Path(f"/proc/{daemon.read_text()}").exists(), "the daemon outlived the run"
 
@@ -321,7 +321,7 @@ def test_without_landlock_the_checks_catch_what_the_evaluator_depends_on(hostile
         assert "unsandboxed" in row["reason"], row["reason"]
         folder = repo / "runs" / TAG / str(int(row["experiment"]))
         if status is None:  # the daemon: killed before it swapped, or its swap is refused
-            status = "crash" if (folder / "swapped").exists() else "discard"
+            status = "crash" if (folder / "work" / "swapped").exists() else "discard"
             words = "after train.py exited" if status == "crash" else ""
         assert row["status"] == status and words in row["reason"], (name, row.to_dict())
         if status == "discard":
