@@ -58,6 +58,7 @@ LLM_TIMEOUT_S = 600            # one chat completion
 # room to spare; a fixed 8192 let a small model ramble for many minutes
 REPLY_TOKENS_FACTOR = 1.3
 REPLY_TOKENS_EXTRA = 512
+KNOB_REPLY_TOKENS = 256        # a knob reply is one short JSON object
 # Prompt tokens are estimated from characters: SmolLM2's tokenizer gives 3.2 chars/token on train.py
 # and 3.4 on program.md (llama.cpp /tokenize), GPT-4o's more; 3.0 errs on the safe side
 CHARS_PER_TOKEN = 3.0
@@ -320,10 +321,195 @@ def edit_train_py(old: str, content: str | None, finish_reason: str | None, repl
                   blocks_only: bool = False) -> tuple[str, str]:
     """The reply applied to train.py's text: (description, new text), or ReplyError saying why not.
     blocks_only: the reply was written for an older train.py; a whole file would undo what changed since."""
+    if reply_format == "knob":
+        return knob_edit(old, content, finish_reason)
     description, blocks, whole = parse_reply(content, finish_reason, reply_format)
     if whole is not None and blocks_only:
         raise ReplyError("a whole-file reply written for an older train.py")
     new = whole if whole is not None else apply_blocks(old, blocks)
+    validate_train_py(old, new)
+    return description, new
+
+
+# ---------------------------------------------------------------- knob edits (--reply-format knob)
+# A weak model cannot copy lines exactly, but it can name a constant and a value: the reply sets at most
+# MAX_KNOBS of train.py's top-level ALL_CAPS constants, each value a Python literal checked before it runs.
+MAX_KNOBS = 2
+KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+KNOB_SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
+training in train.py. Each reply changes ONE or TWO of train.py's named constants; the change is committed, \
+trained for 5 minutes and scored by a separate, read-only evaluator (WikiText-2 validation perplexity of the \
+exported ternary weights). Lower val_ppl is kept; anything else is reverted.
+
+Reply with ONE JSON object, exactly:
+{"description": "<one line: what you changed and why>", "set": {"NAME": "<new value as a Python literal>"}}
+NAME is one of the constants listed below. A constant whose comment lists options (a | b | c) takes one of them;
+any other keeps its current type. Strings are quoted Python literals, e.g. "cosine" becomes "\\"cosine\\""."""
+
+
+def knob_options(comment: str) -> list | None:
+    """The values a constant's comment names, like `# linear | cosine | exponential` or `# 32 | 64 | "row" (per
+    output row)`: the first word of each ' | '-separated part (a literal, or a bare word as a string)."""
+    parts = comment.lstrip("#").split(" | ")
+    if len(parts) < 2:
+        return None
+    options = []
+    for part in parts:
+        match = re.match(r"\s*(\"[^\"]*\"|'[^']*'|[\w.+-]+)", part)
+        if not match:
+            return None
+        with contextlib.suppress(ValueError, SyntaxError):
+            options.append(ast.literal_eval(match.group(1)))
+            continue
+        if not match.group(1).isidentifier():
+            return None
+        options.append(match.group(1))
+    return options
+
+
+def find_knobs(train_py: str) -> dict[str, dict]:
+    """train.py's top-level ALL_CAPS constants with a literal value on one line, in file order:
+    name -> {value, text (the value as written), comment, options, line (0-based), start, end (columns)}."""
+    lines = train_py.splitlines()
+    knobs = {}
+    for node in ast.parse(train_py).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and KNOB_NAME.match(node.targets[0].id) and node.lineno == node.end_lineno):
+            continue
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue  # computed at run time (T_PROCESS = time.time()): not a knob
+        line = lines[node.lineno - 1].encode()  # ast's columns count UTF-8 bytes
+        start, end = len(line[:node.value.col_offset].decode()), len(line[:node.value.end_col_offset].decode())
+        line = line.decode()
+        comment = line[end:].strip() if line[end:].strip().startswith("#") else ""
+        knobs[node.targets[0].id] = {"value": value, "text": line[start:end], "comment": comment,
+                                     "options": knob_options(comment), "line": node.lineno - 1, "start": start, "end": end}
+    return knobs
+
+
+def knob_value_schema(knob: dict) -> dict:
+    """A constant with options can only be given one of them (as Python literal text); others any short text."""
+    if knob["options"] and all(isinstance(o, str) for o in knob["options"]):
+        return {"type": "string", "enum": [literal_text(o) for o in knob["options"]]}
+    return {"type": "string", "maxLength": 40}
+
+
+def knob_schema(train_py: str) -> dict:
+    """The reply's JSON schema, built from train.py as it is now: NAME is an enum of its constants."""
+    knobs = find_knobs(train_py)
+    return {
+        "type": "object", "additionalProperties": False, "required": ["description", "set"],
+        "properties": {
+            "description": {"type": "string", "maxLength": 200},
+            "set": {"type": "object", "minProperties": 1, "maxProperties": MAX_KNOBS, "additionalProperties": False,
+                    "propertyNames": {"enum": list(knobs)},
+                    "properties": {name: knob_value_schema(knob) for name, knob in knobs.items()}},
+        },
+    }
+
+
+def knob_listing(train_py: str) -> str:
+    """The constants as the prompt shows them: `NAME = value  # comment`, one a line."""
+    return "\n".join(f"{name} = {k['text']}" + (f"  {k['comment']}" if k["comment"] else "")
+                     for name, k in find_knobs(train_py).items())
+
+
+def same_kind(value, current) -> bool:
+    """value may replace current: bools stay bools, ints stay ints, floats take ints or floats, None takes a
+    number, tuples keep their length and numbers."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(current, bool)
+    if current is None:
+        return value is None or isinstance(value, (int, float))
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    if isinstance(current, tuple):
+        return isinstance(value, tuple) and len(value) == len(current) and all(same_kind(v, c) for v, c in zip(value, current))
+    return type(value) is type(current)
+
+
+def knob_literal(name: str, knob: dict, text) -> tuple[object, str]:
+    """(value, source text) of a proposed value, or ReplyError saying why it cannot be used."""
+    if not isinstance(text, str):  # a JSON number or bool where a literal's text was asked for: take its value
+        text = "None" if text is None else repr(text)
+    text = text.strip()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        words = [o for o in knob["options"] or [] if isinstance(o, str)]
+        if text not in words and not (text.isidentifier() and isinstance(knob["value"], str) and not knob["options"]):
+            raise ReplyError(f"{name}: {one_line(text, 60)!r} is not a Python literal"
+                             + (f" (one of: {', '.join(map(repr, knob['options']))})" if knob["options"] else "")) from None
+        value = text  # a bare word for a string constant: the small model's spelling of "cosine"
+    options = knob["options"] or []
+    if value in options and type(value) in {type(o) for o in options}:
+        pass
+    elif isinstance(value, str) and options:
+        raise ReplyError(f"{name} = {value!r} is not one of its options: {', '.join(map(repr, options))}")
+    elif not (same_kind(value, knob["value"]) or any(same_kind(value, o) for o in options)):
+        raise ReplyError(f"{name} = {one_line(text, 60)} is of type {type(value).__name__}, but {name} is of type "
+                         f"{type(knob['value']).__name__} (now {knob['text']})")
+    if "\n" in text or "#" in text or text.isidentifier() and value == text:
+        text = literal_text(value)
+    return value, text
+
+
+def literal_text(value) -> str:
+    """A literal as train.py writes it: strings in double quotes."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def set_knobs(train_py: str, changes: dict) -> str:
+    """train.py with each NAME's value replaced by the given literal, nothing else touched: the comment stays in
+    its column where the new value leaves room. ReplyError for an unknown name or a bad value."""
+    knobs = find_knobs(train_py)
+    if not changes:
+        raise ReplyError('"set" names no constant: set one or two of train.py\'s constants')
+    if len(changes) > MAX_KNOBS:
+        raise ReplyError(f'"set" names {len(changes)} constants: at most {MAX_KNOBS} per experiment')
+    lines = train_py.splitlines(keepends=True)
+    for name, text in changes.items():
+        if name not in knobs:
+            close = difflib.get_close_matches(str(name), list(knobs), n=1)
+            raise ReplyError(f"{one_line(name, 40)!r} is not a constant of train.py" +
+                             (f" (did you mean {close[0]}?)" if close else f"; the constants: {', '.join(knobs)}"))
+        knob = knobs[name]
+        _, new = knob_literal(name, knob, text)
+        line = lines[knob["line"]]
+        head, tail = line[:knob["start"]] + new, line[knob["end"]:]
+        if knob["comment"]:  # keep the comment's column when the new value fits before it
+            gap = len(tail) - len(tail.lstrip(" "))
+            tail = " " * max(gap + knob["end"] - knob["start"] - len(new), min(gap, 2), 1) + tail.lstrip(" ")
+        lines[knob["line"]] = head + tail
+    return "".join(lines)
+
+
+def parse_knob_reply(content: str) -> tuple[str, dict]:
+    """(description, {NAME: literal text}) of a knob reply, or ReplyError."""
+    try:
+        data = json.loads(content[content.find("{"): content.rfind("}") + 1])
+        changes = data["set"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReplyError(f'the reply is not the JSON object asked for, {{"description": ..., "set": {{"NAME": "<value>"}}}} '
+                         f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(changes, dict):
+        raise ReplyError(f'"set" must be an object {{"NAME": "<value>"}}, not {type(changes).__name__}')
+    description = data.get("description") if isinstance(data, dict) else None
+    names = ", ".join(f"{k} = {v}" for k, v in changes.items())
+    described = one_line(description) if isinstance(description, str) and description.strip() else ""
+    return one_line(f"{names}: {described}" if described else f"set {names}"), changes
+
+
+def knob_edit(old: str, content: str | None, finish_reason: str | None) -> tuple[str, str]:
+    """A knob reply applied to train.py: (description, new text), or ReplyError."""
+    if finish_reason == "length":
+        raise ReplyError("the reply was cut off by the length limit: reply with the short JSON object only")
+    if not content or not content.strip():
+        raise ReplyError('the reply was empty: reply with {"description": ..., "set": {"NAME": "<value>"}}')
+    description, changes = parse_knob_reply(content)
+    new = set_knobs(old, changes)
     validate_train_py(old, new)
     return description, new
 
@@ -381,6 +567,8 @@ def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
 
 def reply_tokens(args, train_py: str) -> int:
     """max_tokens before the context cap: --max-tokens, else room for a whole new train.py."""
+    if args.reply_format == "knob":
+        return args.max_tokens or KNOB_REPLY_TOKENS
     return args.max_tokens or int(estimate_tokens(train_py) * REPLY_TOKENS_FACTOR) + REPLY_TOKENS_EXTRA
 
 
@@ -439,7 +627,8 @@ def tokens_used(usage) -> tuple[int, int]:
     return tuple(int(c) if isinstance(c, (int, float)) and c > 0 else 0 for c in counts)
 
 
-def chat(session: "Session", messages: list[dict], max_tokens: int | None = None) -> tuple[str | None, str | None, int, int]:
+def chat(session: "Session", messages: list[dict], max_tokens: int | None = None,
+         schema: dict | None = None) -> tuple[str | None, str | None, int, int]:
     """One chat completion: (content, finish_reason, prompt tokens, completion tokens). Transient faults are
     waited out (logged); a refusal that asking again cannot change stops the driver (FatalError); a prompt
     longer than the server's context raises ContextOverflow."""
@@ -451,6 +640,8 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
                                      "json_schema": {"name": "edit", "schema": REPLY_SCHEMA, "strict": True}}
     elif session.args.reply_format == "grammar":
         kwargs["extra_body"] = {"grammar": REPLY_GRAMMAR}
+    elif session.args.reply_format == "knob" and schema:  # not strict: OpenAI's strict mode lacks min/maxProperties
+        kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "knobs", "schema": schema}}
     wait = 1.0
     while True:
         try:
@@ -1065,6 +1256,10 @@ def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
         parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
                      "It is NOT in the train.py below. If it is kept, your change is applied on top of it: propose a "
                      "different change that does not touch the same lines.")
+    if session.args.reply_format == "knob":  # a weak model chooses among named constants instead of writing code
+        parts.append("# train.py's constants (current values and comments)\n" + knob_listing(train_py))
+        parts.append('Change ONE or TWO constants: reply {"description": "...", "set": {"NAME": "<value>"}}.')
+        return [{"role": "system", "content": KNOB_SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
     parts.append("# train.py (current)\n```python\n" + train_py + "```")
     parts.append("Propose ONE focused change to train.py in the reply format.")
     system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
@@ -1134,13 +1329,14 @@ def propose(session: Session, n: int, train_py: str, in_flight: str | None = Non
     before = len(spent)
     history: list[tuple[str, str]] = []
     error = ""
+    schema = knob_schema(train_py) if session.args.reply_format == "knob" else None  # built from train.py as it is now
     for turn in range(session.args.repair_turns + 1):
         squeeze = False
         while True:  # a request the server finds too long: shrink it and try once more
             messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze)
             atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
             try:
-                content, finish, p_tok, c_tok = chat(session, messages, max_tokens)
+                content, finish, p_tok, c_tok = chat(session, messages, max_tokens, schema)
                 break
             except ContextOverflow as exc:
                 if squeeze:
@@ -1608,8 +1804,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", default=datetime.now().strftime("%b%d").lower(), help="branch autoresearch/<tag>")
     parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
-    parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar"],
-                        help="json/grammar constrain a weak local model's reply so it always parses")
+    parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar", "knob"],
+                        help="json/grammar constrain a weak local model's reply so it always parses; knob: the reply "
+                        "only sets one or two of train.py's constants (for models that cannot copy code exactly)")
     parser.add_argument("--max-experiments", type=int, help="stop after N proposed experiments in this start "
                         "(the baseline of a new branch is extra)")
     parser.add_argument("--max-hours", type=float)
