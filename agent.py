@@ -19,6 +19,7 @@ import ctypes
 import difflib
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -50,6 +51,7 @@ MAX_REPAIR_TURNS = 2           # extra LLM turns to fix a reply that does not ap
 MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments before stopping
 CONFIRM_SIGMAS = 2.0           # a gain within this many noise widths is re-run once before it is kept
 CONFIRMATION = "confirmation run: "  # description prefix of a confirmation run's row
+BASELINE_TRIES = 3             # baseline runs that fail in a row before the night stops
 LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
 LOG_TAIL_BYTES = 3000          # tail of a crashed run's log shown to the LLM
 LOG_CAP_BYTES = 2_000_000      # train.log beyond this keeps only its tail: floods cannot fill a disk
@@ -140,6 +142,85 @@ class ContextOverflow(Exception):
     def __init__(self, message: str, n_ctx: int | None = None):
         super().__init__(message)
         self.n_ctx = n_ctx
+
+
+# ---------------------------------------------------------------- the keep rule (pure: no I/O)
+@dataclass(frozen=True)
+class Decision:
+    status: str            # the row's status: baseline, keep, discard, crash, timeout, invalid
+    reason: str            # why, naming the protocol whose scores were compared
+    best: float | None     # the best kept val_ppl after this decision (the rows' best_val_ppl)
+    confirm: bool = False  # a marginal gain: run it once more, then ask again with the confirmation
+
+
+def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, baseline: bool = False,
+              strict: bool = False, protocol: str | None = None) -> Decision:
+    """THE keep rule. rows: the branch's ledger, of which only the rows scored under the result's protocol
+    (else `protocol`) are compared, each kept commit by the mean of its runs. result, confirm: a run's
+    fields (`status` and `reason` when it failed, else `val_ppl` and `protocol`). The seed's rule, keep only
+    a strictly lower val_ppl, plus: a gain within CONFIRM_SIGMAS noise widths is run once more and judged
+    by the mean of both runs (not with strict)."""
+    protocol = result.get("protocol") or protocol
+    same = same_protocol(rows, protocol)
+    means = kept_means(same)
+    best = float(means.min()) if len(means) else None
+    if result.get("status"):  # crash, timeout, invalid: no score; a failed baseline is no reference either
+        return Decision(result["status"], result.get("reason") or "", best)
+    value, sigma, under = result["val_ppl"], noise(same), f"protocol {protocol}"
+    if baseline:  # the reference: the mean of the unmodified train.py's runs (all of one commit)
+        runs = [*same.loc[same["status"] == "baseline", "val_ppl"].dropna(), value]
+        mean = sum(runs) / len(runs)
+        return Decision("baseline", f"unmodified train.py, run {len(runs)}: mean {mean:.4g} ({under})", mean)
+    if best is None:  # never keep without a reference (run_baselines scores one first)
+        return Decision("discard", f"no scored baseline under {under} to compare with", None)
+    marginal = f"gain {best - value:.4g} within {CONFIRM_SIGMAS:g} noise widths ({CONFIRM_SIGMAS * (sigma or 0):.4g})"
+    if confirm is None and not strict and sigma and 0 < best - value <= CONFIRM_SIGMAS * sigma:
+        return Decision("confirm", f"{marginal}: confirming ({under})", best, confirm=True)
+    if confirm is None:
+        why = f"val_ppl {value:.4g} vs best {best:.4g}"
+    elif confirm.get("val_ppl") is None:
+        return Decision("discard", f"{marginal}: confirmation run failed ({confirm.get('reason')}) ({under})", best)
+    else:
+        value = (value + confirm["val_ppl"]) / 2
+        why = f"{marginal}: confirmation run gave {confirm['val_ppl']:.4g}, mean {value:.4g} vs best {best:.4g}"
+    if value < best:
+        return Decision("keep", f"val_ppl improved: {why} ({under})", value)
+    return Decision("discard", f"val_ppl not lower than the best kept: {why} ({under})", best)
+
+
+def same_protocol(rows: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
+    """The rows scored under `protocol` (default: the latest scored row's): only these are compared."""
+    labels = rows["protocol"].astype(object).fillna("").astype(str)
+    if protocol is None:
+        scored = labels[rows["val_ppl"].notna()]
+        protocol = scored.iloc[-1] if len(scored) else ""
+    return rows[labels == protocol]
+
+
+def kept_means(rows: pd.DataFrame) -> pd.Series:
+    """Each kept commit's mean val_ppl (repeated baselines and confirmed keeps count by their mean),
+    in the order the commits were first scored. Callers pass rows of one protocol."""
+    kept = rows[rows["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
+    return kept.groupby("commit", sort=False)["val_ppl"].mean()
+
+
+def best_kept(rows: pd.DataFrame, protocol: str | None = None) -> float | None:
+    """The score to beat under `protocol` (default: the latest): the lowest kept commit's mean val_ppl."""
+    means = kept_means(same_protocol(rows, protocol))
+    return float(means.min()) if len(means) else None
+
+
+def noise(rows: pd.DataFrame, protocol: str | None = None) -> float | None:
+    """Run-to-run noise under `protocol` (default: the latest): the std of the repeated baseline runs."""
+    runs = same_protocol(rows, protocol)
+    runs = runs[runs["status"] == "baseline"]["val_ppl"].dropna()
+    return float(runs.std()) if len(runs) >= 2 else None
+
+
+def night_protocol(args) -> str:
+    """The protocol label this start's scores carry: full, or a smoke run of --eval-windows windows."""
+    return prepare.protocol_label({"protocol": prepare.PROTOCOL_VERSION, "max_windows": args.eval_windows,
+                                   "windows": args.eval_windows})
 
 
 # ---------------------------------------------------------------- small helpers
@@ -671,17 +752,27 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
 
 # ---------------------------------------------------------------- the ledger
 def read_ledger(path: Path) -> pd.DataFrame:
+    """The ledger. A line with the wrong number of fields (a row cut short by a kill mid-write, two rows
+    glued together) is left out with a log line instead of breaking every command."""
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=prepare.LEDGER_COLUMNS)
-    return pd.read_csv(path, sep="\t", dtype={"commit": str, "parent": str, "branch": str}, keep_default_na=False,
-                       na_values=[""])
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    width = lines[0].count("\t")
+    if not {"experiment", "branch", "commit", "status", "val_ppl"} <= set(lines[0].split("\t")):
+        raise FatalError(f"{path} is not a ledger (its first line is {one_line(lines[0], 80)!r}): restore it from "
+                         f"a copy, or move it aside to start a new one")
+    good = [lines[0]] + [line for line in lines[1:] if line.count("\t") == width]
+    for line in set(lines[1:]) - set(good) - _REPORTED_LINES:
+        if line.strip():
+            _REPORTED_LINES.add(line)
+            log(f"{path.name}: left out a line with the wrong number of fields (cut by a kill or an editor?): "
+                f"{one_line(line, 100)!r}")
+    rows = pd.read_csv(io.StringIO("\n".join(good) + "\n"), sep="\t", keep_default_na=False, na_values=[""],
+                       dtype={"commit": str, "parent": str, "branch": str, "protocol": str})
+    return rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + list(rows.columns))))
 
 
-def kept_means(rows: pd.DataFrame) -> pd.Series:
-    """Each kept commit's mean val_ppl (repeated baselines and confirmed keeps count by their mean),
-    in the order the commits were first scored."""
-    kept = rows[rows["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
-    return kept.groupby("commit", sort=False)["val_ppl"].mean()
+_REPORTED_LINES: set[str] = set()
 
 
 def branch_ledger(path: Path, branch: str) -> pd.DataFrame:
@@ -690,32 +781,54 @@ def branch_ledger(path: Path, branch: str) -> pd.DataFrame:
     return rows[(rows["branch"] == branch) & (rows["status"] != "manual")]
 
 
-def best_kept(rows: pd.DataFrame) -> float | None:
-    """The score to beat: the lowest kept commit's mean val_ppl."""
-    means = kept_means(rows)
-    return float(means.min()) if len(means) else None
+def repair_last_line(path: Path) -> str:
+    """A last line without its newline: a whole row (a spreadsheet's save) gets the newline back; a row cut
+    short by a kill mid-write is dropped (its decision is made again on resume). Returns what was done."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return ""
+    head, _, last = data.rpartition(b"\n")
+    if last.count(b"\t") == data.split(b"\n", 1)[0].count(b"\t") and head:
+        atomic_write_bytes(path, data + b"\n")
+        return "results.tsv: added the missing newline after its last row"
+    atomic_write_bytes(path, head + b"\n" if head else b"")
+    cut = one_line(last.decode(errors="replace"), 100)
+    return f"results.tsv: dropped a last row cut short (a kill mid-write?): {cut!r}"
 
 
-def noise(rows: pd.DataFrame) -> float | None:
-    """Run-to-run noise: the standard deviation of the repeated baseline runs (--baseline-runs)."""
-    runs = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
-    return float(runs.std()) if len(runs) >= 2 else None
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
-def decide(val_ppl: float | None, best: float | None) -> str:
-    """THE keep/discard rule (the seed's): keep only a strictly lower val_ppl than the best kept.
-    With noise-aware acceptance this is applied to the mean of the run and its confirmation run."""
-    if val_ppl is None:
-        return "crash"
-    return "keep" if best is None or val_ppl < best else "discard"
+def reconcile_ledger(ledger: Path, backup: Path) -> list[str]:
+    """At start: results.tsv must hold every row the driver wrote (its copy in .git/, `backup`). Rows added
+    since (manual runs, other tags) are taken into the copy; a results.tsv that lost rows (deleted,
+    overwritten) is set aside and restored from the copy, never copied over it. Returns log lines."""
+    notes = [note for note in (repair_last_line(ledger), repair_last_line(backup)) if note]
+    if not ledger.exists() or ledger.stat().st_size == 0:
+        if backup.exists() and backup.stat().st_size:
+            shutil.copyfile(backup, ledger)
+            notes.append(f"results.tsv was missing or empty: restored its {len(backup.read_bytes().splitlines()) - 1} "
+                         f"rows from the driver's copy {backup} (a fresh start wants a new --tag)")
+        return notes
+    mine = set(backup.read_bytes().splitlines()) if backup.exists() else set()
+    if mine <= set(ledger.read_bytes().replace(b"\r\n", b"\n").splitlines()):
+        save_backup(ledger, backup)
+        return notes
+    aside = ledger.with_name(f"results.tsv.lost-rows-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    os.replace(ledger, aside)
+    shutil.copyfile(backup, ledger)
+    return notes + [f"results.tsv had lost rows the driver wrote: restored from {backup}; the file as found is {aside}"]
 
 
-def needs_confirmation(rows: pd.DataFrame, val_ppl: float | None, strict: bool) -> bool:
-    """A gain within CONFIRM_SIGMAS noise widths may be luck: run it once more before keeping it."""
-    best, sigma = best_kept(rows), noise(rows)
-    if strict or val_ppl is None or best is None or not sigma:
-        return False
-    return 0 < best - val_ppl <= CONFIRM_SIGMAS * sigma
+def save_backup(ledger: Path, backup: Path) -> None:
+    """The driver's copy, replaced in one step: a kill mid-copy never leaves a truncated copy."""
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    tmp = backup.with_name(f".{backup.name}.tmp{os.getpid()}")
+    shutil.copyfile(ledger, tmp)
+    os.replace(tmp, backup)
 
 
 def ledger_for_prompt(rows: pd.DataFrame, tail: int = LEDGER_TAIL_ROWS) -> str:
@@ -723,6 +836,8 @@ def ledger_for_prompt(rows: pd.DataFrame, tail: int = LEDGER_TAIL_ROWS) -> str:
     if rows.empty:
         return "(no experiments yet)"
     cols = ["experiment", "status", "val_ppl", "description", "reason"]
+    if rows["protocol"].dropna().nunique() > 1:  # scores of different protocols do not compare: say which is which
+        cols.insert(3, "protocol")
     keeps = rows[rows["status"] == "keep"]
     keeps = keeps if tail >= LEDGER_TAIL_ROWS else keeps.tail(tail)
     shown = pd.concat([keeps, rows.tail(tail)]).drop_duplicates()
@@ -929,7 +1044,7 @@ def setup_branch(session: Session) -> None:
     take_lock(session)
     repo, state = session.repo, session.state()
     session.git_config = (Path(repo.git_dir) / "config").read_bytes()
-    if state.get("phase") == "applying" and repo.is_dirty(path="train.py"):
+    if state.get("phase") in ("applying", "discarding") and repo.is_dirty(path="train.py"):
         repo.git.checkout("HEAD", "--", "train.py")  # half-written by the driver when it was stopped: ours
         log("restored train.py, half-written when the driver was stopped")
     dirty = [f for f in ("train.py", "prepare.py") if repo.is_dirty(path=f)]
@@ -952,29 +1067,52 @@ def setup_branch(session: Session) -> None:
         log("removed a STOP file left from an earlier run")
     kill_leftovers(session)
     session.prepare_hash = sha256_file(session.root / "prepare.py")
-    # results.tsv as found is the truth (other tags and manual runs may have added rows since)
-    if session.ledger.exists():
-        shutil.copyfile(session.ledger, session.ledger_backup)
-    else:
-        session.ledger_backup.unlink(missing_ok=True)
+    for note in reconcile_ledger(session.ledger, session.ledger_backup):  # before anything reads the ledger
+        log(note)
 
 
 def protect_ledger(session: Session) -> str:
     """The driver's own copy of the ledger lives in .git/: if results.tsv changed since the driver last
-    wrote it (train.py truncated or rewrote it), restore it."""
+    wrote it (train.py truncated, rewrote or deleted it), restore it. Run after every train.py run,
+    before anything reads the ledger."""
     current, backup = session.ledger, session.ledger_backup
-    if backup.exists() and sha256_file(current) != sha256_file(backup):
+    if sha256_file(current) == sha256_file(backup):
+        return ""
+    if manual_rows_added(current, backup):  # someone ran `python train.py` by hand meanwhile: not the experiment
+        save_backup(current, backup)
+        log("results.tsv: took in the row of a manual `python train.py` run")
+        return ""
+    if backup.exists():
         shutil.copyfile(backup, current)
-        return "results.tsv was changed by the experiment and restored from the driver's copy; "
-    return ""
+    else:  # the driver has written no row yet: whatever is there came from the run
+        current.unlink(missing_ok=True)
+    log("results.tsv was changed by the experiment: restored the driver's copy")
+    return "results.tsv was changed by the experiment and restored from the driver's copy; "
+
+
+def manual_rows_added(current: Path, backup: Path) -> bool:
+    """results.tsv is the driver's copy plus whole rows of status `manual` (they never enter a decision)."""
+    if not (current.exists() and backup.exists()):
+        return False
+    mine, now = backup.read_bytes(), current.read_bytes()
+    if not now.startswith(mine) or len(now) == len(mine) or not now.endswith(b"\n"):
+        return False
+    status = prepare.LEDGER_COLUMNS.index("status")
+    rows = [line.split(b"\t") for line in now[len(mine):].splitlines()]
+    return all(len(r) == len(prepare.LEDGER_COLUMNS) and r[status] == b"manual" for r in rows)
 
 
 def append_row(session: Session, row: dict) -> None:
+    append_rows(session, [row])
+
+
+def append_rows(session: Session, rows: list[dict]) -> None:
+    """The rows of one decision, in one write (a kill lands before or after all of them)."""
     note = protect_ledger(session)
     if note:
-        row["reason"] = note + (row.get("reason") or "")
-    prepare.append_ledger_row(row, session.ledger)
-    shutil.copyfile(session.ledger, session.ledger_backup)
+        rows = [{**row, "reason": note + (row.get("reason") or "")} for row in rows]
+    prepare.append_ledger_rows(rows, session.ledger)
+    save_backup(session.ledger, session.ledger_backup)
 
 
 def git_identity(session: Session) -> dict:
@@ -1011,9 +1149,12 @@ def git_failure(session: Session, exc: git.GitCommandError) -> FatalError:
                       "then run the same command again to resume")
 
 
-def discard(session: Session, n: int, commit: str, parent: str) -> None:
-    """Reset the branch to the parent, touching only train.py; the commit stays under a ref."""
+def discard(session: Session, n: int, commit: str, parent: str, st: dict | None = None) -> None:
+    """Reset the branch to the parent, touching only train.py; the commit stays under a ref. With st, the
+    phase `discarding` lets a restart restore train.py left between the reset and the checkout."""
     repo = session.repo
+    if st is not None:
+        session.save_state(**{**st, "phase": "discarding"})
     repo.git.update_ref(f"refs/autoresearch/{session.args.tag}/discarded/{n}", commit)
     if repo.head.commit.hexsha == commit:
         repo.git.reset("--soft", parent)
@@ -1452,53 +1593,54 @@ def cost_of(session: Session, prompt_tokens: int, completion_tokens: int) -> flo
 
 
 def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | None = None) -> str:
-    """Decide, write the row(s) (flushed), then reset if not kept. Idempotent across a kill."""
+    """Decide (keep_rule), write the decision's rows in one write, then reset if not kept. Idempotent across a kill."""
     n, commit, parent = st["experiment"], st["commit"], st["parent"]
-    tampered = protect_ledger(session)  # before the decision reads it
+    tampered = protect_ledger(session) + result.get("ledger_note", "")  # before the decision reads it
     rows = session.rows()
     already = rows[(rows["experiment"] == n) & (rows["commit"].fillna("") == commit)]
     if len(already):
         status = already.iloc[-1]["status"]
     else:
-        best = best_kept(rows)
-        status = result.get("status") or ("baseline" if st["kind"] == "baseline" else decide(result.get("val_ppl"), best))
-        reason = {"keep": "val_ppl improved", "baseline": "unmodified train.py",
-                  "discard": "val_ppl not lower than the best kept"}.get(status, "")
-        if status == "baseline" and result.get("val_ppl") is None:
-            status = "crash"
-        if confirm is not None:
-            mean = (result["val_ppl"] + confirm["val_ppl"]) / 2 if confirm.get("val_ppl") is not None else None
-            status = decide(mean, best) if mean is not None else "discard"
-            reason = (f"gain {best - result['val_ppl']:.4g} within {CONFIRM_SIGMAS:g} noise widths "
-                      f"({CONFIRM_SIGMAS * noise(rows):.4g}): confirmation run "
-                      + (f"gave {confirm['val_ppl']:.4g}, mean {mean:.4g} vs best {best:.4g}" if mean is not None
-                         else f"failed ({confirm.get('reason')})"))
-        scores = [v for v in (result.get("val_ppl"), (confirm or {}).get("val_ppl")) if v is not None]
-        these = pd.DataFrame([{"commit": commit, "status": status, "val_ppl": v} for v in scores])
-        new_best = best_kept(pd.concat([rows, these])) if status in ("keep", "baseline") else best
+        decision = keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", strict=session.args.strict,
+                             protocol=night_protocol(session.args))
+        status = decision.status
         common = {"experiment": n, "branch": session.branch, "commit": commit, "parent": parent, "status": status,
-                  "best_val_ppl": new_best}
+                  "best_val_ppl": decision.best, "timestamp": utc_now()}
         fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
-        append_row(session, {
-            **common, "timestamp": utc_now(), "reason": tampered + (result.get("note") or "") + (result.get("reason") or reason),
-            "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
-            "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
-            "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}})
+        written = [{**common, "reason": tampered + (result.get("note") or "") + decision.reason,
+                    "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
+                    "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
+                    "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}}]
         if confirm is not None:
-            append_row(session, {**common, "timestamp": utc_now(), "reason": confirm.get("reason") or reason,
-                                 "description": CONFIRMATION + st["description"], **{k: confirm.get(k) for k in fields}})
+            note = confirm.get("ledger_note", "")
+            written.append({**common, "reason": note + (confirm.get("note") or "") + (confirm.get("reason") or decision.reason),
+                            "description": CONFIRMATION + st["description"], **{k: confirm.get(k) for k in fields}})
+        append_rows(session, written)
     session.save_state(**{**st, "phase": "recorded"})
-    folder = session.runs / str(n)
-    if status not in ("keep", "baseline"):
-        if st["kind"] != "baseline":
-            discard(session, n, commit, parent)
-        (folder / "submission.pt").unlink(missing_ok=True)
-    else:
-        for old in session.runs.glob("*/submission.pt"):  # only the best submission stays on disk
-            if old.parent != folder:
-                old.unlink(missing_ok=True)
+    if status not in ("keep", "baseline") and st["kind"] != "baseline":
+        discard(session, n, commit, parent, st)
+    keep_best_submission(session)
     session.save_state(**{**st, "phase": "done"})
     return status
+
+
+def keep_best_submission(session: Session) -> None:
+    """Only the best kept commit's submission stays on disk (the report scores it on the test split): the
+    first one on disk among that commit's runs, so a repeated baseline keeps the first run's."""
+    rows = same_protocol(session.rows(), night_protocol(session.args))
+    means = kept_means(rows)
+    runs = rows[rows["commit"] == means.idxmin()]["experiment"].dropna().astype(int) if len(means) else []
+    best = [session.runs / str(e) / "submission.pt" for e in runs]
+    keep = next((path for path in best if path.exists()), None)
+    for old in session.runs.glob("*/submission.pt"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
+def checked_ledger(session: Session, result: dict) -> dict:
+    """train.py has run: restore results.tsv before anything reads it; the note goes into the row's reason."""
+    note = protect_ledger(session)
+    return {**result, "ledger_note": note} if note else result
 
 
 def run_committed(session: Session, st: dict) -> str:
@@ -1507,14 +1649,14 @@ def run_committed(session: Session, st: dict) -> str:
     else:
         session.save_state(**{**st, "phase": "training"})
         log(f"experiment {st['experiment']}: training ({st['description']})")
-        result = train_and_score(session, st)
+        result = checked_ledger(session, train_and_score(session, st))
     confirm = None
-    if st["kind"] != "baseline" and not result.get("status") and \
-            needs_confirmation(session.rows(), result.get("val_ppl"), session.args.strict):
+    if st["kind"] != "baseline" and keep_rule(session.rows(), result, strict=session.args.strict,
+                                              protocol=night_protocol(session.args)).confirm:
         st = {**st, "first": result}
         session.save_state(**{**st, "phase": "confirming"})
         log(f"experiment {st['experiment']}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
-        confirm = train_and_score(session, st, label="-confirm")
+        confirm = checked_ledger(session, train_and_score(session, st, label="-confirm"))
     status = finish_experiment(session, st, result, confirm)
     log(f"experiment {st['experiment']}: {status}  val_ppl={result.get('val_ppl')}  {result.get('reason', '')}")
     return status
@@ -1527,16 +1669,28 @@ def next_experiment(session: Session) -> int:
 
 
 def run_baselines(session: Session) -> None:
-    """A new branch first scores the unmodified train.py (--baseline-runs times: the spread of the
-    repeats is the run-to-run noise): the reference every change must beat."""
-    while True:
+    """Before any experiment is compared under this start's protocol, score train.py as it is
+    (--baseline-runs times: the spread of the repeats is the run-to-run noise): the reference every change
+    must beat. A run that does not score is run again; BASELINE_TRIES failures in a row stop the night."""
+    protocol, failures = night_protocol(session.args), 0
+    while not stop_reason(session):
         rows = session.rows()
-        if len(rows) >= session.args.baseline_runs or not rows["description"].str.startswith("baseline").all():
-            return
+        same = same_protocol(rows, protocol)
+        scored = same[same["status"] == "baseline"]
+        if len(scored) >= session.args.baseline_runs or (same["status"] == "keep").any():
+            return  # enough runs, or this protocol's experiments have begun: its baseline is done
+        if failures >= BASELINE_TRIES:
+            last = rows.iloc[-1]
+            why = last["reason"] if last["status"] != "baseline" else f"scored under protocol {last['protocol']}"
+            raise FatalError(f"train.py as committed did not score under protocol {protocol} in {BASELINE_TRIES} tries "
+                             f"(last: {one_line(why, 200)}); see runs/{session.args.tag}/{int(last['experiment'])}/: "
+                             "fix train.py (or the harness) and start again")
         head = session.repo.head.commit.hexsha
-        description = "baseline: unmodified train.py" + (f" (run {len(rows) + 1})" if len(rows) else "")
-        run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
-                                "parent": head, "description": description})
+        what = "unmodified train.py" if not (rows["status"] == "keep").any() else f"train.py as kept, under {protocol}"
+        description = f"baseline: {what}" + (f" (run {len(scored) + 1})" if len(scored) else "")
+        status = run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
+                                         "parent": head, "description": description})
+        failures = failures + 1 if status != "baseline" or session.rows().iloc[-1]["protocol"] != protocol else 0
 
 
 def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = False) -> tuple[str, Prefetch | None]:
@@ -1609,31 +1763,40 @@ def resume(session: Session) -> int:
         log(f"resuming experiment {st['experiment']}: committed but never scored, running it again")
         run_committed(session, st)
         return counted
-    elif phase == "recorded":  # the row is written; the reset may not be
+    elif phase in ("recorded", "discarding"):  # the row is written; the reset may not be
         finish_experiment(session, st, {})
         return counted
     return 0
 
 
 # ---------------------------------------------------------------- the loop
-def budget_left(session: Session, done: int) -> str:
-    args, rows = session.args, session.rows()
-    if args.max_experiments is not None and done >= args.max_experiments:
-        return f"--max-experiments {args.max_experiments} reached"
-    if args.max_hours is not None and time.time() - session.started > args.max_hours * 3600:
-        return f"--max-hours {args.max_hours} reached"
-    if args.max_cost is not None and rows["cost_usd"].fillna(0).sum() >= args.max_cost:
-        return f"--max-cost {args.max_cost} reached"
-    recent = rows["status"].tail(args.max_failures).tolist()
-    if len(recent) == args.max_failures and all(s in ("crash", "timeout", "invalid") for s in recent):
-        return (f"{args.max_failures} failed experiments in a row ({', '.join(recent)}): look at runs/{args.tag}/ "
-                "and the reasons in results.tsv")
+def stop_reason(session: Session) -> str:
+    """Why the night must stop now (checked between any two runs, baselines too), without consuming it."""
+    if session.args.max_hours is not None and time.time() - session.started > session.args.max_hours * 3600:
+        return f"--max-hours {session.args.max_hours} reached"
     if (session.runs / "STOP").exists():
-        (session.runs / "STOP").unlink()
         return "STOP file found"
     if session.interrupts:
         return "interrupted (Ctrl-C)"
     return ""
+
+
+def budget_left(session: Session, done: int) -> str:
+    args, rows = session.args, session.rows()
+    if args.max_experiments is not None and done >= args.max_experiments:
+        return f"--max-experiments {args.max_experiments} reached"
+    if args.max_cost is not None and rows["cost_usd"].fillna(0).sum() >= args.max_cost:
+        return f"--max-cost {args.max_cost} reached"
+    started = datetime.fromtimestamp(int(session.started), timezone.utc)  # failures before this start are old news
+    since = rows[pd.to_datetime(rows["timestamp"], utc=True, errors="coerce") >= started]
+    recent = since["status"].tail(args.max_failures).tolist()
+    if len(recent) == args.max_failures and all(s in ("crash", "timeout", "invalid") for s in recent):
+        return (f"{args.max_failures} failed experiments in a row ({', '.join(recent)}): look at runs/{args.tag}/ "
+                "and the reasons in results.tsv")
+    reason = stop_reason(session)
+    if reason == "STOP file found":
+        (session.runs / "STOP").unlink(missing_ok=True)
+    return reason
 
 
 def install_interrupt_handler(session: Session) -> None:
@@ -1682,13 +1845,13 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
     rows = rows.dropna(subset=["experiment"])
-    scored = rows.dropna(subset=["val_ppl"])
+    scored = same_protocol(rows).dropna(subset=["val_ppl"])  # one protocol's scores: others do not compare
     kept = scored[scored["status"].isin(["baseline", "keep"])]
     fig, ax = plt.subplots(figsize=(12, 6))
     discarded = scored[scored["status"] == "discard"]
     ax.scatter(discarded["experiment"], discarded["val_ppl"], s=16, color="0.55", alpha=0.45, label="discarded")
     ax.scatter(kept["experiment"], kept["val_ppl"], s=44, color="tab:green", zorder=3, label="kept")
-    means = kept_means(rows)  # what the keep rule compares
+    means = kept_means(scored)  # what the keep rule compares
     if len(kept):
         since = kept.groupby("commit", sort=False)["experiment"].min()
         xs = rows["experiment"].astype(float).tolist()
@@ -1734,32 +1897,43 @@ def test_split_ppl(root: Path, submission: Path) -> str:
 
 def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_test: bool = True) -> str:
     numbered = rows.dropna(subset=["experiment"])
-    kept = numbered[numbered["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
+    same = same_protocol(numbered)  # the latest protocol's scores: others are never compared with them
+    kept = same[same["status"].isin(["baseline", "keep"])].dropna(subset=["val_ppl"])
     if kept.empty:
         return f"# {branch}\n\nno scored baseline yet ({len(numbered)} rows)\n"
-    means = kept_means(numbered)
+    means = kept_means(same)
     best_row = kept[kept["commit"] == means.idxmin()].iloc[0].copy()
     best_row["val_ppl"] = means.min()
     baseline = float(means.iloc[0])
+    protocol = kept.iloc[-1]["protocol"] if pd.notna(kept.iloc[-1]["protocol"]) else "unrecorded"
+    labels = numbered.dropna(subset=["val_ppl"])["protocol"].astype(object).fillna("unrecorded")
+    others = ", ".join(f"{k} ({v} scored)" for k, v in labels.value_counts().items() if k != protocol)
     lines = [f"# {branch}", "",
+             f"- protocol {protocol}: every score below" + (f" (rows under {others} are not compared with them)"
+                                                            if others else ""),
              f"- baseline val_ppl {baseline:.4f}; best {best_row['val_ppl']:.4f} "
              f"({(baseline - best_row['val_ppl']) / baseline:.1%} lower) at experiment {int(best_row['experiment'])}, "
              f"commit {str(best_row['commit'])[:10]}"]
-    sigma = noise(numbered)
+    sigma = noise(same)
     lines.append(f"- run-to-run noise (std of the baseline runs): {sigma:.4f}" if sigma is not None
                  else "- run-to-run noise: n/a (one baseline run; use --baseline-runs 2)")
     counts = numbered["status"].value_counts()
     lines.append("- experiments: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    ran = numbered[numbered["status"].isin(["baseline", "keep", "discard", "crash", "timeout"])]
+    bare = int(ran["reason"].fillna("").str.contains("unsandboxed;").sum())
+    lines.append(f"- sandbox: {'every run in Landlock' if not bare else f'{bare} of {len(ran)} runs UNSANDBOXED'}")
     lines.append(f"- LLM: {int(numbered['prompt_tokens'].fillna(0).sum()):,} prompt + "
                  f"{int(numbered['completion_tokens'].fillna(0).sum()):,} completion tokens, "
                  f"${numbered['cost_usd'].fillna(0).sum():.2f}")
-    stamps = pd.to_datetime(numbered["timestamp"])  # written as each experiment ends: add the first one's run
+    stamps = pd.to_datetime(numbered["timestamp"], utc=True, errors="coerce")  # as each experiment ends: add the first run
     first = numbered.iloc[0]
     wall = (stamps.max() - stamps.min()).total_seconds() + (first["train_s"] or 0) + (first["eval_s"] or 0)
     if wall > 0:
         lines.append(f"- wall-clock share spent training: {numbered['train_s'].fillna(0).sum() / wall:.0%} "
                      f"of {wall / 3600:.2f} h")
-    test = test_split_ppl(root, runs / str(int(best_row["experiment"])) / "submission.pt") if with_test else "not run"
+    on_disk = [runs / str(int(e)) / "submission.pt" for e in kept[kept["commit"] == means.idxmin()]["experiment"]]
+    best_submission = next((path for path in on_disk if path.exists()), on_disk[0])  # repeated runs: any one
+    test = test_split_ppl(root, best_submission) if with_test else "not run"
     lines.append(f"- best commit on the test split: test_ppl {test}")
     lines += ["", "## Kept changes (mean val_ppl over each commit's runs)", "",
               "| experiment | runs | val_ppl | gain | noise widths | description |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -1775,8 +1949,37 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
 
 
 def branch_rows(args) -> tuple[Path, str, pd.DataFrame]:
-    root, branch = Path(args.repo).resolve(), f"autoresearch/{args.tag}"
+    """report/plot/status: the ledger checked against the driver's copy first, then the branch's rows."""
+    root = Path(args.repo).resolve()
+    for note in reconcile_ledger(root / "results.tsv", ledger_backup_of(root)):
+        log(note)
+    args.tag = args.tag or default_tag(root)
+    branch = f"autoresearch/{args.tag}"
     return root, branch, branch_ledger(root / "results.tsv", branch)
+
+
+def ledger_backup_of(root: Path) -> Path:
+    """The driver's copy of results.tsv (Session.ledger_backup), out of train.py's reach in .git/."""
+    try:
+        return Path(git.Repo(root).git_dir) / "autoresearch" / "results.tsv"
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return root / ".git" / "autoresearch" / "results.tsv"
+
+
+def default_tag(root: Path) -> str:
+    """No --tag for report/plot/status: the checked-out autoresearch/* branch, else the tag of the newest
+    research row in the ledger (the morning after a night started with the date's default tag)."""
+    with contextlib.suppress(git.InvalidGitRepositoryError, git.NoSuchPathError, TypeError, ValueError):
+        branch = git.Repo(root).active_branch.name  # TypeError: a detached HEAD
+        if branch.startswith("autoresearch/"):
+            return branch.split("/", 1)[1]
+    rows = read_ledger(root / "results.tsv")
+    research = rows[rows["branch"].fillna("").str.startswith("autoresearch/") & (rows["status"] != "manual")]
+    if len(research):
+        stamps = pd.to_datetime(research["timestamp"], utc=True, errors="coerce")
+        newest = research.assign(t=stamps).sort_values("t", kind="stable")
+        return newest.iloc[-1]["branch"].split("/", 1)[1]
+    return datetime.now().strftime("%b%d").lower()
 
 
 def show_status(args) -> int:
@@ -1784,24 +1987,27 @@ def show_status(args) -> int:
     if rows.empty:
         print(f"no experiments on {branch} in {root / 'results.tsv'}")
         return 0
-    means = kept_means(rows)
+    same = same_protocol(rows)
+    means = kept_means(same)
     print(f"branch {branch}: {len(rows)} experiments")
     if len(means):
-        best = rows[rows["commit"] == means.idxmin()].iloc[0]
+        best = same[same["commit"] == means.idxmin()].iloc[0]
         print(f"baseline val_ppl {means.iloc[0]:.4f}; best {means.min():.4f} (experiment {int(best['experiment'])}, "
-              f"commit {str(best['commit'])[:10]})")
+              f"commit {str(best['commit'])[:10]}; protocol {best['protocol']})")
     print("by status: " + ", ".join(f"{k} {v}" for k, v in rows["status"].value_counts().items()))
     print(f"LLM tokens: {int(rows['prompt_tokens'].fillna(0).sum())} prompt, "
           f"{int(rows['completion_tokens'].fillna(0).sum())} completion; cost ${rows['cost_usd'].fillna(0).sum():.4f}")
     with pd.option_context("display.width", 160, "display.max_colwidth", 60):
-        print(rows[["experiment", "status", "val_ppl", "best_val_ppl", "train_s", "description"]].tail(15).to_string(index=False))
+        print(rows[["experiment", "status", "val_ppl", "best_val_ppl", "protocol", "train_s", "description"]].tail(15)
+              .to_string(index=False))
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "plot", "report"])
-    parser.add_argument("--tag", default=datetime.now().strftime("%b%d").lower(), help="branch autoresearch/<tag>")
+    parser.add_argument("--tag", help="branch autoresearch/<tag> (run: today's date, e.g. nov27; report/plot/status: "
+                        "the checked-out autoresearch/* branch, else the newest in results.tsv)")
     parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
     parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar", "knob"],
@@ -1839,6 +2045,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("timeout", "eval_timeout", "max_failures", "max_tokens", "context"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    # prices differ per provider and change often, and a local server costs nothing: no guessed table
+    if args.max_cost is not None and (args.price_in is None or args.price_out is None):
+        parser.error("--max-cost needs --price-in and --price-out (USD per 1M prompt/completion tokens, from your "
+                     "provider's price list; 0 for a local server): without them no cost is counted")
+    if args.command == "run" and args.tag is None:
+        args.tag = datetime.now().strftime("%b%d").lower()
     return args
 
 

@@ -654,17 +654,34 @@ def evaluate(path: str | Path | None, split: str = "validation", max_windows: in
 # ---------------------------------------------------------------- ledger
 def append_ledger_row(row: dict, path: Path = LEDGER_PATH) -> None:
     """Append one row (header on first use), flushed and fsynced: it survives a kill right after."""
+    append_ledger_rows([row], path)
+
+
+def append_ledger_rows(rows: list[dict], path: Path = LEDGER_PATH) -> None:
+    """Append rows in ONE write, flushed and fsynced: the rows of one decision land together or not at all."""
+    import io
+
     import pandas as pd
-    clean = {k: (" ".join(str(v).split()) if isinstance(v, str) else v) for k, v in row.items()}
-    unknown = set(clean) - set(LEDGER_COLUMNS)
+    clean = [{k: (" ".join(str(v).split()) if isinstance(v, str) else v) for k, v in row.items()} for row in rows]
+    unknown = set().union(*clean) - set(LEDGER_COLUMNS)
     if unknown:
         raise ValueError(f"unknown ledger columns {sorted(unknown)}")
-    frame = pd.DataFrame([clean], columns=LEDGER_COLUMNS)
     new = not path.exists() or path.stat().st_size == 0
+    text = io.StringIO()
+    if not new and not _ends_with_newline(path):  # saved by a spreadsheet, or cut by a kill: never glue two rows
+        text.write("\n")
+    pd.DataFrame(clean, columns=LEDGER_COLUMNS).to_csv(text, sep="\t", header=new, index=False, na_rep="",
+                                                        lineterminator="\n")
     with open(path, "a", encoding="utf-8", newline="") as f:
-        frame.to_csv(f, sep="\t", header=new, index=False, na_rep="", lineterminator="\n")
+        f.write(text.getvalue())
         f.flush()
         os.fsync(f.fileno())
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def utc_now() -> str:

@@ -38,7 +38,14 @@ def header(title: str) -> str:
     return (f"## {title}\n\n{datetime.now(timezone.utc).strftime('%Y-%m-%d')}, {platform.node() or 'host'}: "
             f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-            f"command: `python {' '.join([Path(sys.argv[0]).as_posix().split('/work/main/')[-1]] + sys.argv[1:])}`\n")
+            f"command: `{command_line()}`\n")
+
+
+def command_line() -> str:
+    """The command that ran, as typed from the repository root (no machine's checkout path)."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", shown.as_posix(), *sys.argv[1:]])
 
 
 class Timer:

@@ -132,3 +132,18 @@ def real_assets() -> dict:
             pytest.fail(message + " (AR_REQUIRE_ASSETS=1)")
         pytest.skip(message)
     return {"gguf": gguf, "data": SHARED_DATA}
+
+
+# ---------------------------------------------------------------- the driver tests' scripted LLM and research repo
+@pytest.fixture
+def llm():
+    from fake_llm import FakeLLM
+    server = FakeLLM()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    from driver_helpers import make_research_repo
+    return make_research_repo(tmp_path / "research")

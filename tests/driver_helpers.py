@@ -19,6 +19,11 @@ TAG = "t"
 STATUSES = {"baseline", "keep", "discard", "crash", "timeout", "invalid"}
 
 
+def edit(search: str, replace: str, description: str = "a change") -> str:
+    """A SEARCH/REPLACE reply, as the LLM writes it."""
+    return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
+
+
 def make_research_repo(path: Path, real: bool = False) -> Path:
     """A git repo shaped like a user's clone: harness files committed, a user's uncommitted edit
     to README.md and an untracked notes file that the driver must never touch."""
@@ -114,11 +119,13 @@ def check_invariants(repo: Path) -> list[str]:
         problems.append(f"unknown statuses {bad['status'].tolist()}")
     confirmations = rows["description"].fillna("").str.startswith("confirmation run: ")
     rows = rows[~confirmations]  # a confirmation run repeats its experiment's number and commit
+    baselines = rows["description"].fillna("").str.startswith("baseline")  # repeated (and retried) runs of HEAD
+    baseline_commits = set(rows[baselines]["commit"].dropna())
     numbered = rows.dropna(subset=["experiment"])
     if numbered["experiment"].duplicated().any():
         problems.append(f"experiments with 2 rows: {numbered[numbered['experiment'].duplicated()]['experiment'].tolist()}")
     scored = rows.dropna(subset=["commit"])
-    if scored[scored["status"] != "baseline"]["commit"].duplicated().any():
+    if scored[~baselines.reindex(scored.index)]["commit"].duplicated().any():
         problems.append("a commit scored twice")
     if (rows["val_ppl"].dropna() <= 0).any():
         problems.append("non-positive val_ppl")
@@ -128,11 +135,11 @@ def check_invariants(repo: Path) -> list[str]:
     head = g.head.commit.hexsha
     st = state(repo)
     if len(kept) and head != kept.iloc[-1]["commit"]:
-        if not (st.get("phase") in ("committed", "training", "scoring") and st.get("commit") == head):
+        if not (st.get("phase") in ("committed", "training", "scoring", "confirming") and st.get("commit") == head):
             problems.append(f"HEAD {head[:8]} is not the last kept commit {kept.iloc[-1]['commit'][:8]}")
     if g.is_dirty(path="train.py") or g.is_dirty(path="prepare.py"):
         problems.append("train.py/prepare.py differ from HEAD")
-    for _, row in rows[rows["status"].isin(["discard", "crash", "timeout"]) & rows["commit"].notna()].iterrows():
+    for _, row in rows[rows["status"].isin(["discard", "crash", "timeout"]) & rows["commit"].notna() & ~baselines].iterrows():
         ref = f"refs/autoresearch/{TAG}/discarded/{int(row['experiment'])}"
         try:
             if g.git.rev_parse(ref) != row["commit"]:
@@ -144,8 +151,9 @@ def check_invariants(repo: Path) -> list[str]:
     chain = [c.hexsha for c in g.iter_commits(f"autoresearch/{TAG}") if c.message.strip() != "research repo"]
     discarded = [line.split()[0] for line in g.git.for_each_ref("--format=%(objectname)",
                                                                f"refs/autoresearch/{TAG}/discarded/").split("\n") if line]
-    in_flight = st.get("commit") if st.get("phase") in ("applying", "committed", "training", "scoring") else None
-    for commit in set(chain + discarded) - {in_flight}:
+    in_flight = st.get("commit") if st.get("phase") in ("applying", "committed", "training", "scoring", "confirming") \
+        else None
+    for commit in set(chain + discarded) - {in_flight} - baseline_commits:
         if (rows["commit"] == commit).sum() != 1:
             problems.append(f"experiment commit {commit[:8]} has {(rows['commit'] == commit).sum()} ledger rows")
     if len(numbered) and sorted(numbered["experiment"].astype(int)) != list(range(int(numbered["experiment"].max()) + 1)):

@@ -10,25 +10,9 @@ import time
 import git
 import pytest
 
-from driver_helpers import (AGENT, TAG, check_invariants, kill_agent, ledger, make_research_repo, processes_in, run_agent,
+from driver_helpers import (AGENT, TAG, check_invariants, edit, kill_agent, ledger, make_research_repo, processes_in, run_agent,
                             start_agent, state, wait_for_phase)
 from fake_llm import FakeLLM
-
-
-@pytest.fixture
-def llm():
-    server = FakeLLM()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return make_research_repo(tmp_path / "research")
-
-
-def edit(search: str, replace: str, description: str = "a change") -> str:
-    return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
 
 
 def mode(new: str) -> str:

@@ -11,22 +11,9 @@ import time
 import git
 import pytest
 
-from driver_helpers import (TAG, check_invariants, ledger, make_research_repo, processes_in, run_agent, start_agent,
+from driver_helpers import (TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent,
                             state, wait_for_phase)
-from fake_llm import FakeLLM
-from test_agent import edit, mode
-
-
-@pytest.fixture
-def llm():
-    server = FakeLLM()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return make_research_repo(tmp_path / "research")
+from test_agent import mode
 
 
 # ---------------------------------------------------------------- sandbox modes
@@ -168,3 +155,20 @@ def test_git_without_an_identity_gets_the_fallback(repo, llm, tmp_path):
                      GIT_CONFIG_NOSYSTEM="1", EMAIL="", GIT_AUTHOR_NAME="", GIT_COMMITTER_NAME="")
     assert done.returncode == 0, done.stdout
     assert g.head.commit.author.name == "autoresearch" and ledger(repo)["status"].tolist() == ["baseline", "keep"]
+
+
+def test_a_manual_run_during_the_night_is_not_blamed_on_the_experiment(repo, llm):
+    """A `python train.py` by hand appends a `manual` row while an experiment trains: the row stays, and
+    the experiment is not reported as having changed results.tsv."""
+    import prepare
+    run_agent(repo, llm.url, "--max-experiments", "0")
+    llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower"))
+    proc = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE="training:4")
+    wait_for_phase(repo, "training", experiment=1)
+    prepare.append_ledger_rows([{"timestamp": "2026-11-27T00:00:00+00:00", "branch": "main", "status": "manual",
+                                 "val_ppl": 21.0, "description": "manual run"}], repo / "results.tsv")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["baseline", "manual", "keep"], rows
+    assert "changed by the experiment" not in rows.iloc[-1]["reason"] and "manual" in out

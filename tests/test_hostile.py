@@ -42,7 +42,7 @@ def attacks(ctx: dict) -> dict[str, str]:
     """name -> the body of attack() (indented 4). ctx: paths and ports the test watches."""
     return {
         # the evaluator's inputs outside the repository
-        "token cache overwrite": f"""
+        "token cache overwrite": """
     import hashlib
     def walk(folder):
         for entry in os.scandir(folder):  # PermissionError where a folder cannot be listed
@@ -52,9 +52,9 @@ def attacks(ctx: dict) -> dict[str, str]:
         if path.suffix == ".pt":
             data = torch.load(path, weights_only=True)
             if isinstance(data, dict):  # forge the stored digest too
-                data = {{k: (forged if isinstance(v, torch.Tensor) else
+                data = {k: (forged if isinstance(v, torch.Tensor) else
                             hashlib.sha256(forged.numpy().tobytes()).hexdigest() if "sha" in k else v)
-                        for k, v in data.items()}}
+                        for k, v in data.items()}
             torch.save(data if isinstance(data, dict) else forged, path)
             print("overwrote", path)""",
         "raw data rewrite (size and mtime kept)": """

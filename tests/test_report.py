@@ -114,3 +114,12 @@ def test_strict_keeps_any_lower_score_at_once(tmp_path):
 
 def edit_ppl(old: str, new: str, description: str) -> str:
     return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\nPPL = {old}\n=======\nPPL = {new}\n>>>>>>> REPLACE\n"
+
+
+def test_report_says_how_many_runs_were_unsandboxed(night, tmp_path):
+    assert "- sandbox: every run in Landlock" in agent.night_report(night, BRANCH, tmp_path / "runs", tmp_path,
+                                                                     with_test=False)
+    night = night.assign(reason=night["reason"].astype(object))  # all empty in the fixture: read as floats
+    night.loc[night["experiment"].isin([3, 4]), "reason"] = "unsandboxed; val_ppl not lower"
+    report = agent.night_report(night, BRANCH, tmp_path / "runs", tmp_path, with_test=False)
+    assert "- sandbox: 2 of 9 runs UNSANDBOXED" in report

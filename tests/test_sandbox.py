@@ -5,7 +5,6 @@ nothing fails the test. Skipped with a reason where the kernel has no Landlock; 
 AR_REQUIRE_ASSETS=1, where that is a failure instead."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys

@@ -1,6 +1,6 @@
 """A hostile train.py for the sandbox tests: it tries one attack, then submits an honest, deterministic
 round-to-nearest ternary model (no training), so that every run of the corpus has the same honest score."""
-import json
+import json  # noqa: F401 (for the attacks)
 import os
 from pathlib import Path
 

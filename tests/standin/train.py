@@ -39,6 +39,8 @@ def misbehave() -> None:
             f.write("\n# tampered\n")
     if MODE == "ledger":
         open(REPO / "results.tsv", "w").close()
+    if MODE == "vandal":
+        open(REPO / "results.tsv", "w").write("not\ta ledger\n1\t2\n")
     if MODE == "oom":
         raise MemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     if MODE == "rmruns":
