@@ -596,6 +596,21 @@ def knob_edit(old: str, content: str | None, finish_reason: str | None) -> tuple
 
 
 # ---------------------------------------------------------------- the LLM
+def llm_configured(args) -> bool:
+    return bool(args.base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"))
+
+
+def choose_proposer(args) -> str:
+    """--proposer auto: the LLM when an endpoint is configured, else the built-in sweep (with a banner saying so)."""
+    if args.proposer != "auto":
+        return args.proposer
+    if llm_configured(args):
+        return "llm"
+    log("no LLM endpoint configured: running the built-in sweep over program.md's search space; to let an LLM "
+        "propose the changes, set OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL, or pass --base-url")
+    return "sweep"
+
+
 def make_client(args) -> openai.OpenAI:
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
     key = os.environ.get("OPENAI_API_KEY")
@@ -1585,8 +1600,121 @@ def abandon(session: Session, pending: Prefetch, why: str) -> None:
         "in the ledger")
 
 
+# ---------------------------------------------------------------- the sweep proposer (--proposer sweep)
+# No LLM: coordinate descent over the search space that program.md names in its ```search-space block
+# (NAME = [values], knobs in priority order). Each value is tried on top of the best so far and judged by the
+# same keep rule; after a pass, the knobs whose best value changed are swept again; then the sweep stops.
+SEARCH_SPACE_RE = re.compile(r"^```search-space[ \t]*\n(.*?)^```", re.S | re.M)
+SWEEP_ROW_RE = re.compile(r"^sweep: (\S+) (.+) -> (.+)$")
+MAX_SWEEP_PASSES = 4           # a knob that keeps flipping under noise cannot hold the night forever
+
+
+def search_space(program_md: str) -> list[tuple[str, list[str]]]:
+    """program.md's search space: [(NAME, [value as written, ...])] in priority order; FatalError says what to fix."""
+    blocks = SEARCH_SPACE_RE.findall(program_md)
+    where = "program.md's ```search-space block"
+    if len(blocks) != 1:
+        raise FatalError(f"program.md has {len(blocks) or 'no'} ```search-space blocks (lines `NAME = [value, ...]`): "
+                         "the sweep reads exactly one; see the repository's program.md")
+    space = []
+    for number, line in enumerate(blocks[0].splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            node = ast.parse(line.strip()).body[0]
+            assert isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            assert isinstance(node.value, (ast.List, ast.Tuple)) and node.value.elts
+            values = [ast.get_source_segment(line.strip(), e) for e in node.value.elts]
+            [ast.literal_eval(v) for v in values]
+        except (SyntaxError, AssertionError, ValueError, IndexError):
+            raise FatalError(f"{where}, line {number}: {line.strip()!r} is not `NAME = [literal, ...]`") from None
+        space.append((node.targets[0].id, values))
+    if not space:
+        raise FatalError(f"{where} is empty: list knobs as `NAME = [value, ...]`, one a line")
+    return space
+
+
+def literal_value(text: str):
+    with contextlib.suppress(ValueError, SyntaxError):
+        return ast.literal_eval(text)
+    return text
+
+
+def sweep_history(rows: pd.DataFrame) -> list[tuple[str, str, str, bool]]:
+    """The sweep's experiments so far, from the ledger (so a restart resumes the sweep): (NAME, old, new, kept)."""
+    history = []
+    for description, status in zip(rows["description"].fillna(""), rows["status"]):
+        match = SWEEP_ROW_RE.match(description)
+        if match:
+            history.append((*match.groups(), status == "keep"))
+    return history
+
+
+def sweep_next(space: list[tuple[str, list[str]]], current: dict[str, str],
+               history: list[tuple[str, str, str, bool]]) -> tuple[tuple[str, str, str] | None, int]:
+    """((NAME, current value, value to try) or None when the sweep is done, the pass it is in). Replays the
+    sweep from its start: current holds the knobs' values now (as written), history the experiments so far."""
+    value = dict(current)
+    for name, old, _, _ in reversed(history):  # back to the values the sweep started from
+        value[name] = old
+    done = list(history)
+    knobs = [name for name, _ in space if name in value]
+    values = dict(space)
+    passes = 0
+    while knobs and passes < MAX_SWEEP_PASSES:
+        passes += 1
+        changed = []
+        for name in knobs:
+            start = value[name]
+            for candidate in values[name]:
+                if literal_value(candidate) == literal_value(value[name]):
+                    continue  # the best value itself: nothing to try
+                if done and done[0][0] == name and literal_value(done[0][2]) == literal_value(candidate):
+                    if done.pop(0)[3]:
+                        value[name] = candidate
+                    continue
+                return (name, value[name], candidate), passes
+            if literal_value(value[name]) != literal_value(start):
+                changed.append(name)
+        knobs = changed
+    return None, passes
+
+
+def sweep_summary(rows: pd.DataFrame, passes: int) -> str:
+    history = sweep_history(rows)
+    kept = [f"{name} {old} -> {new}" for name, old, new, keep in history if keep]
+    best = best_kept(rows)
+    return (f"the sweep is done: {len(history)} experiments in {passes} pass(es), best val_ppl "
+            f"{best if best is None else f'{best:.4g}'}; kept: {', '.join(kept) or 'nothing'}")
+
+
+def sweep_proposal(session: Session, n: int, train_py: str) -> dict:
+    """The sweep's next change, in the shape of an LLM proposal (no tokens); StopNight when it is done."""
+    rows = session.rows()
+    space = search_space((session.root / "program.md").read_text())
+    current = {name: knob["text"] for name, knob in find_knobs(train_py).items()}
+    missing = [name for name, _ in space if name not in current]
+    if missing:
+        log(f"sweep: {', '.join(missing)} not constants of train.py: skipped")
+    step, passes = sweep_next(space, current, sweep_history(rows))
+    if step is None:
+        raise StopNight(sweep_summary(rows, passes))
+    name, old, new = step
+    proposal = {"description": f"sweep: {name} {old} -> {new}", "prompt_tokens": None, "completion_tokens": None,
+                "seen": int(rows["experiment"].max()) if len(rows) else None, "base": train_py}
+    try:
+        changed = set_knobs(train_py, {name: new})
+        validate_train_py(train_py, changed)
+    except ReplyError as exc:  # a value program.md lists but train.py cannot take: an invalid row says why
+        return {**proposal, "error": f"program.md's search space: {exc}"}
+    log(f"sweep pass {passes}: {name} {old} -> {new}")
+    return {**proposal, "train_py": changed}
+
+
 # ---------------------------------------------------------------- one experiment
 def cost_of(session: Session, prompt_tokens: int, completion_tokens: int) -> float | None:
+    if session.args.proposer == "sweep":
+        return 0.0  # no LLM: nothing spent
     if session.args.price_in is None and session.args.price_out is None:
         return None
     return round(((session.args.price_in or 0) * prompt_tokens + (session.args.price_out or 0) * completion_tokens) / 1e6, 6)
@@ -1701,7 +1829,10 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
     session.save_state(experiment=n, kind="proposal", phase="llm")
     spent: list[tuple[int, int]] = []
     try:
-        proposal = proposal_for(session, n, old, pending, spent)
+        if session.args.proposer == "sweep":
+            proposal = sweep_proposal(session, n, old)
+        else:
+            proposal = proposal_for(session, n, old, pending, spent)
     except BaseException as exc:  # a stop or a refusal while asking: the calls already answered are still billed
         if spent:
             append_invalid(session, n, parent, f"not run: the driver stopped while asking the LLM ({one_line(exc, 150) or type(exc).__name__})",
@@ -1710,7 +1841,7 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
         raise
     seen = proposal["seen"]
     if "error" in proposal:
-        append_invalid(session, n, parent, proposal["error"], proposal, seen, "(reply rejected)")
+        append_invalid(session, n, parent, proposal["error"], proposal, seen, proposal.get("description") or "(reply rejected)")
         session.save_state(experiment=n, kind="proposal", phase="done")
         log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
         return "invalid", None
@@ -2010,6 +2141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the checked-out autoresearch/* branch, else the newest in results.tsv)")
     parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
+    parser.add_argument("--proposer", default="auto", choices=["auto", "llm", "sweep"],
+                        help="who proposes each change: llm, sweep (no LLM: coordinate descent over program.md's "
+                        "search-space block), auto (the LLM when an endpoint is configured, else the sweep)")
     parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar", "knob"],
                         help="json/grammar constrain a weak local model's reply so it always parses; knob: the reply "
                         "only sets one or two of train.py's constants (for models that cannot copy code exactly)")
@@ -2068,11 +2202,16 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(root / "runs" / args.tag / "report.md", report)
             print(report)
             return 0
-        client = make_client(args)  # no endpoint configured: stop now, before any training
+        args.proposer = choose_proposer(args)
+        client = make_client(args) if args.proposer == "llm" else None  # no endpoint: stop now, before any training
         harden_process()
         session = open_session(args)
-        session.client = client
-        session.context = context_window(args, client)
+        if client is not None:
+            session.client = client
+            session.context = context_window(args, client)
+        else:
+            search_space((session.root / "program.md").read_text())  # a broken block stops the night before it starts
+            args.pipeline = False  # the next value depends on this result: nothing to ask for in advance
         try:
             return run_loop(session)
         except git.GitCommandError as exc:
