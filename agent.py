@@ -470,10 +470,22 @@ def find_knobs(train_py: str) -> dict[str, dict]:
     return knobs
 
 
+KNOB_INT_PATTERN = r"^[0-9]{1,7}$"
+KNOB_FLOAT_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?([eE]-?[0-9]{1,2})?$"
+
+
 def knob_value_schema(knob: dict) -> dict:
-    """A constant with options can only be given one of them (as Python literal text); others any short text."""
-    if knob["options"] and all(isinstance(o, str) for o in knob["options"]):
-        return {"type": "string", "enum": [literal_text(o) for o in knob["options"]]}
+    """What a server that enforces the schema lets the model write for this constant (as Python literal text):
+    one of its other options, the other bool, or a number; anything else any short text. A small model then
+    cannot write prose for a number or repeat the current option (a no-op)."""
+    value, options = knob["value"], knob["options"]
+    if options or isinstance(value, bool):
+        others = [o for o in (options or [True, False]) if not (o == value and type(o) is type(value))]
+        return {"type": "string", "enum": [literal_text(o) for o in others]}
+    if isinstance(value, int):
+        return {"type": "string", "pattern": KNOB_INT_PATTERN}
+    if isinstance(value, float) or value is None:
+        return {"type": "string", "pattern": KNOB_FLOAT_PATTERN}
     return {"type": "string", "maxLength": 40}
 
 
@@ -484,9 +496,12 @@ def knob_schema(train_py: str) -> dict:
         "type": "object", "additionalProperties": False, "required": ["description", "set"],
         "properties": {
             "description": {"type": "string", "maxLength": 200},
-            "set": {"type": "object", "minProperties": 1, "maxProperties": MAX_KNOBS, "additionalProperties": False,
-                    "propertyNames": {"enum": list(knobs)},
-                    "properties": {name: knob_value_schema(knob) for name, knob in knobs.items()}},
+            # one constant per reply where the server enforces the schema (llama.cpp's grammar ignores maxProperties
+            # and a small model then sets a dozen); the driver still takes up to MAX_KNOBS from other servers
+            "set": {"type": "object", "propertyNames": {"enum": list(knobs)}, "minProperties": 1,
+                    "maxProperties": MAX_KNOBS,
+                    "anyOf": [{"type": "object", "additionalProperties": False, "required": [name],
+                               "properties": {name: knob_value_schema(knob)}} for name, knob in knobs.items()]},
         },
     }
 

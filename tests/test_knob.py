@@ -32,12 +32,30 @@ def test_schema_names_exactly_the_literal_all_caps_constants():
     schema = agent.knob_schema(SMALL)
     knobs = schema["properties"]["set"]
     assert knobs["propertyNames"]["enum"] == ["MODE", "LR", "STEPS", "BETAS", "USE_EMA"]
-    assert list(knobs["properties"]) == ["MODE", "LR", "STEPS", "BETAS", "USE_EMA"]
-    assert knobs["maxProperties"] == agent.MAX_KNOBS and knobs["additionalProperties"] is False
-    # a constant whose comment lists options can only be given one of them; one without takes any short text
-    assert knobs["properties"]["MODE"] == {"type": "string", "enum": ['"ok"', '"crash"', '"hang"']}
-    assert knobs["properties"]["LR"] == {"type": "string", "maxLength": 40}
-    assert knobs["properties"]["STEPS"] == {"type": "string", "maxLength": 40}  # a comment without options
+    assert knobs["maxProperties"] == agent.MAX_KNOBS
+    # one constant per reply where the server enforces the schema: each branch sets exactly one
+    branches = {list(b["properties"])[0]: b for b in knobs["anyOf"]}
+    assert list(branches) == ["MODE", "LR", "STEPS", "BETAS", "USE_EMA"]
+    assert all(b["required"] == list(b["properties"]) and b["additionalProperties"] is False for b in branches.values())
+    value = {name: b["properties"][name] for name, b in branches.items()}
+    # a constant whose comment lists options can only be given one of the others; a bool the other bool
+    assert value["MODE"] == {"type": "string", "enum": ['"crash"', '"hang"']}
+    assert value["USE_EMA"] == {"type": "string", "enum": ["True"]}
+    # numbers without options (a comment without options is no restriction): number literals
+    assert value["LR"] == {"type": "string", "pattern": agent.KNOB_FLOAT_PATTERN}
+    assert value["STEPS"] == {"type": "string", "pattern": agent.KNOB_INT_PATTERN}
+    assert value["BETAS"] == {"type": "string", "maxLength": 40}
+    import re
+    assert all(re.match(agent.KNOB_FLOAT_PATTERN, v) for v in ("1e-3", "0.0005", "2", "3E-4"))
+    assert not any(re.match(agent.KNOB_FLOAT_PATTERN, v) for v in ("", "fast", "1e-3 # x", "-1"))
+
+
+def test_schema_of_the_real_train_py_offers_other_options_only():
+    knobs = {list(b["properties"])[0]: list(b["properties"].values())[0]
+             for b in agent.knob_schema(TRAIN_PY)["properties"]["set"]["anyOf"]}
+    assert knobs["GROUP_SIZE"]["enum"] == ["32", "64", "128", "256", '"tensor"']  # not the current "row"
+    assert knobs["LAMBDA_SCHEDULE"]["enum"] == ['"cosine"', '"exponential"', '"two_phase"', '"constant"']
+    assert knobs["LAMBDA_WARMUP_FRAC"]["pattern"] == agent.KNOB_FLOAT_PATTERN  # None now: takes a number
 
 
 def test_options_are_read_from_the_real_train_py_comments():
