@@ -2030,6 +2030,56 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     return path
 
 
+def running_best(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per ledger row (one protocol's): experiment, hours since the night's first row, the best kept mean so far
+    (NaN before the baseline) and the noise band's half-width (CONFIRM_SIGMAS noise widths, 0 when unknown)."""
+    rows = same_protocol(rows.dropna(subset=["experiment"]))
+    stamps = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce")
+    best, sigma, seen = [], [], rows.iloc[:0]
+    for i in range(len(rows)):
+        seen = rows.iloc[:i + 1]
+        best.append(best_kept(seen))
+        sigma.append(CONFIRM_SIGMAS * (noise(seen) or 0.0))
+    return pd.DataFrame({"experiment": rows["experiment"].astype(int).to_numpy(),
+                         "hours": ((stamps - stamps.min()).dt.total_seconds() / 3600).to_numpy(),
+                         "best": pd.array(best, dtype="Float64").astype(float), "band": sigma})
+
+
+def plot_overlay(ledger: Path, tags: list[str], path: Path) -> Path:
+    """Several nights' running-best curves side by side: against experiment number and against wall-clock
+    hours, each with its noise band, so that an LLM night can be held against a sweep night of the same length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for tag, color in zip(tags, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        curve = running_best(branch_ledger(ledger, f"autoresearch/{tag}")).dropna(subset=["best"])
+        if curve.empty:
+            log(f"plot: no scored rows for --tag {tag}")
+            continue
+        label = f"{tag}: {len(curve)} rows, best {curve['best'].min():.4g}"
+        for ax, x in zip(axes, ("experiment", "hours")):
+            ax.step(curve[x], curve["best"], where="post", color=color, lw=1.8, label=label)
+            ax.fill_between(curve[x], curve["best"] - curve["band"], curve["best"] + curve["band"], step="post",
+                            color=color, alpha=0.15, lw=0)
+            ax.plot(curve[x], curve["best"], "o", color=color, ms=3)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_xlabel("experiment")
+    axes[1].set_xlabel("hours since the night's first run")
+    axes[0].set_ylabel("best kept val_ppl so far (shaded: ± the confirmation threshold)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.03, y=0.08)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), fontsize=9, frameon=False)
+    fig.suptitle(f"running best: {' vs '.join(tags)}")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend below the axes: never over a point
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def test_split_ppl(root: Path, submission: Path) -> str:
     """The best kept submission on the test split (never shown to the LLM)."""
     if not submission.exists():
@@ -2152,8 +2202,9 @@ def show_status(args) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "plot", "report"])
-    parser.add_argument("--tag", help="branch autoresearch/<tag> (run: today's date, e.g. nov27; report/plot/status: "
-                        "the checked-out autoresearch/* branch, else the newest in results.tsv)")
+    parser.add_argument("--tag", action="append", help="branch autoresearch/<tag> (run: today's date, e.g. nov27; "
+                        "report/plot/status: the checked-out autoresearch/* branch, else the newest in results.tsv); "
+                        "plot --tag A --tag B overlays several nights")
     parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
     parser.add_argument("--proposer", default="auto", choices=["auto", "llm", "sweep"],
@@ -2191,6 +2242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "require (refuse to start without it), off")
     parser.add_argument("--repo", default=str(prepare.ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # several --tag: plot overlays them; any other command takes the last, as a plain option would
+    args.tags = (args.tag or []) if args.command == "plot" else (args.tag or [])[-1:]
+    args.tag = args.tags[-1] if args.tags else None
     for name in ("timeout", "eval_timeout", "max_failures", "max_tokens", "context"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -2210,6 +2264,9 @@ def main(argv: list[str] | None = None) -> int:
             return show_status(args)
         if args.command in ("plot", "report"):
             root, branch, rows = branch_rows(args)
+            if args.command == "plot" and len(args.tags) > 1:
+                log(f"wrote {plot_overlay(root / 'results.tsv', args.tags, root / 'progress-overlay.png')}")
+                return 0
             if args.command == "plot":
                 log(f"wrote {plot_progress(rows, branch, root / 'progress.png')}")
                 return 0
