@@ -1989,6 +1989,7 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
     rows = rows.dropna(subset=["experiment"])
     scored = same_protocol(rows).dropna(subset=["val_ppl"])  # one protocol's scores: others do not compare
@@ -2003,6 +2004,11 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
         xs = rows["experiment"].astype(float).tolist()
         line = [min((means[c] for c in means.index if since[c] <= x), default=None) for x in xs]
         ax.step(xs, line, where="post", color="tab:green", lw=1.5, label="best so far (mean of a commit's runs)")
+        band = CONFIRM_SIGMAS * (noise(scored) or 0.0)
+        if band:  # a gain inside the band is confirmed by a second run before it is kept
+            ys = pd.Series(line, dtype=float)
+            ax.fill_between(xs, ys - band, ys + band, step="post", color="tab:green", alpha=0.12, lw=0,
+                            label=f"noise band (± {CONFIRM_SIGMAS:g} σ = {band:.3g})")
         for _, row in kept.drop_duplicates("commit").iterrows():  # one label per kept change
             ax.annotate(one_line(row["description"], 40), (row["experiment"], row["val_ppl"]), xytext=(4, 6),
                         textcoords="offset points", fontsize=7, rotation=18, color="darkgreen")
@@ -2016,6 +2022,8 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
                        label=f"{status} ({len(failed)})", clip_on=False)
     if len(scored) and scored["val_ppl"].max() > 3 * scored["val_ppl"].min():
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are whole numbers
+    ax.margins(x=0.03)
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_ppl (WikiText-2 validation, lower is better)")
     title = f"{branch}: {len(rows)} experiments"
@@ -2023,7 +2031,7 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
         title += f", baseline {means.iloc[0]:.2f} → best {means.min():.2f}"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: never over a point
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
