@@ -2066,7 +2066,7 @@ def plot_overlay(ledger: Path, tags: list[str], path: Path) -> Path:
         if curve.empty:
             log(f"plot: no scored rows for --tag {tag}")
             continue
-        label = f"{tag}: {len(curve)} rows, best {curve['best'].min():.4g}"
+        label = f"{tag}: {curve['experiment'].nunique()} experiments, best {curve['best'].iloc[-1]:.4g}"
         for ax, x in zip(axes, ("experiment", "hours")):
             ax.step(curve[x], curve["best"], where="post", color=color, lw=1.8, label=label)
             ax.fill_between(curve[x], curve["best"] - curve["band"], curve["best"] + curve["band"], step="post",

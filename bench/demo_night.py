@@ -72,8 +72,10 @@ def main() -> None:
         write_text(data / name, n, seed)
     build_tiny_model(out / "model", data / "wiki.train.raw")
     repo = make_research_repo(out / "research", real=True)
+    # one thread: on a shared 2-core machine two threads stall on each other, and a time-budgeted run's step
+    # count (so its score) then swings with the other users' load
     env = {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
-           "AR_CACHE": str(out / "cache")}
+           "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
     llm = FakeLLM(CHANGES * 3)  # a rejected reply is followed by repair turns
     try:
         tags = []
