@@ -92,6 +92,8 @@ def run(experiments: int, kills: int, seed: int = 0, workdir: Path | None = None
             n = int(ledger(repo)["experiment"].max()) + 1
             phase, st = kill_in(repo, llm.url, target, n, rng, env)
             phases[phase] += 1
+            if phase == "exited":
+                problems.append(f"the driver exited on its own before the kill aimed at {target}")
             done = run_agent(repo, llm.url, "--max-experiments", "1", **env)
             if done.returncode:
                 problems.append(f"restart after a kill in {phase} exited {done.returncode}: {done.stdout[-300:]}")
