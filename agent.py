@@ -2041,11 +2041,12 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
 def running_best(rows: pd.DataFrame) -> pd.DataFrame:
     """Per ledger row (one protocol's): experiment, hours since the night's first row, the best kept mean so far
     (NaN before the baseline) and the noise band's half-width (CONFIRM_SIGMAS noise widths, 0 when unknown)."""
-    rows = same_protocol(rows.dropna(subset=["experiment"]))
+    rows = rows.dropna(subset=["experiment"])
+    scored = same_protocol(rows)  # failed rows have no protocol: they still count as experiments of the night
     stamps = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce")
-    best, sigma, seen = [], [], rows.iloc[:0]
-    for i in range(len(rows)):
-        seen = rows.iloc[:i + 1]
+    best, sigma = [], []
+    for index in rows.index:
+        seen = scored.loc[scored.index <= index]
         best.append(best_kept(seen))
         sigma.append(CONFIRM_SIGMAS * (noise(seen) or 0.0))
     return pd.DataFrame({"experiment": rows["experiment"].astype(int).to_numpy(),
