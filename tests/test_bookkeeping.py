@@ -113,8 +113,9 @@ def test_a_kill_while_discarding_resumes_cleanly(repo, llm, phase):
 
 # ---------------------------------------------------------------- items 6, 7, 8: the ledger under faults
 def test_a_ledger_overwritten_by_train_py_is_restored_without_a_traceback(repo, llm):
+    """Unsandboxed (in the sandbox, the write is refused: test_agent's faults test)."""
     llm.push(edit('MODE = "ok"', 'MODE = "vandal"', "overwrite the ledger"))
-    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    done = run_agent(repo, llm.url, "--max-experiments", "1", "--sandbox", "off")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = ledger(repo)
     assert rows["status"].tolist() == ["baseline", "discard"] and "restored" in rows["reason"].iloc[1]

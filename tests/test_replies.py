@@ -67,9 +67,6 @@ def device():
 
 def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
     repo = make_research_repo(tmp_path / "research")
-    # the baseline from the stand-in train.py: the real one cannot score against the stand-in harness, and a
-    # night whose baseline never scores stops
-    assert run_agent(repo, "http://127.0.0.1:9/v1", "--max-experiments", "0").returncode == 0
     shutil.copy(ROOT / "train.py", repo / "train.py")  # the corpus edits the real train.py
     with open(repo / "prepare.py", "a") as f:
         f.write(REAL_TRAIN_PY_STANDIN)
