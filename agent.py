@@ -62,6 +62,7 @@ LLM_TIMEOUT_S = 600            # one chat completion
 # room to spare; a fixed 8192 let a small model ramble for many minutes
 REPLY_TOKENS_FACTOR = 1.3
 REPLY_TOKENS_EXTRA = 512
+KNOB_REPLY_TOKENS = 256        # a knob reply is one short JSON object
 # Prompt tokens are estimated from characters: SmolLM2's tokenizer gives 3.2 chars/token on train.py
 # and 3.4 on program.md (llama.cpp /tokenize), GPT-4o's more; 3.0 errs on the safe side
 CHARS_PER_TOKEN = 3.0
@@ -419,6 +420,8 @@ def edit_train_py(old: str, content: str | None, finish_reason: str | None, repl
                   blocks_only: bool = False) -> tuple[str, str]:
     """The reply applied to train.py's text: (description, new text), or ReplyError saying why not.
     blocks_only: the reply was written for an older train.py; a whole file would undo what changed since."""
+    if reply_format == "knob":
+        return knob_edit(old, content, finish_reason)
     description, blocks, whole = parse_reply(content, finish_reason, reply_format)
     if whole is not None and blocks_only:
         raise ReplyError("a whole-file reply written for an older train.py")
@@ -427,7 +430,220 @@ def edit_train_py(old: str, content: str | None, finish_reason: str | None, repl
     return description, new
 
 
+# ---------------------------------------------------------------- knob edits (--reply-format knob)
+# A weak model cannot copy lines exactly, but it can name a constant and a value: the reply sets at most
+# MAX_KNOBS of train.py's top-level ALL_CAPS constants, each value a Python literal checked before it runs.
+MAX_KNOBS = 2
+KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+KNOB_SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
+training in train.py. Each reply changes ONE or TWO of train.py's named constants; the change is committed, \
+trained for 5 minutes and scored by a separate, read-only evaluator (WikiText-2 validation perplexity of the \
+exported ternary weights). Lower val_ppl is kept; anything else is reverted.
+
+Reply with ONE JSON object, exactly:
+{"description": "<one line: what you changed and why>", "set": {"NAME": "<new value as a Python literal>"}}
+NAME is one of the constants listed below. A constant whose comment lists options (a | b | c) takes one of them;
+any other keeps its current type. Strings are quoted Python literals, e.g. "cosine" becomes "\\"cosine\\""."""
+
+
+def knob_options(comment: str) -> list | None:
+    """The values a constant's comment names, like `# linear | cosine | exponential` or `# 32 | 64 | "row" (per
+    output row)`: the first word of each ' | '-separated part (a literal, or a bare word as a string)."""
+    parts = comment.lstrip("#").split(" | ")
+    if len(parts) < 2:
+        return None
+    options = []
+    for part in parts:
+        match = re.match(r"\s*(\"[^\"]*\"|'[^']*'|[\w.+-]+)", part)
+        if not match:
+            return None
+        with contextlib.suppress(ValueError, SyntaxError):
+            options.append(ast.literal_eval(match.group(1)))
+            continue
+        if not match.group(1).isidentifier():
+            return None
+        options.append(match.group(1))
+    return options
+
+
+def find_knobs(train_py: str) -> dict[str, dict]:
+    """train.py's top-level ALL_CAPS constants with a literal value on one line, in file order:
+    name -> {value, text (the value as written), comment, options, line (0-based), start, end (columns)}."""
+    lines = train_py.splitlines()
+    knobs = {}
+    for node in ast.parse(train_py).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and KNOB_NAME.match(node.targets[0].id) and node.lineno == node.end_lineno):
+            continue
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue  # computed at run time (T_PROCESS = time.time()): not a knob
+        line = lines[node.lineno - 1].encode()  # ast's columns count UTF-8 bytes
+        start, end = len(line[:node.value.col_offset].decode()), len(line[:node.value.end_col_offset].decode())
+        line = line.decode()
+        comment = line[end:].strip() if line[end:].strip().startswith("#") else ""
+        knobs[node.targets[0].id] = {"value": value, "text": line[start:end], "comment": comment,
+                                     "options": knob_options(comment), "line": node.lineno - 1, "start": start, "end": end}
+    return knobs
+
+
+KNOB_INT_PATTERN = r"^[0-9]{1,7}$"
+KNOB_FLOAT_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?([eE]-?[0-9]{1,2})?$"
+
+
+def knob_value_schema(knob: dict) -> dict:
+    """What a server that enforces the schema lets the model write for this constant (as Python literal text):
+    one of its other options, the other bool, or a number; anything else any short text. A small model then
+    cannot write prose for a number or repeat the current option (a no-op)."""
+    value, options = knob["value"], knob["options"]
+    if options or isinstance(value, bool):
+        others = [o for o in (options or [True, False]) if not (o == value and type(o) is type(value))]
+        return {"type": "string", "enum": [literal_text(o) for o in others]}
+    if isinstance(value, int):
+        return {"type": "string", "pattern": KNOB_INT_PATTERN}
+    if isinstance(value, float) or value is None:
+        return {"type": "string", "pattern": KNOB_FLOAT_PATTERN}
+    return {"type": "string", "maxLength": 40}
+
+
+def knob_schema(train_py: str) -> dict:
+    """The reply's JSON schema, built from train.py as it is now: NAME is an enum of its constants."""
+    knobs = find_knobs(train_py)
+    return {
+        "type": "object", "additionalProperties": False, "required": ["description", "set"],
+        "properties": {
+            "description": {"type": "string", "maxLength": 200},
+            # one constant per reply where the server enforces the schema (llama.cpp's grammar ignores maxProperties
+            # and a small model then sets a dozen); the driver still takes up to MAX_KNOBS from other servers
+            "set": {"type": "object", "propertyNames": {"enum": list(knobs)}, "minProperties": 1,
+                    "maxProperties": MAX_KNOBS,
+                    "anyOf": [{"type": "object", "additionalProperties": False, "required": [name],
+                               "properties": {name: knob_value_schema(knob)}} for name, knob in knobs.items()]},
+        },
+    }
+
+
+def knob_listing(train_py: str) -> str:
+    """The constants as the prompt shows them: `NAME = value  # comment`, one a line."""
+    return "\n".join(f"{name} = {k['text']}" + (f"  {k['comment']}" if k["comment"] else "")
+                     for name, k in find_knobs(train_py).items())
+
+
+def same_kind(value, current) -> bool:
+    """value may replace current: bools stay bools, ints stay ints, floats take ints or floats, None takes a
+    number, tuples keep their length and numbers."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(current, bool)
+    if current is None:
+        return value is None or isinstance(value, (int, float))
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    if isinstance(current, tuple):
+        return isinstance(value, tuple) and len(value) == len(current) and all(same_kind(v, c) for v, c in zip(value, current))
+    return type(value) is type(current)
+
+
+def knob_literal(name: str, knob: dict, text) -> tuple[object, str]:
+    """(value, source text) of a proposed value, or ReplyError saying why it cannot be used."""
+    if not isinstance(text, str):  # a JSON number or bool where a literal's text was asked for: take its value
+        text = "None" if text is None else repr(text)
+    text = text.strip()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        words = [o for o in knob["options"] or [] if isinstance(o, str)]
+        if text not in words and not (text.isidentifier() and isinstance(knob["value"], str) and not knob["options"]):
+            raise ReplyError(f"{name}: {one_line(text, 60)!r} is not a Python literal"
+                             + (f" (one of: {', '.join(map(repr, knob['options']))})" if knob["options"] else "")) from None
+        value = text  # a bare word for a string constant: the small model's spelling of "cosine"
+    options = knob["options"] or []
+    if value in options and type(value) in {type(o) for o in options}:
+        pass
+    elif isinstance(value, str) and options:
+        raise ReplyError(f"{name} = {value!r} is not one of its options: {', '.join(map(repr, options))}")
+    elif not (same_kind(value, knob["value"]) or any(same_kind(value, o) for o in options)):
+        raise ReplyError(f"{name} = {one_line(text, 60)} is of type {type(value).__name__}, but {name} is of type "
+                         f"{type(knob['value']).__name__} (now {knob['text']})")
+    if "\n" in text or "#" in text or text.isidentifier() and value == text:
+        text = literal_text(value)
+    return value, text
+
+
+def literal_text(value) -> str:
+    """A literal as train.py writes it: strings in double quotes."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def set_knobs(train_py: str, changes: dict) -> str:
+    """train.py with each NAME's value replaced by the given literal, nothing else touched: the comment stays in
+    its column where the new value leaves room. ReplyError for an unknown name or a bad value."""
+    knobs = find_knobs(train_py)
+    if not changes:
+        raise ReplyError('"set" names no constant: set one or two of train.py\'s constants')
+    if len(changes) > MAX_KNOBS:
+        raise ReplyError(f'"set" names {len(changes)} constants: at most {MAX_KNOBS} per experiment')
+    lines = train_py.splitlines(keepends=True)
+    for name, text in changes.items():
+        if name not in knobs:
+            close = difflib.get_close_matches(str(name), list(knobs), n=1)
+            raise ReplyError(f"{one_line(name, 40)!r} is not a constant of train.py" +
+                             (f" (did you mean {close[0]}?)" if close else f"; the constants: {', '.join(knobs)}"))
+        knob = knobs[name]
+        _, new = knob_literal(name, knob, text)
+        line = lines[knob["line"]]
+        head, tail = line[:knob["start"]] + new, line[knob["end"]:]
+        if knob["comment"]:  # keep the comment's column when the new value fits before it
+            gap = len(tail) - len(tail.lstrip(" "))
+            tail = " " * max(gap + knob["end"] - knob["start"] - len(new), min(gap, 2), 1) + tail.lstrip(" ")
+        lines[knob["line"]] = head + tail
+    return "".join(lines)
+
+
+def parse_knob_reply(content: str) -> tuple[str, dict]:
+    """(description, {NAME: literal text}) of a knob reply, or ReplyError."""
+    try:
+        data = json.loads(content[content.find("{"): content.rfind("}") + 1])
+        changes = data["set"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReplyError(f'the reply is not the JSON object asked for, {{"description": ..., "set": {{"NAME": "<value>"}}}} '
+                         f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(changes, dict):
+        raise ReplyError(f'"set" must be an object {{"NAME": "<value>"}}, not {type(changes).__name__}')
+    description = data.get("description") if isinstance(data, dict) else None
+    names = ", ".join(f"{k} = {v}" for k, v in changes.items())
+    described = one_line(description) if isinstance(description, str) and description.strip() else ""
+    return one_line(f"{names}: {described}" if described else f"set {names}"), changes
+
+
+def knob_edit(old: str, content: str | None, finish_reason: str | None) -> tuple[str, str]:
+    """A knob reply applied to train.py: (description, new text), or ReplyError."""
+    if finish_reason == "length":
+        raise ReplyError("the reply was cut off by the length limit: reply with the short JSON object only")
+    if not content or not content.strip():
+        raise ReplyError('the reply was empty: reply with {"description": ..., "set": {"NAME": "<value>"}}')
+    description, changes = parse_knob_reply(content)
+    new = set_knobs(old, changes)
+    validate_train_py(old, new)
+    return description, new
+
+
 # ---------------------------------------------------------------- the LLM
+def llm_configured(args) -> bool:
+    return bool(args.base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"))
+
+
+def choose_proposer(args) -> str:
+    """--proposer auto: the LLM when an endpoint is configured, else the built-in sweep (with a banner saying so)."""
+    if args.proposer != "auto":
+        return args.proposer
+    if llm_configured(args):
+        return "llm"
+    log("no LLM endpoint configured: running the built-in sweep over program.md's search space; to let an LLM "
+        "propose the changes, set OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL, or pass --base-url")
+    return "sweep"
+
+
 def make_client(args) -> openai.OpenAI:
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
     key = os.environ.get("OPENAI_API_KEY")
@@ -480,6 +696,8 @@ def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
 
 def reply_tokens(args, train_py: str) -> int:
     """max_tokens before the context cap: --max-tokens, else room for a whole new train.py."""
+    if args.reply_format == "knob":
+        return args.max_tokens or KNOB_REPLY_TOKENS
     return args.max_tokens or int(estimate_tokens(train_py) * REPLY_TOKENS_FACTOR) + REPLY_TOKENS_EXTRA
 
 
@@ -538,7 +756,8 @@ def tokens_used(usage) -> tuple[int, int]:
     return tuple(int(c) if isinstance(c, (int, float)) and c > 0 else 0 for c in counts)
 
 
-def chat(session: "Session", messages: list[dict], max_tokens: int | None = None) -> tuple[str | None, str | None, int, int]:
+def chat(session: "Session", messages: list[dict], max_tokens: int | None = None,
+         schema: dict | None = None) -> tuple[str | None, str | None, int, int]:
     """One chat completion: (content, finish_reason, prompt tokens, completion tokens). Transient faults are
     waited out (logged); a refusal that asking again cannot change stops the driver (FatalError); a prompt
     longer than the server's context raises ContextOverflow."""
@@ -550,6 +769,8 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
                                      "json_schema": {"name": "edit", "schema": REPLY_SCHEMA, "strict": True}}
     elif session.args.reply_format == "grammar":
         kwargs["extra_body"] = {"grammar": REPLY_GRAMMAR}
+    elif session.args.reply_format == "knob" and schema:  # not strict: OpenAI's strict mode lacks min/maxProperties
+        kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "knobs", "schema": schema}}
     wait = 1.0
     while True:
         try:
@@ -1297,6 +1518,10 @@ def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
         parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
                      "It is NOT in the train.py below. If it is kept, your change is applied on top of it: propose a "
                      "different change that does not touch the same lines.")
+    if session.args.reply_format == "knob":  # a weak model chooses among named constants instead of writing code
+        parts.append("# train.py's constants (current values and comments)\n" + knob_listing(train_py))
+        parts.append('Change ONE or TWO constants: reply {"description": "...", "set": {"NAME": "<value>"}}.')
+        return [{"role": "system", "content": KNOB_SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
     parts.append("# train.py (current)\n```python\n" + train_py + "```")
     parts.append("Propose ONE focused change to train.py in the reply format.")
     system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
@@ -1366,13 +1591,14 @@ def propose(session: Session, n: int, train_py: str, in_flight: str | None = Non
     before = len(spent)
     history: list[tuple[str, str]] = []
     error = ""
+    schema = knob_schema(train_py) if session.args.reply_format == "knob" else None  # built from train.py as it is now
     for turn in range(session.args.repair_turns + 1):
         squeeze = False
         while True:  # a request the server finds too long: shrink it and try once more
             messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze)
             atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
             try:
-                content, finish, p_tok, c_tok = chat(session, messages, max_tokens)
+                content, finish, p_tok, c_tok = chat(session, messages, max_tokens, schema)
                 break
             except ContextOverflow as exc:
                 if squeeze:
@@ -1480,8 +1706,121 @@ def abandon(session: Session, pending: Prefetch, why: str) -> None:
         "in the ledger")
 
 
+# ---------------------------------------------------------------- the sweep proposer (--proposer sweep)
+# No LLM: coordinate descent over the search space that program.md names in its ```search-space block
+# (NAME = [values], knobs in priority order). Each value is tried on top of the best so far and judged by the
+# same keep rule; after a pass, the knobs whose best value changed are swept again; then the sweep stops.
+SEARCH_SPACE_RE = re.compile(r"^```search-space[ \t]*\n(.*?)^```", re.S | re.M)
+SWEEP_ROW_RE = re.compile(r"^sweep: (\S+) (.+) -> (.+)$")
+MAX_SWEEP_PASSES = 4           # a knob that keeps flipping under noise cannot hold the night forever
+
+
+def search_space(program_md: str) -> list[tuple[str, list[str]]]:
+    """program.md's search space: [(NAME, [value as written, ...])] in priority order; FatalError says what to fix."""
+    blocks = SEARCH_SPACE_RE.findall(program_md)
+    where = "program.md's ```search-space block"
+    if len(blocks) != 1:
+        raise FatalError(f"program.md has {len(blocks) or 'no'} ```search-space blocks (lines `NAME = [value, ...]`): "
+                         "the sweep reads exactly one; see the repository's program.md")
+    space = []
+    for number, line in enumerate(blocks[0].splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            node = ast.parse(line.strip()).body[0]
+            assert isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            assert isinstance(node.value, (ast.List, ast.Tuple)) and node.value.elts
+            values = [ast.get_source_segment(line.strip(), e) for e in node.value.elts]
+            [ast.literal_eval(v) for v in values]
+        except (SyntaxError, AssertionError, ValueError, IndexError):
+            raise FatalError(f"{where}, line {number}: {line.strip()!r} is not `NAME = [literal, ...]`") from None
+        space.append((node.targets[0].id, values))
+    if not space:
+        raise FatalError(f"{where} is empty: list knobs as `NAME = [value, ...]`, one a line")
+    return space
+
+
+def literal_value(text: str):
+    with contextlib.suppress(ValueError, SyntaxError):
+        return ast.literal_eval(text)
+    return text
+
+
+def sweep_history(rows: pd.DataFrame) -> list[tuple[str, str, str, bool]]:
+    """The sweep's experiments so far, from the ledger (so a restart resumes the sweep): (NAME, old, new, kept)."""
+    history = []
+    for description, status in zip(rows["description"].fillna(""), rows["status"]):
+        match = SWEEP_ROW_RE.match(description)
+        if match:
+            history.append((*match.groups(), status == "keep"))
+    return history
+
+
+def sweep_next(space: list[tuple[str, list[str]]], current: dict[str, str],
+               history: list[tuple[str, str, str, bool]]) -> tuple[tuple[str, str, str] | None, int]:
+    """((NAME, current value, value to try) or None when the sweep is done, the pass it is in). Replays the
+    sweep from its start: current holds the knobs' values now (as written), history the experiments so far."""
+    value = dict(current)
+    for name, old, _, _ in reversed(history):  # back to the values the sweep started from
+        value[name] = old
+    done = list(history)
+    knobs = [name for name, _ in space if name in value]
+    values = dict(space)
+    passes = 0
+    while knobs and passes < MAX_SWEEP_PASSES:
+        passes += 1
+        changed = []
+        for name in knobs:
+            start = value[name]
+            for candidate in values[name]:
+                if literal_value(candidate) == literal_value(value[name]):
+                    continue  # the best value itself: nothing to try
+                if done and done[0][0] == name and literal_value(done[0][2]) == literal_value(candidate):
+                    if done.pop(0)[3]:
+                        value[name] = candidate
+                    continue
+                return (name, value[name], candidate), passes
+            if literal_value(value[name]) != literal_value(start):
+                changed.append(name)
+        knobs = changed
+    return None, passes
+
+
+def sweep_summary(rows: pd.DataFrame, passes: int) -> str:
+    history = sweep_history(rows)
+    kept = [f"{name} {old} -> {new}" for name, old, new, keep in history if keep]
+    best = best_kept(rows)
+    return (f"the sweep is done: {len(history)} experiments in {passes} pass(es), best val_ppl "
+            f"{best if best is None else f'{best:.4g}'}; kept: {', '.join(kept) or 'nothing'}")
+
+
+def sweep_proposal(session: Session, n: int, train_py: str) -> dict:
+    """The sweep's next change, in the shape of an LLM proposal (no tokens); StopNight when it is done."""
+    rows = session.rows()
+    space = search_space((session.root / "program.md").read_text())
+    current = {name: knob["text"] for name, knob in find_knobs(train_py).items()}
+    missing = [name for name, _ in space if name not in current]
+    if missing:
+        log(f"sweep: {', '.join(missing)} not constants of train.py: skipped")
+    step, passes = sweep_next(space, current, sweep_history(rows))
+    if step is None:
+        raise StopNight(sweep_summary(rows, passes))
+    name, old, new = step
+    proposal = {"description": f"sweep: {name} {old} -> {new}", "prompt_tokens": None, "completion_tokens": None,
+                "seen": int(rows["experiment"].max()) if len(rows) else None, "base": train_py}
+    try:
+        changed = set_knobs(train_py, {name: new})
+        validate_train_py(train_py, changed)
+    except ReplyError as exc:  # a value program.md lists but train.py cannot take: an invalid row says why
+        return {**proposal, "error": f"program.md's search space: {exc}"}
+    log(f"sweep pass {passes}: {name} {old} -> {new}")
+    return {**proposal, "train_py": changed}
+
+
 # ---------------------------------------------------------------- one experiment
 def cost_of(session: Session, prompt_tokens: int, completion_tokens: int) -> float | None:
+    if session.args.proposer == "sweep":
+        return 0.0  # no LLM: nothing spent
     if session.args.price_in is None and session.args.price_out is None:
         return None
     return round(((session.args.price_in or 0) * prompt_tokens + (session.args.price_out or 0) * completion_tokens) / 1e6, 6)
@@ -1609,7 +1948,10 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
     session.save_state(experiment=n, kind="proposal", phase="llm")
     spent: list[tuple[int, int]] = []
     try:
-        proposal = proposal_for(session, n, old, pending, spent)
+        if session.args.proposer == "sweep":
+            proposal = sweep_proposal(session, n, old)
+        else:
+            proposal = proposal_for(session, n, old, pending, spent)
     except BaseException as exc:  # a stop or a refusal while asking: the calls already answered are still billed
         if spent:
             append_invalid(session, n, parent, f"not run: the driver stopped while asking the LLM ({one_line(exc, 150) or type(exc).__name__})",
@@ -1618,7 +1960,7 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
         raise
     seen = proposal["seen"]
     if "error" in proposal:
-        append_invalid(session, n, parent, proposal["error"], proposal, seen, "(reply rejected)")
+        append_invalid(session, n, parent, proposal["error"], proposal, seen, proposal.get("description") or "(reply rejected)")
         session.save_state(experiment=n, kind="proposal", phase="done")
         log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
         return "invalid", None
@@ -1751,6 +2093,7 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
     rows = rows.dropna(subset=["experiment"])
     scored = same_protocol(rows).dropna(subset=["val_ppl"])  # one protocol's scores: others do not compare
@@ -1765,6 +2108,11 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
         xs = rows["experiment"].astype(float).tolist()
         line = [min((means[c] for c in means.index if since[c] <= x), default=None) for x in xs]
         ax.step(xs, line, where="post", color="tab:green", lw=1.5, label="best so far (mean of a commit's runs)")
+        band = CONFIRM_SIGMAS * (noise(scored) or 0.0)
+        if band:  # a gain inside the band is confirmed by a second run before it is kept
+            ys = pd.Series(line, dtype=float)
+            ax.fill_between(xs, ys - band, ys + band, step="post", color="tab:green", alpha=0.12, lw=0,
+                            label=f"noise band (± {CONFIRM_SIGMAS:g} σ = {band:.3g})")
         for _, row in kept.drop_duplicates("commit").iterrows():  # one label per kept change
             ax.annotate(one_line(row["description"], 40), (row["experiment"], row["val_ppl"]), xytext=(4, 6),
                         textcoords="offset points", fontsize=7, rotation=18, color="darkgreen")
@@ -1778,6 +2126,8 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
                        label=f"{status} ({len(failed)})", clip_on=False)
     if len(scored) and scored["val_ppl"].max() > 3 * scored["val_ppl"].min():
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are whole numbers
+    ax.margins(x=0.03)
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_ppl (WikiText-2 validation, lower is better)")
     title = f"{branch}: {len(rows)} experiments"
@@ -1785,8 +2135,59 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
         title += f", baseline {means.iloc[0]:.2f} → best {means.min():.2f}"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: never over a point
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def running_best(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per ledger row (one protocol's): experiment, hours since the night's first row, the best kept mean so far
+    (NaN before the baseline) and the noise band's half-width (CONFIRM_SIGMAS noise widths, 0 when unknown)."""
+    rows = rows.dropna(subset=["experiment"])
+    scored = same_protocol(rows)  # failed rows have no protocol: they still count as experiments of the night
+    stamps = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce")
+    best, sigma = [], []
+    for index in rows.index:
+        seen = scored.loc[scored.index <= index]
+        best.append(best_kept(seen))
+        sigma.append(CONFIRM_SIGMAS * (noise(seen) or 0.0))
+    return pd.DataFrame({"experiment": rows["experiment"].astype(int).to_numpy(),
+                         "hours": ((stamps - stamps.min()).dt.total_seconds() / 3600).to_numpy(),
+                         "best": pd.array(best, dtype="Float64").astype(float), "band": sigma})
+
+
+def plot_overlay(ledger: Path, tags: list[str], path: Path) -> Path:
+    """Several nights' running-best curves side by side: against experiment number and against wall-clock
+    hours, each with its noise band, so that an LLM night can be held against a sweep night of the same length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for tag, color in zip(tags, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        curve = running_best(branch_ledger(ledger, f"autoresearch/{tag}")).dropna(subset=["best"])
+        if curve.empty:
+            log(f"plot: no scored rows for --tag {tag}")
+            continue
+        label = f"{tag}: {curve['experiment'].nunique()} experiments, best {curve['best'].iloc[-1]:.4g}"
+        for ax, x in zip(axes, ("experiment", "hours")):
+            ax.step(curve[x], curve["best"], where="post", color=color, lw=1.8, label=label)
+            ax.fill_between(curve[x], curve["best"] - curve["band"], curve["best"] + curve["band"], step="post",
+                            color=color, alpha=0.15, lw=0)
+            ax.plot(curve[x], curve["best"], "o", color=color, ms=3)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_xlabel("experiment")
+    axes[1].set_xlabel("hours since the night's first run")
+    axes[0].set_ylabel("best kept val_ppl so far (shaded: ± the confirmation threshold)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.03, y=0.08)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), fontsize=9, frameon=False)
+    fig.suptitle(f"running best: {' vs '.join(tags)}")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend below the axes: never over a point
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -1914,12 +2315,17 @@ def show_status(args) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "plot", "report"])
-    parser.add_argument("--tag", help="branch autoresearch/<tag> (run: today's date, e.g. nov27; report/plot/status: "
-                        "the checked-out autoresearch/* branch, else the newest in results.tsv)")
+    parser.add_argument("--tag", action="append", help="branch autoresearch/<tag> (run: today's date, e.g. nov27; "
+                        "report/plot/status: the checked-out autoresearch/* branch, else the newest in results.tsv); "
+                        "plot --tag A --tag B overlays several nights")
     parser.add_argument("--model", default=os.environ.get("AR_LLM_MODEL", "gpt-4o"), help="the LLM's model name")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
-    parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar"],
-                        help="json/grammar constrain a weak local model's reply so it always parses")
+    parser.add_argument("--proposer", default="auto", choices=["auto", "llm", "sweep"],
+                        help="who proposes each change: llm, sweep (no LLM: coordinate descent over program.md's "
+                        "search-space block), auto (the LLM when an endpoint is configured, else the sweep)")
+    parser.add_argument("--reply-format", default="text", choices=["text", "json", "grammar", "knob"],
+                        help="json/grammar constrain a weak local model's reply so it always parses; knob: the reply "
+                        "only sets one or two of train.py's constants (for models that cannot copy code exactly)")
     parser.add_argument("--max-experiments", type=int, help="stop after N proposed experiments in this start "
                         "(the baseline of a new branch is extra)")
     parser.add_argument("--max-hours", type=float)
@@ -1949,6 +2355,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "require (refuse to start without it), off")
     parser.add_argument("--repo", default=str(prepare.ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # several --tag: plot overlays them; any other command takes the last, as a plain option would
+    args.tags = (args.tag or []) if args.command == "plot" else (args.tag or [])[-1:]
+    args.tag = args.tags[-1] if args.tags else None
     for name in ("timeout", "eval_timeout", "max_failures", "max_tokens", "context"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -1968,6 +2377,9 @@ def main(argv: list[str] | None = None) -> int:
             return show_status(args)
         if args.command in ("plot", "report"):
             root, branch, rows = branch_rows(args)
+            if args.command == "plot" and len(args.tags) > 1:
+                log(f"wrote {plot_overlay(root / 'results.tsv', args.tags, root / 'progress-overlay.png')}")
+                return 0
             if args.command == "plot":
                 log(f"wrote {plot_progress(rows, branch, root / 'progress.png')}")
                 return 0
@@ -1975,11 +2387,16 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(root / "runs" / args.tag / "report.md", report)
             print(report)
             return 0
-        client = make_client(args)  # no endpoint configured: stop now, before any training
+        args.proposer = choose_proposer(args)
+        client = make_client(args) if args.proposer == "llm" else None  # no endpoint: stop now, before any training
         harden_process()
         session = open_session(args)
-        session.client = client
-        session.context = context_window(args, client)
+        if client is not None:
+            session.client = client
+            session.context = context_window(args, client)
+        else:
+            search_space((session.root / "program.md").read_text())  # a broken block stops the night before it starts
+            args.pipeline = False  # the next value depends on this result: nothing to ask for in advance
         try:
             return run_loop(session)
         except git.GitCommandError as exc:

@@ -1,15 +1,21 @@
 """A short real night: the real driver, prepare.py and train.py on a tiny Llama built here, a scripted
-LLM proposing real train.py changes; then `agent.py report` and `agent.py plot`.
+LLM proposing real train.py changes (or the built-in sweep, no LLM); then `agent.py report` and `agent.py plot`.
 
-    python bench/demo_night.py [--out DIR]
+    python bench/demo_night.py [--out DIR] [--proposer llm|sweep|both] [--experiments N]
+both: an LLM night (tag llm) and a sweep night (tag sweep) of the same length from the same commit, and
+their overlay plot.
 """
 import argparse
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from common import ROOT  # noqa: F401  (puts the repo and tests on sys.path)
 from conftest import build_tiny_model, data_sha256, write_text
-from driver_helpers import make_research_repo, run_agent
+import git
+from driver_helpers import AGENT, agent_env, make_research_repo
 from fake_llm import FakeLLM
 
 
@@ -24,9 +30,40 @@ CHANGES = [edit('LR = 3e-4', "LR = 1e-3", "raise LR to 1e-3"),
            edit('GRAD_CLIP = 1.0', "GRAD_CLIP = 1.0 +", "a syntax error the driver must reject")]
 
 
+# what the sweep tries on this tiny model (the real program.md's values suit a 135M model and 5 minutes)
+DEMO_SPACE = """LR = [1e-3, 3e-3]
+LAMBDA_WARMUP_STEPS = [5, 20]
+GROUP_SIZE = [64, 32]
+KD_WEIGHT = [0.0]
+"""
+NIGHT = ["--timeout", "30", "--eval-windows", "2", "--baseline-runs", "2", "--no-pipeline"]
+
+
+def agent(repo: Path, env: dict, *args: str) -> str:
+    """agent.py on the research repo (OPENAI_API_KEY set only with a --base-url); its output."""
+    env = agent_env(**env)
+    if "--base-url" not in args:
+        env.pop("OPENAI_API_KEY")
+    done = subprocess.run([sys.executable, str(AGENT), "--repo", str(repo), *args], env=env, capture_output=True,
+                          text=True, timeout=3600)
+    return done.stdout + done.stderr
+
+
+def sweep_night(repo: Path, env: dict, experiments: int) -> None:
+    program = (repo / "program.md").read_text()
+    (repo / "program.md").write_text(re.sub(r"```search-space\n.*?```", f"```search-space\n{DEMO_SPACE}```", program,
+                                            flags=re.S))
+    g = git.Repo(repo)
+    g.index.add(["program.md"])
+    g.index.commit("demo search space")
+    print(agent(repo, env, "--tag", "sweep", "--max-experiments", str(experiments), *NIGHT)[-2500:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=tempfile.mkdtemp())
+    parser.add_argument("--proposer", default="llm", choices=["llm", "sweep", "both"])
+    parser.add_argument("--experiments", type=int, default=5)
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -35,15 +72,24 @@ def main() -> None:
         write_text(data / name, n, seed)
     build_tiny_model(out / "model", data / "wiki.train.raw")
     repo = make_research_repo(out / "research", real=True)
+    # one thread: on a shared 2-core machine two threads stall on each other, and a time-budgeted run's step
+    # count (so its score) then swings with the other users' load
     env = {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
-           "AR_CACHE": str(out / "cache")}
+           "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
     llm = FakeLLM(CHANGES * 3)  # a rejected reply is followed by repair turns
     try:
-        done = run_agent(repo, llm.url, "--max-experiments", "5", "--timeout", "30", "--eval-windows", "2",
-                         "--baseline-runs", "2", "--repair-turns", "0", "--no-pipeline", timeout=1800, **env)
-        print(done.stdout[-2500:])
-        print(run_agent(repo, llm.url, "report", **env).stdout)
-        run_agent(repo, llm.url, "plot", **env)
+        tags = []
+        if args.proposer in ("llm", "both"):
+            print(agent(repo, env, "--tag", "llm", "--base-url", llm.url, "--model", "fake", "--max-experiments",
+                        str(args.experiments), *NIGHT, "--repair-turns", "0")[-2500:])
+            tags.append("llm")
+            git.Repo(repo).git.checkout("main")  # the next night starts from the same commit
+        if args.proposer in ("sweep", "both"):
+            sweep_night(repo, env, args.experiments)
+            tags.append("sweep")
+        for tag in tags:
+            print(agent(repo, env, "report", "--tag", tag))
+        print(agent(repo, env, "plot", *[a for tag in tags for a in ("--tag", tag)])[-500:])
     finally:
         llm.close()
     print(f"ledger: {repo / 'results.tsv'}\nplot:   {repo / 'progress.png'}")

@@ -1,7 +1,7 @@
 """How many replies of a small local model parse and apply, per reply format: the real prompt (program.md,
 an empty ledger, the real train.py) sent N times to a real llama.cpp server (xllamacpp + SmolLM2-135M-Instruct).
 
-    python bench/reply_formats.py [--replies 20] [--max-tokens 400]
+    python bench/reply_formats.py [--replies 20] [--max-tokens 400] [--formats text,json,grammar,knob]
 """
 import argparse
 import os
@@ -40,28 +40,35 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--replies", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=400)
+    parser.add_argument("--formats", default="text,json,grammar,knob")
     args = parser.parse_args()
     repo = make_research_repo(Path(tempfile.mkdtemp()) / "research", real=True)
     proc, url = start_server()
     table = []
     try:
-        for fmt in ("text", "json", "grammar"):
+        for fmt in args.formats.split(","):
             ns = agent.parse_args(["--repo", str(repo), "--base-url", url, "--model", "local", "--reply-format", fmt,
                                    "--max-tokens", str(args.max_tokens), "--temperature", "0.7"])
             session = agent.open_session(ns)
             session.client = agent.make_client(ns)
             train_py = (repo / "train.py").read_text()
             messages = agent.build_prompt(session, train_py)
+            schema = agent.knob_schema(train_py) if fmt == "knob" else None
             parsed = applied = 0
             reasons = {}
             start = time.time()
             for _ in range(args.replies):
-                content, finish, _, _ = agent.chat(session, messages)
+                content, finish, _, _ = agent.chat(session, messages, schema=schema)
                 try:
-                    _, blocks, whole = agent.parse_reply(content, finish, fmt)
-                    parsed += 1
-                    new = whole if whole is not None else agent.apply_blocks(train_py, blocks)
-                    agent.validate_train_py(train_py, new)
+                    if fmt == "knob":  # parse: the JSON object; apply: names, values and the checks
+                        agent.parse_knob_reply(content or "")
+                        parsed += 1
+                        agent.knob_edit(train_py, content, finish)
+                    else:
+                        _, blocks, whole = agent.parse_reply(content, finish, fmt)
+                        parsed += 1
+                        new = whole if whole is not None else agent.apply_blocks(train_py, blocks)
+                        agent.validate_train_py(train_py, new)
                     applied += 1
                 except agent.ReplyError as exc:
                     key = str(exc).split(":")[0][:60]

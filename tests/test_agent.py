@@ -177,7 +177,7 @@ def test_connection_refused_until_the_server_comes_up(repo):
 
 def test_no_endpoint_configured_stops_at_once(repo):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    done = subprocess.run([sys.executable, str(AGENT), "--repo", str(repo)], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(AGENT), "--repo", str(repo), "--proposer", "llm"], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "set OPENAI_API_KEY" in done.stdout
     assert not (repo / "results.tsv").exists()
