@@ -94,7 +94,8 @@ def test_a_kill_before_the_tree_is_restored_does_not_make_tampering_permanent(ho
         driver.wait()
     finally:
         llm.close()
-    again = run_driver(world, [("an honest run", "    pass")], "--sandbox", "off")  # the restart
+    # the restart: the interrupted experiment runs again (and sleeps: a timeout row), then an honest one
+    again = run_driver(world, [("an honest run", "    pass")], "--sandbox", "off", "--timeout", "30")
     assert again.returncode == 0, again.stderr[-2000:]
     print(ledger(repo)[["experiment", "status", "reason"]].to_string())
     # claimed: after each run, tracked files go back to the experiment's commit, sandbox or not
