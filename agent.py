@@ -40,7 +40,6 @@ import git
 import openai
 import pandas as pd
 import psutil
-import torch
 
 import prepare
 import sandbox
@@ -1490,6 +1489,7 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
         return {**result, "status": "crash", "reason": f"the evaluator returned val_ppl {score.get('ppl')}: not finite"}
     atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
     try:  # what train.py says of itself: informative only
+        import torch  # here only: the driver starts without it
         meta = dict(torch.load(submission, weights_only=True, map_location="cpu", mmap=True).get("meta", {}))
     except Exception:
         meta = {}
