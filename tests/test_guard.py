@@ -71,7 +71,7 @@ def test_a_run_that_litters_the_repository_is_undone(repo, llm):
 # ---------------------------------------------------------------- processes
 def test_a_second_driver_on_the_same_repository_refuses(repo, llm):
     llm.push(edit("SLEEP_S = 0.0", "SLEEP_S = 3.0", "slow"))
-    first = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE="training:20")
+    first = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE="training:10")
     wait_for_phase(repo, "training", experiment=1)
     second = run_agent(repo, llm.url, "--max-experiments", "1", "--tag", "other")
     assert first.poll() is None, "the first driver should still be running"
