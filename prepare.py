@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -23,7 +24,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+
+class _TorchOnFirstUse:
+    """torch, imported when first used: the driver imports this module for its ledger functions alone and
+    starts a second sooner (train.py and the evaluator use torch at once, so nothing changes for them)."""
+
+    def __getattr__(self, name: str):
+        module = importlib.import_module("torch")
+        globals()["torch"] = module
+        return getattr(module, name)
+
+
+torch = _TorchOnFirstUse()
 
 # ---------------------------------------------------------------- the protocol (fixed)
 # Changing any of these breaks comparability with every earlier ledger row: bump the version.
@@ -206,12 +218,12 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(model_dir())
 
 
-def load_model(dtype: torch.dtype = torch.float32):
+def load_model(dtype: torch.dtype | None = None):
     """The pretrained base model (full precision), from the local copy."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a bar per load floods the run logs
-    return AutoModelForCausalLM.from_pretrained(model_dir(), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir(), dtype=dtype or torch.float32)
 
 
 def targeted_linears(model: torch.nn.Module) -> list[str]:
