@@ -2229,7 +2229,7 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
     counts = numbered["status"].value_counts()
     lines.append("- experiments: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     ran = numbered[numbered["status"].isin(["baseline", "keep", "discard", "crash", "timeout"])]
-    bare = int(ran["reason"].fillna("").str.contains("unsandboxed;").sum())
+    bare = int(ran["reason"].astype(object).fillna("").str.contains("unsandboxed;").sum())
     lines.append(f"- sandbox: {'every run in Landlock' if not bare else f'{bare} of {len(ran)} runs UNSANDBOXED'}")
     lines.append(f"- LLM: {int(numbered['prompt_tokens'].fillna(0).sum()):,} prompt + "
                  f"{int(numbered['completion_tokens'].fillna(0).sum()):,} completion tokens, "
