@@ -1046,7 +1046,7 @@ def setup_sandbox(session: Session) -> None:
     if abi < 6:
         log(f"warning: Landlock ABI {abi}: files are confined, but "
             + ("TCP and " if abi < 4 else "") + "signals to other processes are not (they need ABI 6, Linux 6.12)")
-    log(f"train.py runs in a Landlock sandbox (ABI {abi}): it writes only its run folder")
+    log(f"train.py runs in a Landlock sandbox (ABI {abi}): it writes only runs/{session.args.tag}/<n>/work/")
 
 
 def tree_changes(session: Session) -> dict[str, bytes | None]:
@@ -1094,9 +1094,11 @@ def restore_tree(session: Session, before: dict[str, bytes | None], commit: str)
         full = session.root / path
         if path in before and before[path] is not None:  # the user's own uncommitted version
             full.parent.mkdir(parents=True, exist_ok=True)
+            if full.is_symlink() or full.is_file():
+                full.unlink()  # never write through a link the run put there
             full.write_bytes(before[path])
         elif path in before:
-            continue  # too large to have kept: left as it is, but named
+            continue  # too large to have kept a copy of: left as it is
         elif session.repo.git.ls_files("--", path):
             session.repo.git.checkout(commit, "--", path)
         elif full.is_dir() and not full.is_symlink():
