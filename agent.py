@@ -238,10 +238,14 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open_new(tmp) as f:
-        f.write(text.encode("utf-8"))
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -841,12 +845,6 @@ def repair_last_line(path: Path) -> str:
     atomic_write_bytes(path, head + b"\n" if head else b"")
     cut = one_line(last.decode(errors="replace"), 100)
     return f"results.tsv: dropped a last row cut short (a kill mid-write?): {cut!r}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def reconcile_ledger(ledger: Path, backup: Path) -> list[str]:
