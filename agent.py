@@ -1013,24 +1013,20 @@ def harness_info(session: Session) -> dict:
     return json.loads(lines[-1])
 
 
-def setup_sandbox(session: Session) -> None:
-    """Decide how train.py runs: under Landlock (--sandbox auto|require) or unsandboxed, said once."""
-    info = harness_info(session)
-    session.model_expected = json.dumps(info.get("model", {}), indent=1)
-    session.tokens_expected = info.get("tokens", {}).get("validation", "")
-    session.train_read = [Path(p) for p in info.get("train_read", [])]
-    mode, abi = session.args.sandbox, sandbox.landlock_abi()
+def sandbox_plan(mode: str, info: dict, root: Path) -> tuple[int, list[str]]:
+    """How train.py runs on this host: (the Landlock ABI, 0 for unsandboxed; warnings to show). info: the
+    harness's sandbox-info. Raises FatalError where --sandbox require cannot be met."""
+    abi = sandbox.landlock_abi()
     if mode == "off":
-        log("warning: --sandbox off: train.py runs unsandboxed (see README, Known limits)")
-        return
+        return 0, ["--sandbox off: train.py runs unsandboxed (see README, Known limits)"]
     if abi == 0:
         if mode == "require":
             raise FatalError("--sandbox require: this kernel offers no Landlock (Linux 5.13+ with landlock in "
                              "the lsm= boot list). Run on such a kernel, or pass --sandbox auto to run unsandboxed")
-        log("warning: this kernel offers no Landlock: train.py runs UNSANDBOXED; the ledger and report say so. "
-            "Use a Linux 5.13+ kernel with Landlock enabled (--sandbox require refuses to start without it)")
-        return
-    readable = [session.root, *session.train_read, *map(Path, sandbox.python_paths() + list(sandbox.SYSTEM_READ))]
+        return 0, ["this kernel offers no Landlock: train.py runs UNSANDBOXED; the ledger and report say so. "
+                   "Use a Linux 5.13+ kernel with Landlock enabled (--sandbox require refuses to start without it)"]
+    train_read = [Path(p) for p in info.get("train_read", [])]
+    readable = [root, *train_read, *map(Path, sandbox.python_paths() + list(sandbox.SYSTEM_READ))]
     exposed = [p for p in map(Path, info.get("eval_private", []))
                if any(p.resolve().is_relative_to(r.resolve()) for r in readable if r.is_dir())]
     if exposed:
@@ -1038,13 +1034,25 @@ def setup_sandbox(session: Session) -> None:
                    "AR_CACHE outside the repository and the Python installation")
         if mode == "require":
             raise FatalError(message)
-        log(f"warning: {message}. train.py runs UNSANDBOXED")
-        return
-    session.sandbox_abi = abi
+        return 0, [f"{message}. train.py runs UNSANDBOXED"]
     if abi < 6:
-        log(f"warning: Landlock ABI {abi}: files are confined, but "
-            + ("TCP and " if abi < 4 else "") + "signals to other processes are not (they need ABI 6, Linux 6.12)")
-    log(f"train.py runs in a Landlock sandbox (ABI {abi}): it writes only runs/{session.args.tag}/<n>/work/")
+        return abi, [f"Landlock ABI {abi}: files are confined, but " + ("TCP and " if abi < 4 else "")
+                     + "signals to other processes are not (they need ABI 6, Linux 6.12)"]
+    return abi, []
+
+
+def setup_sandbox(session: Session) -> None:
+    """Decide how train.py runs: under Landlock (--sandbox auto|require) or unsandboxed, said once."""
+    info = harness_info(session)
+    session.model_expected = json.dumps(info.get("model", {}), indent=1)
+    session.tokens_expected = info.get("tokens", {}).get("validation", "")
+    session.train_read = [Path(p) for p in info.get("train_read", [])]
+    session.sandbox_abi, warnings = sandbox_plan(session.args.sandbox, info, session.root)
+    for warning in warnings:
+        log(f"warning: {warning}")
+    if session.sandbox_abi:
+        log(f"train.py runs in a Landlock sandbox (ABI {session.sandbox_abi}): it writes only "
+            f"runs/{session.args.tag}/<n>/work/")
 
 
 def tree_changes(session: Session) -> dict[str, bytes | None]:
@@ -1116,7 +1124,7 @@ def setup_branch(session: Session) -> None:
     restore_after_a_kill(session)
     repo, state = session.repo, session.state()
     session.git_config = (Path(repo.git_dir) / "config").read_bytes()
-    if state.get("phase") in ("applying", "discarding") and repo.is_dirty(path="train.py"):
+    if state.get("phase") in ("applying", "discarding", "moving") and repo.is_dirty(path="train.py"):
         repo.git.checkout("HEAD", "--", "train.py")  # half-written by the driver when it was stopped: ours
         log("restored train.py, half-written when the driver was stopped")
     dirty = [f for f in ("train.py", "prepare.py") if repo.is_dirty(path=f)]
@@ -1137,7 +1145,7 @@ def setup_branch(session: Session) -> None:
     if (session.runs / "STOP").exists():
         (session.runs / "STOP").unlink()
         log("removed a STOP file left from an earlier run")
-    kill_leftovers(session)
+    kill_leftovers(session.pid_file)
     session.prepare_hash = sha256_file(session.root / "prepare.py")
     for note in reconcile_ledger(session.ledger, session.ledger_backup):  # before anything reads the ledger
         log(note)
@@ -1317,14 +1325,14 @@ def kill_strays(known: set[int]) -> None:
             time.sleep(0.001)
 
 
-def kill_leftovers(session: Session) -> None:
+def kill_leftovers(pid_file: Path) -> None:
     """A driver killed mid-run leaves its train.py (own process group) running: end that group. Only
     processes that carry the run's marker, on the same boot, are touched: a stale pid after a reboot
-    may belong to anything, even the user's shell."""
-    if not session.pid_file.exists():
+    may belong to anything, even the user's shell. pid_file: what run_process wrote."""
+    if not pid_file.exists():
         return
     try:
-        record = json.loads(session.pid_file.read_text())
+        record = json.loads(pid_file.read_text())
     except ValueError:
         record = None
     if not isinstance(record, dict):  # the old format (a bare process group id) cannot be verified
@@ -1337,7 +1345,7 @@ def kill_leftovers(session: Session) -> None:
                 if env.get("AR_RUN_ID") == record["run_id"]:
                     p.kill()
                     log(f"killed process {p.pid} ({marker}) left running by an earlier driver")
-    session.pid_file.unlink()
+    pid_file.unlink()
 
 
 def pump_output(stream, log_path: Path) -> None:
@@ -1414,19 +1422,23 @@ def take_submission(written: Path, kept: Path, exited: float) -> str:
     return ""
 
 
-def train_command(session: Session, work: Path, timeout: float) -> tuple[list[str], dict]:
-    """train.py's command line and environment: in the sandbox when there is one, writing only `work`
-    (its submission, temp files and compile caches)."""
+def train_env(work: Path, timeout: float) -> dict:
+    """train.py's environment: no secrets; its temp files and compile caches inside `work`."""
     tmp = work / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    env = clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(work / "submission.pt"), AR_EVAL="external",
-                    TMPDIR=str(tmp), TRITON_CACHE_DIR=str(tmp / "triton"), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"),
-                    CUDA_CACHE_PATH=str(tmp / "cuda"), MPLCONFIGDIR=str(tmp / "matplotlib"),
-                    PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, str(session.root / "train.py")]
-    if session.sandbox_abi:
-        return sandbox.wrap(cmd, read=session.train_read, write=[work], read_nofollow=[session.root]), env
-    return sandbox.wrap_unconfined(cmd), env
+    return clean_env(AR_DEADLINE=str(time.time() + timeout), AR_SUBMISSION=str(work / "submission.pt"), AR_EVAL="external",
+                     TMPDIR=str(tmp), TRITON_CACHE_DIR=str(tmp / "triton"), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"),
+                     CUDA_CACHE_PATH=str(tmp / "cuda"), MPLCONFIGDIR=str(tmp / "matplotlib"),
+                     PYTHONDONTWRITEBYTECODE="1")
+
+
+def train_command(root: Path, work: Path, abi: int, train_read: list) -> list[str]:
+    """train.py's command line: in the sandbox when there is one (abi > 0), writing only `work` (its
+    submission, temp files and compile caches), reading the repository without following links."""
+    cmd = [sys.executable, str(root / "train.py")]
+    if abi:
+        return sandbox.wrap(cmd, read=train_read, write=[work], read_nofollow=[root])
+    return sandbox.wrap_unconfined(cmd)
 
 
 def train_and_score(session: Session, st: dict, label: str = "") -> dict:
@@ -1441,8 +1453,8 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     timeout = session.args.timeout
     before = tree_changes(session)
     save_tree_snapshot(session, before)  # a driver killed during the run restores against it at its restart
-    cmd, env = train_command(session, work, timeout)
-    code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, env, cwd=work)
+    cmd = train_command(session.root, work, session.sandbox_abi, session.train_read)
+    code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, train_env(work, timeout), cwd=work)
     remove_tree(work / "tmp")  # compile caches and temp files: GBs, read by nobody
     restored = restore_tree(session, before, st["commit"])  # a train.py that rewrote itself, program.md, ...
     session.tree_snapshot.unlink(missing_ok=True)
@@ -1456,29 +1468,38 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     changed = session.repo.git.diff("--name-only", st["parent"], st["commit"]).split()
     if st["kind"] != "baseline" and changed != ["train.py"]:
         return {**result, "status": "invalid", "reason": f"the commit changes {changed}, not only train.py"}
+    session.save_state(**{**st, "phase": "scoring"})
+    atomic_write(session.model_digests, session.model_expected)  # from memory: a run cannot have edited it
+    return {**result, **run_outcome(session, session.root, folder, label, code, timeout, session.model_digests,
+                                    session.tokens_expected, session.args.eval_windows, session.args.eval_timeout)}
+
+
+def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, timeout: float, model_digests: Path,
+                tokens_expected: str, eval_windows: int | None, eval_timeout: float) -> dict:
+    """How a train.py run ended (its exit `code`, None: killed at its limit) and, when it submitted, its score
+    from root's prepare.py in a fresh process. runner: what run_process needs (a Session, or a worker's).
+    Ledger fields, the failure's status and reason included."""
     if code is None:
-        return {**result, "status": "timeout", "reason": f"train.py ran past its {timeout:.0f} s limit; killed"}
+        return {"status": "timeout", "reason": f"train.py ran past its {timeout:.0f} s limit; killed"}
     if code != 0:
         last = [ln for ln in log_tail(folder / f"train{label}.log").splitlines() if ln.strip()]
-        return {**result, "status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
-    problem = take_submission(work / "submission.pt", submission, session.child_exited)
+        return {"status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
+    submission = folder / "submission.pt"
+    problem = take_submission(folder / f"work{label}" / "submission.pt", submission, runner.child_exited)
     if problem:
-        return {**result, "status": "crash", "reason": problem}
-    session.save_state(**{**st, "phase": "scoring"})
+        return {"status": "crash", "reason": problem}
     # -I: the evaluator must not import modules that train.py may have dropped next to it
-    atomic_write(session.model_digests, session.model_expected)  # from memory: a run cannot have edited it
-    cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json", "--expect-model",
-           str(session.model_digests)]
-    if session.tokens_expected:
-        cmd += ["--expect-tokens", session.tokens_expected]
-    if session.args.eval_windows:
-        cmd += ["--max-windows", str(session.args.eval_windows)]
+    cmd = [sys.executable, "-I", "prepare.py", "eval", str(submission), "--json", "--expect-model", str(model_digests)]
+    if tokens_expected:
+        cmd += ["--expect-tokens", tokens_expected]
+    if eval_windows:
+        cmd += ["--max-windows", str(eval_windows)]
     eval_env = clean_env(AR_EVAL="", AR_SUBMISSION="", AR_DEADLINE="")
-    code, eval_s = run_process(session, cmd, folder / f"eval{label}.log", session.args.eval_timeout, eval_env)
-    result["eval_s"] = round(eval_s, 1)
+    code, eval_s = run_process(runner, cmd, folder / f"eval{label}.log", eval_timeout, eval_env, cwd=root)
+    result = {"eval_s": round(eval_s, 1)}
     lines = log_tail(folder / f"eval{label}.log", 20000).strip().splitlines()
     if code is None:
-        return {**result, "status": "crash", "reason": f"the evaluator ran past its {session.args.eval_timeout} s limit"}
+        return {**result, "status": "crash", "reason": f"the evaluator ran past its {eval_timeout} s limit"}
     if code != 0:
         return {**result, "status": "crash", "reason": one_line(lines[-1] if lines else f"evaluator exited {code}", 200)}
     try:
@@ -1498,9 +1519,11 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
 
 
 # ---------------------------------------------------------------- proposing a change
-def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
+def build_prompt(session: Session, train_py: str, in_flight: str | list | None = None,
                  rows: pd.DataFrame | None = None, ledger_rows: int = LEDGER_TAIL_ROWS,
-                 log_bytes: int = LOG_TAIL_BYTES) -> list[dict]:
+                 log_bytes: int = LOG_TAIL_BYTES, redo: str | None = None) -> list[dict]:
+    """The prompt. in_flight: the experiment training meanwhile (its description), or with --workers the
+    experiments in flight [(description, parent commit)]; redo: a stale win to make again on this train.py."""
     rows = session.rows() if rows is None else rows
     baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
     best = best_kept(rows)
@@ -1514,10 +1537,18 @@ def build_prompt(session: Session, train_py: str, in_flight: str | None = None,
         last = rows.iloc[-1]
         tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log", log_bytes)
         parts.append(f"# the last run ({last['status']}: {last['reason']}) ended with this output\n{tail}")
-    if in_flight:
+    if isinstance(in_flight, str) and in_flight:
         parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
                      "It is NOT in the train.py below. If it is kept, your change is applied on top of it: propose a "
                      "different change that does not touch the same lines.")
+    elif in_flight:  # --workers: several at once, each on the train.py it was proposed on
+        listed = "\n".join(f"- \"{description}\" (on commit {parent[:8]})" for description, parent in in_flight)
+        parts.append(f"# in flight\nThese experiments are training now on other GPUs, their results not known yet; "
+                     f"they are NOT in the train.py below:\n{listed}\nPropose something DIFFERENT from each of them, "
+                     "touching other lines: a change that is kept is applied on top of the others.")
+    if redo:
+        parts.append(f"# re-apply\nThis change won on an earlier train.py, but the changes kept since conflict with "
+                     f"it: \"{redo}\". Make the SAME change to the current train.py below.")
     if session.args.reply_format == "knob":  # a weak model chooses among named constants instead of writing code
         parts.append("# train.py's constants (current values and comments)\n" + knob_listing(train_py))
         parts.append('Change ONE or TWO constants: reply {"description": "...", "set": {"NAME": "<value>"}}.')
@@ -1553,8 +1584,8 @@ def prompt_tokens_estimate(session: Session, messages: list[dict]) -> int:
     return sum(estimate_tokens(m["content"], session.chars_per_token) + MESSAGE_OVERHEAD_TOKENS for m in messages)
 
 
-def fitted_request(session: Session, train_py: str, in_flight: str | None, rows: pd.DataFrame,
-                   history: list[tuple[str, str]], squeeze: bool = False) -> tuple[list[dict], int]:
+def fitted_request(session: Session, train_py: str, in_flight, rows: pd.DataFrame,
+                   history: list[tuple[str, str]], squeeze: bool = False, redo: str | None = None) -> tuple[list[dict], int]:
     """One LLM call's (messages, max_tokens) within the server's context: the prompt shrinks (fewer ledger
     rows, a shorter log tail, less repair history) until MIN_REPLY_TOKENS are left, and max_tokens is capped
     to what is left. squeeze: the server refused a request as too long; take the smallest prompt."""
@@ -1562,7 +1593,7 @@ def fitted_request(session: Session, train_py: str, in_flight: str | None, rows:
     if squeeze:
         want = min(want, MIN_REPLY_TOKENS)
     for ledger_rows, log_bytes, keep in PROMPT_SIZES[-1:] if squeeze else PROMPT_SIZES:
-        messages = with_history(build_prompt(session, train_py, in_flight, rows, ledger_rows, log_bytes), history, keep)
+        messages = with_history(build_prompt(session, train_py, in_flight, rows, ledger_rows, log_bytes, redo), history, keep)
         if session.context is None:
             return messages, want
         left = session.context - prompt_tokens_estimate(session, messages) - CONTEXT_MARGIN_TOKENS
@@ -1577,8 +1608,8 @@ def overflow_error(message: str) -> str:
             "(llama-server -c 16384, vllm --max-model-len) or pass a smaller --max-tokens")
 
 
-def propose(session: Session, n: int, train_py: str, in_flight: str | None = None,
-            rows: pd.DataFrame | None = None, spent: list | None = None) -> dict:
+def propose(session: Session, n: int, train_py: str, in_flight=None,
+            rows: pd.DataFrame | None = None, spent: list | None = None, redo: str | None = None) -> dict:
     """Ask the LLM for one change to `train_py`, with repair turns. Returns the description, the new
     text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen.
     spent: each answered call's (prompt, completion) tokens are appended as it returns, so that a caller
@@ -1595,7 +1626,7 @@ def propose(session: Session, n: int, train_py: str, in_flight: str | None = Non
     for turn in range(session.args.repair_turns + 1):
         squeeze = False
         while True:  # a request the server finds too long: shrink it and try once more
-            messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze)
+            messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze, redo)
             atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
             try:
                 content, finish, p_tok, c_tok = chat(session, messages, max_tokens, schema)
@@ -1632,11 +1663,11 @@ class Prefetch(threading.Thread):
     """The next experiment's proposal, asked for while the current one trains (a daemon thread: a hung
     LLM call never blocks the driver's exit). spent: its answered calls' tokens, readable at any time."""
 
-    def __init__(self, session: Session, n: int, base: str, in_flight: str):
+    def __init__(self, session: Session, n: int, base: str, in_flight, redo: str | None = None):
         super().__init__(daemon=True, name=f"propose-{n}")
         self.n = n
         self.spent: list[tuple[int, int]] = []
-        self.call = (session, n, base, in_flight, session.rows(), self.spent)  # a snapshot: the ledger grows meanwhile
+        self.call = (session, n, base, in_flight, session.rows(), self.spent, redo)  # a snapshot: the ledger grows meanwhile
         self.proposal: dict | None = None
         self.error: BaseException | None = None
         self.start()
@@ -2076,6 +2107,9 @@ def run_loop(session: Session) -> int:
     setup_branch(session)
     setup_sandbox(session)
     done = resume(session)
+    if session.args.workers > 1 or session.args.gpus or session.args.ray:
+        import pool  # Ray is needed only here
+        return pool.run_pool(session)
     run_baselines(session)
     pending = None
     while not (reason := budget_left(session, done)):
@@ -2353,12 +2387,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sandbox", default="auto", choices=SANDBOX_MODES,
                         help="run train.py under Landlock: auto (warn and run unsandboxed where the kernel lacks it), "
                         "require (refuse to start without it), off")
+    parser.add_argument("--workers", type=int, default=1, help="experiments at once, one GPU each (GPUs 0..N-1 of "
+                        "this host; a local Ray instance, see README: Many GPUs); 1: the one-GPU night, no Ray")
+    parser.add_argument("--gpus", help="run one experiment at a time on each of these GPUs, e.g. 0,2,5 (implies --workers)")
+    parser.add_argument("--ray", metavar="ADDRESS", help="run the experiments as Ray tasks, one GPU each, on the "
+                        "cluster at ADDRESS (`auto`, or head-ip:6379; see README: Many hosts)")
     parser.add_argument("--repo", default=str(prepare.ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # several --tag: plot overlays them; any other command takes the last, as a plain option would
     args.tags = (args.tag or []) if args.command == "plot" else (args.tag or [])[-1:]
     args.tag = args.tags[-1] if args.tags else None
-    for name in ("timeout", "eval_timeout", "max_failures", "max_tokens", "context"):
+    if args.gpus is not None and not re.fullmatch(r"\d+(,\d+)*", args.gpus):
+        parser.error(f"--gpus {args.gpus}: give GPU indices separated by commas, e.g. --gpus 0,1,2,3")
+    if args.gpus and len(set(args.gpus.split(","))) != len(args.gpus.split(",")):
+        parser.error(f"--gpus {args.gpus}: a GPU is listed twice")
+    if args.gpus and args.workers not in (1, len(args.gpus.split(","))):
+        parser.error(f"--workers {args.workers} --gpus {args.gpus}: give one of them (--gpus sets the number of workers)")
+    if args.ray and (args.gpus or args.workers != 1):
+        parser.error("--ray uses every GPU of the cluster: leave out --workers and --gpus")
+    for name in ("timeout", "eval_timeout", "max_failures", "max_tokens", "context", "workers"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     # prices differ per provider and change often, and a local server costs nothing: no guessed table

@@ -10,6 +10,7 @@ import prepare
 REPO = Path(__file__).resolve().parent  # train.py runs in its run folder; the attacks aim at the repository
 
 PPL = 20.0
+# a line between the two knobs: git merges a change to one with a change to the other
 PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other
 MODE = "ok"
 SLEEP_S = 0.0

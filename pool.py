@@ -1,0 +1,470 @@
+"""Many experiments at once: `agent.py --workers N`, `--gpus 0,2,5` or `--ray ADDRESS`.
+
+One driver process (this one) owns the branch, the ledger and every keep/discard decision. Each
+experiment is a Ray task asking for one GPU (worker.run_experiment), in its own git worktree
+runs/<tag>/<n>/tree and run folder. Ray, for one host too: each run gets a worker process of its own
+(so killing one run's strays can never touch another run), Ray assigns the GPUs and reports a lost
+worker, and the same code serves a cluster. The one-GPU path (agent.run_loop) needs no Ray.
+
+Stale parents: while an experiment trains, another may be kept. A result measured on the current best
+is decided as on one GPU. A result that beats the best on a parent that is no longer the best is
+recorded as a discard and re-applied on top of the best (git merge-file, three-way; re-proposed by the
+LLM when it conflicts), as a new experiment whose own run decides: the chain on the branch stays a chain
+of changes, each scored on its exact parent.
+
+Kill and resume: before its task starts, each experiment in flight has a state file
+.git/autoresearch/<tag>/inflight/<n>.json; a restarted driver finishes the recorded ones and runs the
+others again, without asking the LLM again.
+"""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import git
+
+import agent
+import worker
+from agent import FatalError, Session, log, one_line
+
+POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
+MAX_RERUNS = 2                 # a lost worker's experiment runs again elsewhere at most this often
+MAX_FILES_BYTES = 5_000_000    # the commit's files sent to a host that does not share the driver's disk
+RAY_EXCLUDES = ["runs/", ".git/", ".venv/", "*.pt", "*.gguf", "*.safetensors", "__pycache__/"]
+
+
+# ---------------------------------------------------------------- starting Ray
+def gpu_count(args) -> int:
+    return len(args.gpus.split(",")) if args.gpus else args.workers
+
+
+def start_ray(args):
+    """Connect to the cluster at --ray, or start a local Ray instance with --workers/--gpus GPUs."""
+    try:
+        import ray
+    except ImportError:
+        raise FatalError("--workers, --gpus and --ray need Ray: pip install -r requirements-cluster.txt "
+                         "(the one-GPU night, --workers 1, does not)") from None
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if args.ray:
+        # the tool's files travel to every node; the research repo's travel with each experiment
+        runtime_env = {"working_dir": str(Path(__file__).resolve().parent), "excludes": RAY_EXCLUDES}
+        try:
+            ray.init(address=args.ray, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise FatalError(f"--ray {args.ray}: cannot connect ({one_line(exc, 200)}); start the cluster first "
+                             "(`ray start --head --num-gpus N` on the head node), then pass its address or `auto`") from None
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus == 0:
+            raise FatalError(f"the Ray cluster at {args.ray} has no GPUs: start its nodes with `ray start ... --num-gpus N`")
+        return ray, gpus
+    if args.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # Ray hands out these devices, one per task
+    ray.init(num_gpus=gpu_count(args), num_cpus=max(os.cpu_count() or 1, 1), **quiet)
+    return ray, gpu_count(args)
+
+
+# ---------------------------------------------------------------- one night with N workers
+class Pool:
+    def __init__(self, session: Session, ray, slots: int):
+        self.session, self.ray, self.slots = session, ray, slots
+        self.args = session.args
+        self.flights: dict = {}            # Ray ObjectRef -> the experiment's state
+        self.asking: list[agent.Prefetch] = []
+        self.started = 0                   # proposals asked for in this start (--max-experiments counts them)
+        self.stopping = ""
+        self.inflight_dir = session.state_path.parent / "inflight"
+        self.inflight_dir.mkdir(exist_ok=True)
+        self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(worker.run_experiment)
+        self.fetch = ray.remote(num_cpus=0, max_retries=1)(worker.read_submission)
+        self.next_n = agent.next_experiment(session)
+        self.key = f"{hashlib.sha256(str(session.root).encode()).hexdigest()[:12]}-{self.args.tag}"
+
+    # -------- git: commits in worktrees, never in the user's checkout until kept
+    def head(self) -> str:
+        return self.session.repo.head.commit.hexsha
+
+    def train_py_at(self, commit: str) -> str:
+        return self.session.repo.git.show(f"{commit}:train.py") + "\n"
+
+    def tree_of(self, n: int) -> Path:
+        return self.session.runs / str(n) / "tree"
+
+    def make_tree(self, n: int, commit: str) -> Path:
+        """runs/<tag>/<n>/tree: a worktree at `commit` (an older one of the same number is replaced)."""
+        tree, repo = self.tree_of(n), self.session.repo
+        if tree.exists():
+            repo.git.worktree("remove", "--force", str(tree))
+        repo.git.worktree("prune")
+        repo.git.worktree("add", "--detach", str(tree), commit)
+        return tree
+
+    def drop_tree(self, n: int) -> None:
+        tree = self.tree_of(n)
+        if tree.exists():
+            self.session.repo.git.worktree("remove", "--force", str(tree))
+
+    def commit_change(self, n: int, parent: str, train_py: str, description: str) -> str:
+        """The change as a commit on `parent`, made in the experiment's worktree and held by a ref."""
+        tree = self.make_tree(n, parent)
+        agent.atomic_write(tree / "train.py", train_py)
+        wt = git.Repo(tree)
+        wt.git.set_persistent_git_options(c=agent.GIT_SAFE_CONFIG)
+        with wt.git.custom_environment(**agent.git_identity(self.session)):
+            wt.git.commit("--no-verify", "-m", f"{description}\n\nautoresearch experiment {n}", "--", "train.py")
+        commit = wt.head.commit.hexsha
+        self.session.repo.git.update_ref(self.ref(n), commit)
+        return commit
+
+    def ref(self, n: int, kind: str = "inflight") -> str:
+        return f"refs/autoresearch/{self.args.tag}/{kind}/{n}"
+
+    def move_branch(self, st: dict) -> None:
+        """A keep: the branch (and the checkout's train.py) moves to the commit. Phase `moving` lets a restart
+        put train.py back if the driver dies between the two steps."""
+        session = self.session
+        session.save_state(experiment=st["experiment"], phase="moving")
+        session.repo.git.checkout(st["commit"], "--", "train.py")
+        session.repo.git.reset("--soft", st["commit"])
+        session.save_state(experiment=st["experiment"], phase="done")
+
+    # -------- the state of each experiment in flight, on disk
+    def save(self, st: dict) -> None:
+        agent.atomic_write(self.inflight_dir / f"{st['experiment']}.json", json.dumps(st))
+
+    def forget(self, st: dict) -> None:
+        (self.inflight_dir / f"{st['experiment']}.json").unlink(missing_ok=True)
+
+    def allocate(self) -> int:
+        n = self.next_n
+        self.next_n += 1
+        return n
+
+    # -------- running
+    def spec(self, st: dict) -> dict:
+        session, n = self.session, st["experiment"]
+        shared = not self.args.ray
+        files = {}
+        if not shared:  # the commit's tracked files, for a host with a disk of its own
+            for path in session.repo.git.ls_tree("-r", "--name-only", st["commit"]).splitlines():
+                blob = session.repo.commit(st["commit"]).tree[path]
+                if blob.size <= MAX_FILES_BYTES - sum(map(len, files.values())):
+                    files[path] = blob.data_stream.read().decode("utf-8", errors="replace")
+        return {"experiment": n, "label": st.get("label", ""), "tree": str(self.tree_of(n)), "shared_disk": shared,
+                "files": files, "key": self.key, "driver_host": socket.gethostname(),
+                "prepare_sha256": session.prepare_hash, "timeout": self.args.timeout,
+                "eval_timeout": self.args.eval_timeout, "eval_windows": self.args.eval_windows,
+                "sandbox": self.args.sandbox, "model_expected": session.model_expected,
+                "tokens_expected": session.tokens_expected}
+
+    def submit(self, st: dict) -> None:
+        if not self.tree_of(st["experiment"]).exists():
+            self.make_tree(st["experiment"], st["commit"])
+        self.save(st)
+        ref = self.task.remote(self.spec(st))
+        self.flights[ref] = st
+        what = "confirming" if st.get("label") else "training"
+        log(f"experiment {st['experiment']}: {what} ({st['description']}) on parent {st['parent'][:8]}; "
+            f"{len(self.flights)} in flight")
+
+    def in_flight(self) -> list[tuple[str, str]]:
+        return [(st["description"], st["parent"]) for st in self.flights.values() if st["kind"] != "baseline"]
+
+    def ask(self, redo: dict | None = None, n: int | None = None) -> None:
+        """Ask for a proposal on the best train.py (a thread: the LLM answers while the GPUs train)."""
+        n = self.allocate() if n is None else n
+        base = self.train_py_at(self.head())
+        pending = agent.Prefetch(self.session, n, base, self.in_flight(), redo=redo and redo["description"])
+        pending.redo = redo
+        pending.parent = self.head()
+        self.asking.append(pending)
+        if redo is None:
+            self.started += 1
+
+    def dispatch(self, pending: agent.Prefetch) -> None:
+        """A finished proposal: on the best as it is now (rebased when a keep came meanwhile), committed, run."""
+        session, n = self.session, pending.n
+        proposal = pending.result()
+        tokens = agent.tokens_since(pending.spent)
+        head = self.head()
+        if "error" in proposal:
+            agent.append_invalid(session, n, head, proposal["error"], tokens, proposal["seen"],
+                                 proposal.get("description") or "(reply rejected)")
+            log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
+            return
+        new = proposal["train_py"]
+        if pending.parent != head:  # a keep came while it was being asked for
+            new = merge(proposal["base"], self.train_py_at(head), new)
+            if new is None:
+                agent.append_invalid(session, n, head, f"proposed on {pending.parent[:8]}, and it conflicts with the "
+                                     f"change kept since ({head[:8]}): not run", tokens, proposal["seen"],
+                                     proposal["description"])
+                log(f"experiment {n}: its proposal conflicts with the change kept meanwhile; not run")
+                return
+        if new == self.train_py_at(head):
+            agent.append_invalid(session, n, head, f"the change is already in the best train.py ({head[:8]}), kept while "
+                                 "it was being proposed: not run", tokens, proposal["seen"], proposal["description"])
+            log(f"experiment {n}: its change was kept meanwhile; not run")
+            return
+        agent.atomic_write(session.runs / str(n) / "proposed_train.py", new)
+        redo = pending.redo
+        description = proposal["description"] if redo is None else f"re-applied on {head[:8]}: {redo['description']}"
+        st = {"experiment": n, "kind": "reapply" if redo else "proposal", "parent": head, "seen": proposal["seen"],
+              "description": description, **tokens}
+        st["commit"] = self.commit_change(n, head, new, description)
+        agent.atomic_write(session.runs / str(n) / "diff.patch", session.repo.git.diff(head, st["commit"]) + "\n")
+        self.submit(st)
+
+    def start_reapply(self, st: dict) -> None:
+        """A stale win, made again on the best: merged when the change still applies, else re-proposed."""
+        m, head = st["reapply_as"], self.head()
+        new = merge(self.train_py_at(st["parent"]), self.train_py_at(head), self.train_py_at(st["commit"]))
+        if new is None:
+            log(f"experiment {st['experiment']}: its change conflicts with the best ({head[:8]}); asking the LLM to "
+                f"make it again as experiment {m}")
+            self.ask(redo={"description": st["description"]}, n=m)  # the number its ledger row announced
+            return
+        if new == self.train_py_at(head):
+            log(f"experiment {st['experiment']}: its change is already in the best ({head[:8]}); nothing to re-apply")
+            return
+        description = f"re-applied on {head[:8]}: {st['description']}"
+        new_st = {"experiment": m, "kind": "reapply", "parent": head, "description": description, "seen": st.get("seen"),
+                  "reapplied_from": st["experiment"]}
+        new_st["commit"] = self.commit_change(m, head, new, description)
+        agent.atomic_write(self.session.runs / str(m) / "diff.patch",
+                           self.session.repo.git.diff(head, new_st["commit"]) + "\n")
+        self.submit(new_st)
+
+    # -------- results
+    def collect(self, ref) -> None:
+        st = self.flights.pop(ref)
+        n = st["experiment"]
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:  # the worker's own code failed: a bug, not a lost host
+            result = {"status": "crash", "reason": f"the worker failed: {one_line(exc, 200)}"}
+        except self.ray.exceptions.RayError as exc:  # the worker process or its node died
+            self.lost(st, exc)
+            return
+        self.bring_back(st, result)
+        if st["kind"] != "baseline" and "first" not in st and "val_ppl" in result and agent.keep_rule(
+                self.session.rows(), result, strict=self.args.strict, protocol=agent.night_protocol(self.args)).confirm:
+            log(f"experiment {n}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
+            self.submit({**st, "first": clean(result), "label": "-confirm"})
+            return
+        if "first" in st:
+            self.finish(st, st["first"], clean(result))
+        else:
+            self.finish(st, clean(result))
+
+    def lost(self, st: dict, exc: Exception) -> None:
+        """A worker or node died under the experiment: a crash row naming it, and the same commit runs again."""
+        n, reruns = st["experiment"], st.get("reruns", 0)
+        again = st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping
+        m = self.allocate() if again else None
+        why = f"worker lost ({type(exc).__name__}: {one_line(exc, 160)})"
+        reason = why + (f"; runs again as experiment {m}" if again else "")
+        agent.append_row(self.session, {"experiment": n, "timestamp": agent.utc_now(), "branch": self.session.branch,
+                                        "commit": st["commit"], "parent": st["parent"], "status": "crash",
+                                        "reason": reason, "best_val_ppl": agent.best_kept(self.session.rows()),
+                                        "description": st["description"], "seen": st.get("seen"),
+                                        "prompt_tokens": st.get("prompt_tokens"),
+                                        "completion_tokens": st.get("completion_tokens")})
+        log(f"experiment {n}: {reason}")
+        self.forget(st)
+        if again:
+            self.session.repo.git.update_ref(self.ref(m), st["commit"])
+            self.make_tree(m, st["commit"])
+            self.submit({key: value for key, value in st.items() if key not in ("first", "label", "prompt_tokens",
+                                                                                 "completion_tokens")}
+                        | {"experiment": m, "reruns": reruns + 1})
+        self.drop_tree(n)
+
+    def bring_back(self, st: dict, result: dict) -> None:
+        """From a host without the driver's disk: the logs into runs/<tag>/<n>/."""
+        folder = self.session.runs / str(st["experiment"])
+        for name, text in (result.get("logs") or {}).items():
+            if text:
+                agent.atomic_write(folder / name, text)
+
+    def fetch_submission(self, st: dict, result: dict) -> None:
+        """A kept experiment's submission, copied from its host when that host has a disk of its own."""
+        local = self.session.runs / str(st["experiment"]) / "submission.pt"
+        if not result.get("submission") or Path(result["submission"]) == local:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        strategy = NodeAffinitySchedulingStrategy(node_id=result["node"], soft=False)
+        try:
+            data = self.ray.get(self.fetch.options(scheduling_strategy=strategy).remote(result["submission"]))
+        except self.ray.exceptions.RayError as exc:
+            log(f"experiment {st['experiment']}: its submission could not be fetched ({one_line(exc, 150)})")
+            return
+        if hashlib.sha256(data).hexdigest() != result.get("submission_sha256"):
+            log(f"experiment {st['experiment']}: the fetched submission's digest differs from the scored one; not kept")
+            return
+        agent.atomic_write_bytes(local, data)
+
+    def finish(self, st: dict, result: dict, confirm: dict | None = None) -> str:
+        """Decide (agent.keep_rule against the best now), write the rows in one write, then move the branch
+        or keep the commit under a ref. Idempotent across a kill: a restart finds the row and does the rest."""
+        session, n, commit, parent = self.session, st["experiment"], st["commit"], st["parent"]
+        tampered = agent.protect_ledger(session)
+        rows = session.rows()
+        already = rows[(rows["experiment"] == n) & (rows["commit"].fillna("") == commit)]
+        head = self.head()
+        if len(already):
+            status = already.iloc[-1]["status"]
+        else:
+            decision = agent.keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline",
+                                       strict=self.args.strict, protocol=agent.night_protocol(self.args))
+            status, reason = decision.status, decision.reason
+            if status == "keep" and parent != head:  # won on a parent that is no longer the best
+                st["reapply_as"] = st.get("reapply_as") or self.allocate()
+                self.save(st)
+                status = "discard"
+                reason = (f"stale parent: {reason}, but measured on {parent[:8]}, which is no longer the best "
+                          f"({head[:8]}): re-applied on it as experiment {st['reapply_as']}")
+            common = {"experiment": n, "branch": session.branch, "commit": commit, "parent": parent, "status": status,
+                      "best_val_ppl": decision.best, "timestamp": agent.utc_now()}
+            fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
+            written = [{**common, "reason": tampered + (result.get("note") or "") + reason,
+                        "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
+                        "cost_usd": agent.cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
+                        "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}}]
+            if confirm is not None:
+                written.append({**common, "reason": (confirm.get("note") or "") + (confirm.get("reason") or reason),
+                                "description": agent.CONFIRMATION + st["description"],
+                                **{k: confirm.get(k) for k in fields}})
+            agent.append_rows(session, written)
+        if status == "keep":
+            if head == parent:  # else a restart finds it already moved
+                self.fetch_submission(st, result)
+                self.move_branch(st)
+        elif st["kind"] != "baseline":
+            session.repo.git.update_ref(self.ref(n, "discarded"), commit)
+        if st.get("reapply_as") is not None and not self.known(st["reapply_as"]):
+            self.start_reapply(st)
+        if st["kind"] != "baseline":
+            session.repo.git.update_ref("-d", self.ref(n))
+        self.drop_tree(n)
+        agent.keep_best_submission(session)
+        self.forget(st)
+        log(f"experiment {n}: {status}  val_ppl={result.get('val_ppl')}  {one_line(result.get('reason') or '', 150)}")
+        return status
+
+    def known(self, n: int) -> bool:
+        """Experiment n is in the ledger or in flight (a re-apply already started)."""
+        return (self.inflight_dir / f"{n}.json").exists() or bool((self.session.rows()["experiment"] == n).any())
+
+    # -------- the night
+    def resume(self) -> None:
+        """Experiments in flight when the driver stopped: a recorded one is finished, the others run again."""
+        states = []
+        for path in sorted(self.inflight_dir.glob("*.json"), key=lambda p: int(p.stem)):
+            try:
+                states.append(json.loads(path.read_text()))
+            except ValueError:
+                log(f"{path}: unreadable (cut by a kill?); set aside")
+                path.rename(path.with_suffix(".unreadable"))
+        self.next_n = max([self.next_n, *[st["experiment"] + 1 for st in states],
+                           *[st.get("reapply_as", -1) + 1 for st in states]])
+        for st in states:
+            label = st.get("label", "")
+            agent.kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
+            rows = self.session.rows()
+            recorded = rows[(rows["experiment"] == st["experiment"]) & (rows["commit"].fillna("") == st["commit"])]
+            if len(recorded):
+                self.finish(st, {})
+            else:
+                log(f"resuming experiment {st['experiment']}: in flight when the driver stopped, running it again")
+                self.submit(st)
+
+    def baselines(self) -> None:
+        """The reference before any experiment: --baseline-runs runs of the branch's train.py, at once."""
+        protocol, failures = agent.night_protocol(self.args), 0
+        while not agent.stop_reason(self.session):
+            same = agent.same_protocol(self.session.rows(), protocol)
+            scored = int((same["status"] == "baseline").sum())
+            running = sum(st["kind"] == "baseline" for st in self.flights.values())
+            if not running and (scored >= self.args.baseline_runs or (same["status"] == "keep").any()):
+                return
+            if failures >= agent.BASELINE_TRIES:
+                raise FatalError(f"train.py as committed did not score under protocol {protocol} in "
+                                 f"{agent.BASELINE_TRIES} tries; see runs/{self.args.tag}/ and the reasons in results.tsv")
+            head = self.head()
+            for _ in range(min(self.args.baseline_runs - scored - running, self.slots - len(self.flights))):
+                k = scored + running + 1
+                self.submit({"experiment": self.allocate(), "kind": "baseline", "commit": head, "parent": head,
+                             "description": "baseline: unmodified train.py" + (f" (run {k})" if k > 1 else "")})
+                running += 1
+            for ref in self.wait():
+                baseline, n = self.flights[ref]["kind"] == "baseline", self.flights[ref]["experiment"]
+                self.collect(ref)
+                rows = self.session.rows()
+                mine = rows[rows["experiment"] == n]
+                failures += baseline and (mine.empty or mine.iloc[-1]["status"] != "baseline")
+
+    def wait(self) -> list:
+        if not self.flights:
+            time.sleep(POLL_S)
+            return []
+        done, _ = self.ray.wait(list(self.flights), num_returns=len(self.flights), timeout=POLL_S)
+        return done
+
+    def run(self) -> int:
+        self.resume()
+        self.baselines()
+        while True:
+            if not self.stopping:
+                self.stopping = agent.budget_left(self.session, 0)
+            limit = self.args.max_experiments
+            can_ask = not self.stopping and (limit is None or self.started < limit)
+            ahead = self.slots if self.args.pipeline else self.slots - len(self.flights)
+            while can_ask and len(self.asking) < ahead and (limit is None or self.started < limit):
+                self.ask()
+            for pending in [p for p in self.asking if not p.is_alive()]:
+                if len(self.flights) >= self.slots or self.stopping:
+                    break
+                self.asking.remove(pending)
+                self.dispatch(pending)
+            if not self.flights and (self.stopping or (not self.asking and not can_ask)):
+                break
+            for ref in self.wait():
+                self.collect(ref)
+        for pending in self.asking:
+            agent.abandon(self.session, pending, f"the driver stopped ({self.stopping or 'budget reached'}) before it could run")
+        log(f"stopping: {self.stopping or f'--max-experiments {self.args.max_experiments} reached'}")
+        return 0
+
+
+def merge(base: str, ours: str, theirs: str) -> str | None:
+    """git merge-file: `theirs` (a change made on `base`) applied to `ours`; None where they conflict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, text in (("best", ours), ("base", base), ("change", theirs)):
+            (Path(tmp) / name).write_text(text)
+            paths.append(str(Path(tmp) / name))
+        done = subprocess.run(["git", "merge-file", "-p", *paths], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
+def clean(result: dict) -> dict:
+    """The ledger's fields of a worker's result (without the logs it carried back)."""
+    return {k: v for k, v in result.items() if k not in ("logs",)}
+
+
+def run_pool(session: Session) -> int:
+    if session.args.proposer == "sweep":
+        raise FatalError("--proposer sweep tries one value at a time on top of the last result: run it with "
+                         "--workers 1 (an LLM proposer uses every GPU)")
+    ray, slots = start_ray(session.args)
+    log(f"{slots} workers ({'Ray cluster ' + session.args.ray if session.args.ray else 'a local Ray instance'}); "
+        f"experiments run in runs/{session.args.tag}/<n>/tree")
+    try:
+        return Pool(session, ray, slots).run()
+    finally:
+        ray.shutdown()
