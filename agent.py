@@ -52,6 +52,10 @@ MAX_REPAIR_TURNS = 2           # extra LLM turns to fix a reply that does not ap
 MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments before stopping
 CONFIRM_SIGMAS = 2.0           # a gain within this many noise widths is re-run once before it is kept
 CONFIRMATION = "confirmation run: "  # description prefix of a confirmation run's row
+# the worker that ran a row, named in its reason by the pool (--workers/--gpus/--ray); rows without it ran
+# on the one local worker. `;` may end the reason: the ledger strips a cell's trailing space
+WORKER_RE = re.compile(r"(?:^|; )worker ([^;\s]+);(?: |$)")
+LOCAL_WORKER = "local"
 BASELINE_TRIES = 3             # baseline runs that fail in a row before the night stops
 LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
 LOG_TAIL_BYTES = 3000          # tail of a crashed run's log shown to the LLM
@@ -2121,6 +2125,52 @@ def run_loop(session: Session) -> int:
     return 0
 
 
+def worker_of(reason) -> str:
+    """The worker named in a row's reason; LOCAL_WORKER for a row the one-GPU path ran."""
+    found = WORKER_RE.search(reason) if isinstance(reason, str) else None
+    return found.group(1) if found else LOCAL_WORKER
+
+
+def runs_text(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
+def natural_key(name: str) -> list:
+    """gpu2 before gpu10: digit runs compare as numbers (re.split alternates text and digits, so the types line up)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def night_seconds(rows: pd.DataFrame) -> float:
+    """The night's wall-clock span: from the earliest run's start (a timestamp is written as a run ENDS, so its
+    train_s and eval_s are taken off) to the latest timestamp. 0 for an empty ledger."""
+    stamps = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce")
+    if stamps.isna().all():
+        return 0.0
+    took = pd.to_timedelta(rows["train_s"].fillna(0) + rows["eval_s"].fillna(0), unit="s")
+    return max((stamps.max() - (stamps - took).min()).total_seconds(), 0.0)
+
+
+def worker_occupancy(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per worker (one GPU): the runs that trained, the seconds in train.py and in the evaluator, and the shares
+    of the night (night_seconds) they took. An idle GPU is the cost of many workers: this shows where it went.
+    Rows that never ran (invalid) belong to no worker; a crash with no train_s still names its worker."""
+    columns = ["worker", "experiments", "train_s", "eval_s", "busy_share", "train_share"]
+    ran = rows[rows["status"] != "invalid"]
+    if ran.empty:
+        return pd.DataFrame(columns=columns)
+    night = night_seconds(rows)
+    per = ran.assign(worker=ran["reason"].map(worker_of), trained=ran["train_s"].notna(),
+                     train=ran["train_s"].fillna(0).astype(float), scoring=ran["eval_s"].fillna(0).astype(float))
+    table = per.groupby("worker").agg(experiments=("trained", "sum"), train_s=("train", "sum"),
+                                      eval_s=("scoring", "sum")).reset_index()
+    table["experiments"] = table["experiments"].astype(int)
+    scale = 1 / night if night > 0 else 0.0
+    table["busy_share"] = (table["train_s"] + table["eval_s"]) * scale
+    table["train_share"] = table["train_s"] * scale
+    order = sorted(table["worker"], key=natural_key)
+    return table.set_index("worker").loc[order].reset_index()[columns]
+
+
 def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     """progress.png: every scored experiment, kept ones labelled on the running-best line, failures
     marked along the bottom."""
@@ -2132,7 +2182,13 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     rows = rows.dropna(subset=["experiment"])
     scored = same_protocol(rows).dropna(subset=["val_ppl"])  # one protocol's scores: others do not compare
     kept = scored[scored["status"].isin(["baseline", "keep"])]
-    fig, ax = plt.subplots(figsize=(12, 6))
+    occupancy = worker_occupancy(rows)
+    if len(occupancy) > 1:  # many GPUs: a strip below shows how much of each one's night went to training
+        strip = min(0.35 * len(occupancy), 4.0) + 0.9  # a 64-GPU cluster still leaves the main plot its room
+        fig, (ax, occ) = plt.subplots(2, 1, figsize=(12, 6 + strip), gridspec_kw={"height_ratios": [6, strip]})
+        draw_occupancy(occ, occupancy, night_seconds(rows))
+    else:
+        fig, ax = plt.subplots(figsize=(12, 6))
     discarded = scored[scored["status"] == "discard"]
     ax.scatter(discarded["experiment"], discarded["val_ppl"], s=16, color="0.55", alpha=0.45, label="discarded")
     ax.scatter(kept["experiment"], kept["val_ppl"], s=44, color="tab:green", zorder=3, label="kept")
@@ -2174,6 +2230,27 @@ def plot_progress(rows: pd.DataFrame, branch: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def draw_occupancy(ax, occupancy: pd.DataFrame, night: float) -> None:
+    """One horizontal bar per worker: its share of the night in train.py, then in the evaluator."""
+    from matplotlib.ticker import PercentFormatter
+    ys = range(len(occupancy))
+    ax.barh(ys, occupancy["train_share"], color="tab:blue", height=0.6, label="training")
+    ax.barh(ys, occupancy["busy_share"] - occupancy["train_share"], left=occupancy["train_share"], color="tab:blue",
+            alpha=0.35, height=0.6, label="scoring")
+    labelled = len(occupancy) <= 16  # beyond that the words overlap: the bars and `report` say it
+    for y, (_, row) in zip(ys, occupancy.iterrows() if labelled else ()):
+        ax.text(min(row["busy_share"], 1.0) + 0.01, y, f"{row['train_share']:.0%} training, "
+                f"{row['busy_share']:.0%} with scoring, {runs_text(row['experiments'])}", va="center", fontsize=7)
+    ax.set_yticks(list(ys), occupancy["worker"], fontsize=8 if labelled else 5)
+    ax.invert_yaxis()  # the first worker on top, as in status and the report
+    ax.set_xlim(0, 1.0)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel(f"share of the night ({night / 3600:.2f} h) per worker", fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 
 
 def running_best(rows: pd.DataFrame) -> pd.DataFrame:
@@ -2271,9 +2348,10 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
     stamps = pd.to_datetime(numbered["timestamp"], utc=True, errors="coerce")  # as each experiment ends: add the first run
     first = numbered.iloc[0]
     wall = (stamps.max() - stamps.min()).total_seconds() + (first["train_s"] or 0) + (first["eval_s"] or 0)
+    gpus = max(len(worker_occupancy(numbered)), 1)  # many workers: the share of all their GPU-hours, not over 100%
     if wall > 0:
-        lines.append(f"- wall-clock share spent training: {numbered['train_s'].fillna(0).sum() / wall:.0%} "
-                     f"of {wall / 3600:.2f} h")
+        lines.append(f"- wall-clock share spent training: {numbered['train_s'].fillna(0).sum() / (wall * gpus):.0%} "
+                     f"of {wall / 3600:.2f} h" + (f" on each of {gpus} workers" if gpus > 1 else ""))
     on_disk = [runs / str(int(e)) / "submission.pt" for e in kept[kept["commit"] == means.idxmin()]["experiment"]]
     best_submission = next((path for path in on_disk if path.exists()), on_disk[0])  # repeated runs: any one
     test = test_split_ppl(root, best_submission) if with_test else "not run"
@@ -2288,7 +2366,20 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
         lines.append(f"| {int(first_row['experiment'])} | {len(runs_of)} | {value:.4f} | {gain} | {sig} | "
                      f"{one_line(first_row['description'], 80)} |")
         previous = value
+    lines += occupancy_table(numbered)
     return "\n".join(lines) + "\n"
+
+
+def occupancy_table(rows: pd.DataFrame) -> list[str]:
+    """The report's markdown lines for worker_occupancy (none when no run has happened)."""
+    occupancy = worker_occupancy(rows)
+    if occupancy.empty:
+        return []
+    lines = ["", f"## Per-worker occupancy (share of the night's {night_seconds(rows) / 3600:.2f} h)", "",
+             "| worker | experiments | training share | training+scoring share |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {row.worker} | {row.experiments} | {row.train_share:.0%} | {row.busy_share:.0%} |"
+              for row in occupancy.itertuples()]
+    return lines
 
 
 def branch_rows(args) -> tuple[Path, str, pd.DataFrame]:
@@ -2340,6 +2431,12 @@ def show_status(args) -> int:
     print("by status: " + ", ".join(f"{k} {v}" for k, v in rows["status"].value_counts().items()))
     print(f"LLM tokens: {int(rows['prompt_tokens'].fillna(0).sum())} prompt, "
           f"{int(rows['completion_tokens'].fillna(0).sum())} completion; cost ${rows['cost_usd'].fillna(0).sum():.4f}")
+    occupancy = worker_occupancy(rows)
+    if len(occupancy):  # the share of each GPU's night spent training: idle GPUs show here
+        print(f"occupancy of the night's {night_seconds(rows) / 3600:.2f} h:")
+        for row in occupancy.itertuples():
+            print(f"  {row.worker}: {runs_text(row.experiments)}, training {row.train_share:.0%}, "
+                  f"training+scoring {row.busy_share:.0%}")
     with pd.option_context("display.width", 160, "display.max_colwidth", 60):
         print(rows[["experiment", "status", "val_ppl", "best_val_ppl", "protocol", "train_s", "description"]].tail(15)
               .to_string(index=False))
