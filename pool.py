@@ -262,27 +262,30 @@ class Pool:
             self.finish(st, clean(result))
 
     def lost(self, st: dict, exc: Exception) -> None:
-        """A worker or node died under the experiment: a crash row naming it, and the same commit runs again."""
+        """A worker or node died under the experiment: a crash row naming it, and the change runs again."""
         n, reruns = st["experiment"], st.get("reruns", 0)
-        again = st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping
-        m = self.allocate() if again else None
-        why = f"worker lost ({type(exc).__name__}: {one_line(exc, 160)})"
-        reason = why + (f"; runs again as experiment {m}" if again else "")
+        if st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping:
+            st["rerun_as"] = self.allocate()
+            self.save(st)  # before the row: a restart then starts the rerun the row announces
+        reason = f"worker lost ({type(exc).__name__}: {one_line(exc, 160)})" + (
+            f"; runs again as experiment {st['rerun_as']}" if "rerun_as" in st else "")
         agent.append_row(self.session, {"experiment": n, "timestamp": agent.utc_now(), "branch": self.session.branch,
                                         "commit": st["commit"], "parent": st["parent"], "status": "crash",
                                         "reason": reason, "best_val_ppl": agent.best_kept(self.session.rows()),
                                         "description": st["description"], "seen": st.get("seen"),
                                         "prompt_tokens": st.get("prompt_tokens"),
                                         "completion_tokens": st.get("completion_tokens")})
-        log(f"experiment {n}: {reason}")
-        self.forget(st)
-        if again:
-            self.session.repo.git.update_ref(self.ref(m), st["commit"])
-            self.make_tree(m, st["commit"])
-            self.submit({key: value for key, value in st.items() if key not in ("first", "label", "prompt_tokens",
-                                                                                 "completion_tokens")}
-                        | {"experiment": m, "reruns": reruns + 1})
-        self.drop_tree(n)
+        self.finish(st, {"reason": reason})
+
+    def start_rerun(self, st: dict) -> None:
+        """The same change on the same parent, as a commit of its own (one ledger row per commit)."""
+        m = st["rerun_as"]
+        rerun = {key: st[key] for key in ("kind", "parent", "description", "seen") if key in st}
+        rerun.update(experiment=m, reruns=st.get("reruns", 0) + 1, commit=self.commit_change(
+            m, st["parent"], self.train_py_at(st["commit"]), st["description"]))
+        agent.atomic_write(self.session.runs / str(m) / "diff.patch",
+                           self.session.repo.git.diff(st["parent"], rerun["commit"]) + "\n")
+        self.submit(rerun)
 
     def bring_back(self, st: dict, result: dict) -> None:
         """From a host without the driver's disk: the logs into runs/<tag>/<n>/."""
@@ -346,8 +349,9 @@ class Pool:
                 self.move_branch(st)
         elif st["kind"] != "baseline":
             session.repo.git.update_ref(self.ref(n, "discarded"), commit)
-        if st.get("reapply_as") is not None and not self.known(st["reapply_as"]):
-            self.start_reapply(st)
+        for key, start in (("reapply_as", self.start_reapply), ("rerun_as", self.start_rerun)):
+            if st.get(key) is not None and not self.known(st[key]):
+                start(st)
         if st["kind"] != "baseline":
             session.repo.git.update_ref("-d", self.ref(n))
         self.drop_tree(n)
@@ -371,7 +375,7 @@ class Pool:
                 log(f"{path}: unreadable (cut by a kill?); set aside")
                 path.rename(path.with_suffix(".unreadable"))
         self.next_n = max([self.next_n, *[st["experiment"] + 1 for st in states],
-                           *[st.get("reapply_as", -1) + 1 for st in states]])
+                           *[st.get(key, -1) + 1 for st in states for key in ("reapply_as", "rerun_as")]])
         for st in states:
             label = st.get("label", "")
             agent.kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
