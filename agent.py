@@ -972,6 +972,9 @@ def open_session(args) -> Session:
 
 
 # ---------------------------------------------------------------- guarding the driver from its experiments
+RAY_AUTH: dict[str, str] = {}  # a Ray cluster's token settings, taken out of the environment by harden_process
+
+
 def harden_process() -> None:
     """train.py runs as the same user. Non-dumpable: it cannot read this process's memory or
     /proc/<pid>/environ (the API key). Subreaper: a daemon it double-forks is reparented here, where
@@ -983,6 +986,8 @@ def harden_process() -> None:
         if libc.prctl(option, value, 0, 0, 0) != 0:
             log(f"warning: prctl({option}) failed (errno {ctypes.get_errno()})")
     for key in [k for k in os.environ if SECRET_ENV.search(k)]:
+        if key.startswith("RAY_AUTH"):  # for pool.start_ray alone, which connects to the cluster with it
+            RAY_AUTH[key] = os.environ[key]
         del os.environ[key]
         if key.endswith("_AUTH_SOCK"):  # Landlock (ABI <= 7) cannot stop a connect() to a pathname socket
             log(f"warning: {key} is set: it is not passed on, but a train.py that finds the agent's socket "
@@ -2557,4 +2562,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules["agent"] = sys.modules[__name__]  # pool.py and worker.py import it: one module, one FatalError
     sys.exit(main())

@@ -1,0 +1,175 @@
+"""--workers N and --ray: one driver, N experiments at once as Ray tasks, through the real agent.py, a real
+local Ray instance (or a real `ray start` cluster), the real sandbox and the stand-in train.py."""
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import git
+import pytest
+
+from driver_helpers import TAG, check_invariants, edit, ledger, run_agent
+from fake_llm import FakeLLM
+
+if os.environ.get("AR_REQUIRE_ASSETS") != "1":
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -r requirements-cluster.txt")
+
+
+SCALE_LINE = "PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other"
+
+
+def sleepy(repo: Path, seconds: float) -> None:
+    """Each stand-in run lasts `seconds`, so that runs overlap."""
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace("SLEEP_S = 0.0", f"SLEEP_S = {seconds}"))
+    g = git.Repo(repo)
+    g.index.add(["train.py"])
+    g.index.commit("runs that last")
+
+
+def spans(rows) -> list[tuple[float, float, str]]:
+    """(start, end, worker) of each run: the row is written when it ends."""
+    out = []
+    for _, row in rows.dropna(subset=["train_s"]).iterrows():
+        end = datetime.fromisoformat(row["timestamp"]).timestamp()
+        out.append((end - row["train_s"] - (row["eval_s"] if row["eval_s"] == row["eval_s"] else 0), end,
+                    row["reason"].split("worker ")[1].split(";")[0]))
+    return out
+
+
+def chain_is_kept(repo: Path) -> None:
+    """Every keep is on the branch, each kept commit's parent the previous kept one."""
+    g, rows = git.Repo(repo), ledger(repo)
+    kept = rows[rows["status"].isin(["baseline", "keep"])].drop_duplicates("commit")
+    for (_, before), (_, after) in zip(kept.iloc[:-1].iterrows(), kept.iloc[1:].iterrows()):
+        assert g.commit(after["commit"]).parents[0].hexsha == before["commit"]
+        assert after["parent"] == before["commit"]
+    assert g.head.commit.hexsha == kept.iloc[-1]["commit"]
+
+
+def test_two_workers_run_at_once_with_one_ledger(repo, llm):
+    sleepy(repo, 3)
+    llm.alternate = True
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "4", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo)
+    assert check_invariants(repo) == []
+    ran = spans(rows)
+    assert {w for _, _, w in ran} == {"gpu0", "gpu1"}, ran
+    overlaps = [(a, b) for a in ran for b in ran if a < b and b[0] < a[1] - 1 and a[0] < b[1] - 1]
+    assert overlaps, f"no two runs overlapped in time: {ran}"
+    assert sorted(rows["experiment"]) == list(range(len(rows)))
+    assert (rows["status"] != "crash").all(), rows["reason"].tolist()
+    chain_is_kept(repo)
+    # the prompt of a proposal asked while another trained lists it, with its parent
+    listed = [m["content"] for r in llm.requests for m in r["messages"] if "These experiments are training now" in m["content"]]
+    assert listed and "on commit" in listed[0]
+    assert git.Repo(repo).git.worktree("list").count("\n") == 0, "a worktree was left behind"
+    assert not list((repo / ".git" / "autoresearch" / TAG / "inflight").glob("*.json"))
+    status = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "agent.py"), "--repo", str(repo),
+                             "status", "--tag", TAG], capture_output=True, text=True)
+    assert "gpu0" in status.stdout and "gpu1" in status.stdout, status.stdout
+
+
+def stale_night(repo: Path, second: str, *more: str) -> tuple[FakeLLM, object]:
+    """Two proposals on the baseline: a small gain that ends first (kept), and `second`, a larger gain that
+    ends later, on a parent that is then no longer the best; `more`: the replies after them."""
+    sleepy(repo, 1)
+    llm = FakeLLM([edit(SCALE_LINE, SCALE_LINE.replace("1.0", "0.95"), "small gain, quick"), second, *more])
+    llm.default_factor = 0.9
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline", timeout=300)
+    return llm, done
+
+
+def test_a_stale_win_is_merged_onto_the_best_and_kept_only_after_its_own_run(repo):
+    slow_gain = ("DESCRIPTION: large gain, slow\n<<<<<<< SEARCH\nPPL = 20.0\n=======\nPPL = 16.0\n>>>>>>> REPLACE\n"
+                 "<<<<<<< SEARCH\nSLEEP_S = 1\n=======\nSLEEP_S = 4\n>>>>>>> REPLACE\n")
+    llm, done = stale_night(repo, slow_gain)
+    llm.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo).set_index("experiment")
+    assert check_invariants(repo) == []
+    quick = rows[rows["description"] == "small gain, quick"].iloc[0]
+    slow = rows[rows["description"] == "large gain, slow"].iloc[0]
+    assert quick["status"] == "keep" and quick["val_ppl"] == pytest.approx(19.0)
+    # the slow one beat the best, but on the baseline: recorded as measured there, not kept
+    assert slow["status"] == "discard" and slow["val_ppl"] == pytest.approx(16.0)
+    assert slow["parent"] == quick["parent"] != quick["commit"]
+    assert "stale parent" in slow["reason"] and "re-applied on it as experiment" in slow["reason"]
+    again = int(slow["reason"].split("as experiment ")[1].split()[0])
+    redo = rows.loc[again]
+    assert redo["description"].startswith(f"re-applied on {quick['commit'][:8]}: large gain, slow")
+    assert redo["parent"] == quick["commit"] and redo["status"] == "keep"
+    assert redo["val_ppl"] == pytest.approx(16.0 * 0.95)  # both changes, measured together
+    chain_is_kept(repo)
+    g = git.Repo(repo)
+    assert g.head.commit.hexsha == redo["commit"] and "PPL = 16.0" in (repo / "train.py").read_text()
+    assert len(llm.requests) == 2, "a clean merge asks the LLM nothing"
+
+
+def test_a_stale_win_that_conflicts_is_proposed_again_by_the_llm(repo):
+    conflicting = (f"DESCRIPTION: larger gain on the same line, slow\n<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n"
+                   "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n<<<<<<< SEARCH\nSLEEP_S = 1\n=======\nSLEEP_S = 4\n>>>>>>> REPLACE\n")
+    llm, done = stale_night(repo, conflicting, edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8",
+                                                    "the same change, made again"))
+    llm.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo).set_index("experiment")
+    assert check_invariants(repo) == []
+    slow = rows[rows["description"] == "larger gain on the same line, slow"].iloc[0]
+    assert slow["status"] == "discard" and "stale parent" in slow["reason"]
+    again = int(slow["reason"].split("as experiment ")[1].split()[0])
+    asked = [m["content"] for m in llm.requests[-1]["messages"]]
+    assert any("# re-apply" in c and "larger gain on the same line, slow" in c for c in asked)
+    assert rows.loc[again]["description"].startswith("re-applied on ")
+    assert rows.loc[again]["status"] in ("keep", "discard")
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A real cluster started as a user would (`ray start --head`), with 2 logical GPUs, whose workers keep
+    their files in a folder of their own (AR_WORKER_DIR), as on another host. Its processes are found by
+    their temp folder when it is stopped (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+    ray_bin = Path(sys.executable).with_name("ray")
+    host_dir = tmp_path / "worker-host"
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AR_WORKER_DIR": str(host_dir), "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run([str(ray_bin), "start", "--head", "--num-gpus", "2", "--num-cpus", "2", "--port", str(port),
+                            "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard", "false",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield f"127.0.0.1:{port}", host_dir
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in p.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_cluster_without_shared_disk(repo, llm, ray_cluster):
+    address, host_dir = ray_cluster
+    sleepy(repo, 1)
+    llm.alternate = True
+    done = run_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert check_invariants(repo) == []
+    rows = ledger(repo)
+    assert rows["status"].isin(["baseline", "keep", "discard"]).all(), rows["reason"].tolist()
+    # the runs happened in the host's own folder, from the files sent with each task ...
+    assert list(host_dir.glob("*/*/tree/train.py"))
+    # ... their logs came back, and the best submission was fetched from the host
+    for n in rows["experiment"]:
+        assert (repo / "runs" / TAG / str(n) / "train.log").exists()
+    best = rows[rows["status"].isin(["baseline", "keep"])].iloc[-1]
+    if best["status"] == "keep":
+        assert (repo / "runs" / TAG / str(best["experiment"]) / "submission.pt").exists()
+    shutil.rmtree(host_dir, ignore_errors=True)
