@@ -264,6 +264,9 @@ class Pool:
     def lost(self, st: dict, exc: Exception) -> None:
         """A worker or node died under the experiment: a crash row naming it, and the same commit runs again."""
         n, reruns = st["experiment"], st.get("reruns", 0)
+        # a worker killed on this host leaves its train.py running (own session; the worker was its subreaper):
+        # end it by its marker, as a restart does, before Ray hands the GPU to the next task
+        agent.kill_leftovers(self.session.runs / str(n) / f"child{st.get('label', '')}.pid")
         again = st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping
         m = self.allocate() if again else None
         why = f"worker lost ({type(exc).__name__}: {one_line(exc, 160)})"
@@ -275,10 +278,15 @@ class Pool:
                                         "prompt_tokens": st.get("prompt_tokens"),
                                         "completion_tokens": st.get("completion_tokens")})
         log(f"experiment {n}: {reason}")
+        if st["kind"] != "baseline":  # its commit under discarded/, as any crash row's (the rerun has a ref of its own)
+            self.session.repo.git.update_ref(self.ref(n, "discarded"), st["commit"])
+            self.session.repo.git.update_ref("-d", self.ref(n))
         self.forget(st)
         if again:
             self.session.repo.git.update_ref(self.ref(m), st["commit"])
             self.make_tree(m, st["commit"])
+            agent.atomic_write(self.session.runs / str(m) / "diff.patch",  # its own record, as any experiment's
+                               self.session.repo.git.diff(st["parent"], st["commit"]) + "\n")
             self.submit({key: value for key, value in st.items() if key not in ("first", "label", "prompt_tokens",
                                                                                  "completion_tokens")}
                         | {"experiment": m, "reruns": reruns + 1})
