@@ -281,6 +281,9 @@ class Pool:
     def lost(self, st: dict, exc: Exception) -> None:
         """A worker or node died under the experiment: a crash row naming it, and the change runs again."""
         n, reruns = st["experiment"], st.get("reruns", 0)
+        # a worker killed on this host leaves its train.py running (own session; the worker was its subreaper):
+        # end it by its marker, as a restart does, before Ray hands the GPU to the next task
+        agent.kill_leftovers(self.session.runs / str(n) / f"child{st.get('label', '')}.pid")
         if st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping:
             st["rerun_as"] = self.allocate()
             self.save(st)  # before the row: a restart then starts the rerun the row announces
