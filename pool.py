@@ -2,9 +2,9 @@
 
 One driver process (this one) owns the branch, the ledger and every keep/discard decision. Each
 experiment is a Ray task asking for one GPU (worker.run_experiment), in its own git worktree
-runs/<tag>/<n>/tree and run folder. Ray, for one host too: each run gets a worker process of its own
-(so killing one run's strays can never touch another run), Ray assigns the GPUs and reports a lost
-worker, and the same code serves a cluster. The one-GPU path (agent.run_loop) needs no Ray.
+runs/<tag>/<n>/tree and run folder. Ray, for one host too: each run is in a worker process that runs
+nothing else meanwhile (so killing one run's strays can never touch another run), Ray assigns the GPUs
+and reports a lost worker, and the same code serves a cluster. The one-GPU path (agent.run_loop) needs no Ray.
 
 Stale parents: while an experiment trains, another may be kept. A result measured on the current best
 is decided as on one GPU. A result that beats the best on a parent that is no longer the best is
@@ -33,6 +33,7 @@ from agent import FatalError, Session, log, one_line
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
 MAX_RERUNS = 2                 # a lost worker's experiment runs again elsewhere at most this often
+MAX_ASKS = 3                   # a proposal overtaken by a keep it conflicts with is asked for this often in all
 MAX_FILES_BYTES = 5_000_000    # the commit's files sent to a host that does not share the driver's disk
 RAY_EXCLUDES = ["runs/", ".git/", ".venv/", "*.pt", "*.gguf", "*.safetensors", "__pycache__/"]
 
@@ -96,7 +97,9 @@ class Pool:
         self.stopping = ""
         self.inflight_dir = session.state_path.parent / "inflight"
         self.inflight_dir.mkdir(exist_ok=True)
-        self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(worker.run_experiment)
+        # max_calls=0: a worker process is reused (Ray would start a fresh one per GPU task, 2.5 s of imports);
+        # it runs one experiment at a time, and kill_tree ends everything the last one started
+        self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0, max_calls=0)(worker.run_experiment)
         self.fetch = ray.remote(num_cpus=0, max_retries=1)(worker.read_submission)
         self.next_n = agent.next_experiment(session)
         self.key = f"{hashlib.sha256(str(session.root).encode()).hexdigest()[:12]}-{self.args.tag}"
@@ -191,15 +194,17 @@ class Pool:
     def in_flight(self) -> list[tuple[str, str]]:
         return [(st["description"], st["parent"]) for st in self.flights.values() if st["kind"] != "baseline"]
 
-    def ask(self, redo: dict | None = None, n: int | None = None) -> None:
-        """Ask for a proposal on the best train.py (a thread: the LLM answers while the GPUs train)."""
+    def ask(self, redo: dict | None = None, n: int | None = None, spent: list | None = None) -> None:
+        """Ask for a proposal on the best train.py (a thread: the LLM answers while the GPUs train). n, spent:
+        asking again for an experiment number, whose calls so far stay billed to it."""
+        again = n is not None
         n = self.allocate() if n is None else n
         base = self.train_py_at(self.head())
         pending = agent.Prefetch(self.session, n, base, self.in_flight(), redo=redo and redo["description"])
-        pending.redo = redo
-        pending.parent = self.head()
+        pending.spent.extend(spent or [])
+        pending.redo, pending.parent, pending.tries = redo, self.head(), 1
         self.asking.append(pending)
-        if redo is None:
+        if not again:
             self.started += 1
 
     def dispatch(self, pending: agent.Prefetch) -> None:
@@ -216,16 +221,16 @@ class Pool:
         new = proposal["train_py"]
         if pending.parent != head:  # a keep came while it was being asked for
             new = merge(proposal["base"], self.train_py_at(head), new)
-            if new is None:
-                agent.append_invalid(session, n, head, f"proposed on {pending.parent[:8]}, and it conflicts with the "
-                                     f"change kept since ({head[:8]}): not run", tokens, proposal["seen"],
-                                     proposal["description"])
-                log(f"experiment {n}: its proposal conflicts with the change kept meanwhile; not run")
+        if new is None or new == self.train_py_at(head):
+            why = (f"proposed on {pending.parent[:8]}, and it conflicts with the change kept since ({head[:8]})"
+                   if new is None else f"the change is already in the best train.py ({head[:8]}), kept meanwhile")
+            if pending.tries < MAX_ASKS and not self.stopping:
+                log(f"experiment {n}: {why}; asking again")
+                self.ask(pending.redo, n=n, spent=list(pending.spent))
+                self.asking[-1].tries = pending.tries + 1
                 return
-        if new == self.train_py_at(head):
-            agent.append_invalid(session, n, head, f"the change is already in the best train.py ({head[:8]}), kept while "
-                                 "it was being proposed: not run", tokens, proposal["seen"], proposal["description"])
-            log(f"experiment {n}: its change was kept meanwhile; not run")
+            agent.append_invalid(session, n, head, f"{why}: not run", tokens, proposal["seen"], proposal["description"])
+            log(f"experiment {n}: {why}; not run")
             return
         agent.atomic_write(session.runs / str(n) / "proposed_train.py", new)
         redo = pending.redo
@@ -436,7 +441,10 @@ class Pool:
         if not self.flights:
             time.sleep(POLL_S)
             return []
-        done, _ = self.ray.wait(list(self.flights), num_returns=len(self.flights), timeout=POLL_S)
+        refs = list(self.flights)
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=POLL_S)  # back as soon as one ends ...
+        if done:  # ... with every other one that has ended too
+            done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         return done
 
     def run(self) -> int:
