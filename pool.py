@@ -109,7 +109,7 @@ class Pool:
         return self.session.repo.head.commit.hexsha
 
     def train_py_at(self, commit: str) -> str:
-        return self.session.repo.git.show(f"{commit}:train.py") + "\n"
+        return self.session.repo.commit(commit).tree["train.py"].data_stream.read().decode()
 
     def tree_of(self, n: int) -> Path:
         return self.session.runs / str(n) / "tree"
@@ -181,8 +181,10 @@ class Pool:
                 "sandbox": self.args.sandbox, "model_expected": session.model_expected,
                 "tokens_expected": session.tokens_expected}
 
-    def submit(self, st: dict) -> None:
-        if not self.tree_of(st["experiment"]).exists():
+    def submit(self, st: dict, fresh: bool = False) -> None:
+        """Start the experiment's task. fresh: check its worktree out again first (a confirmation run, or a
+        resumed one: an unsandboxed run may have changed its files)."""
+        if fresh or st.get("label") or not self.tree_of(st["experiment"]).exists():
             self.make_tree(st["experiment"], st["commit"])
         self.save(st)
         ref = self.task.remote(self.spec(st))
@@ -410,7 +412,7 @@ class Pool:
                 self.finish(st, {})
             else:
                 log(f"resuming experiment {st['experiment']}: in flight when the driver stopped, running it again")
-                self.submit(st)
+                self.submit(st, fresh=True)
 
     def baselines(self) -> None:
         """The reference before any experiment: --baseline-runs runs of the branch's train.py, at once."""
