@@ -36,6 +36,12 @@ def cross_attack() -> None:
             print("ATTACK write-ok", path, flush=True)
         except OSError as exc:
             print("ATTACK write-denied", path, type(exc).__name__, flush=True)
+        for how in (os.link, os.rename):  # into this run's own folder, where it may read and submit it
+            try:
+                how(path, Path(os.environ["AR_SUBMISSION"]).parent / f"stolen-{how.__name__}")
+                print("ATTACK write-ok", how.__name__, path, flush=True)
+            except OSError as exc:
+                print("ATTACK link-denied", how.__name__, path, type(exc).__name__, flush=True)
         try:
             Path(path).read_bytes()
             print("ATTACK read-ok", path, flush=True)
@@ -151,3 +157,16 @@ def test_a_kill_while_the_branch_moves_leaves_one_row_and_the_branch_at_the_keep
     assert done.returncode == 0, done.stdout[-3000:]
     assert check_invariants(repo) == []
     assert pool_problems(repo) == []
+
+
+def test_a_ray_worker_passes_no_secret_to_train_py(repo, llm):
+    text = (repo / "train.py").read_text().replace('MODE = "ok"', 'MODE = "env"')
+    commit_train(repo, text, "a train.py that dumps its environment")
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    dumps = list((repo / "runs" / TAG).glob("*/work/env.dump"))
+    assert dumps
+    for dump in dumps:
+        text = dump.read_text()
+        assert "sk-test-secret-key" not in text and "hf_test_token" not in text and "SSH_AUTH_SOCK" not in text
+        print(sorted(line.split("=")[0] for line in text.splitlines() if line.startswith("RAY")))
