@@ -404,6 +404,13 @@ class Pool:
             except ValueError:
                 log(f"{path}: unreadable (cut by a kill?); set aside")
                 path.rename(path.with_suffix(".unreadable"))
+        rows = self.session.rows()
+        for st in states:  # killed after a rerun or re-apply number was saved, before the row that announces it:
+            if "commit" in st and not len(rows[(rows["experiment"] == st["experiment"])  # it runs again as itself,
+                                               & (rows["commit"].fillna("") == st["commit"])]):  # the number is free
+                dropped = [st.pop(key) for key in ("rerun_as", "reapply_as") if key in st]
+                if dropped:
+                    self.save(st)
         self.next_n = max([self.next_n, *[st["experiment"] + 1 for st in states],
                            *[st.get(key, -1) + 1 for st in states for key in ("reapply_as", "rerun_as")]])
         for st in states:

@@ -170,3 +170,31 @@ def test_a_ray_worker_passes_no_secret_to_train_py(repo, llm):
         text = dump.read_text()
         assert "sk-test-secret-key" not in text and "hf_test_token" not in text and "SSH_AUTH_SOCK" not in text
         print(sorted(line.split("=")[0] for line in text.splitlines() if line.startswith("RAY")))
+
+
+def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(repo, llm):
+    """lost() saves rerun_as, then writes the crash row that announces it: a kill between the two leaves a state
+    that a restart runs again as itself; it must not also run the same change again as the rerun."""
+    import json
+    from test_pool_kill import inflight, slow
+    slow(repo, 3)
+    proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", "--timeout", "20")
+    try:
+        states = wait_until("a proposal in flight",
+                            lambda: [s for s in inflight(repo).values() if s["kind"] == "proposal"], 120, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    st = states[0]
+    st["rerun_as"] = st["experiment"] + 1  # as lost() leaves it when the kill lands before the crash row
+    (repo / ".git" / "autoresearch" / TAG / "inflight" / f"{st['experiment']}.json").write_text(json.dumps(st))
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "0", "--timeout", "20", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo)
+    same = rows[rows["description"] == st["description"]]
+    assert len(same) == 1, f"the change ran {len(same)} times:\n{rows[['experiment', 'status', 'description', 'reason']]}"
+    assert check_invariants(repo) == []
+    assert pool_problems(repo) == []
