@@ -167,8 +167,11 @@ class Pool:
         shared = not self.args.ray
         files = {}
         if not shared:  # the commit's tracked files, for a host with a disk of its own
-            for path in session.repo.git.ls_tree("-r", "--name-only", st["commit"]).splitlines():
-                blob = session.repo.commit(st["commit"]).tree[path]
+            tree = session.repo.commit(st["commit"]).tree
+            for blob in tree.traverse():  # the real names (`git ls-tree` quotes unusual ones), files only
+                path = blob.path
+                if blob.type != "blob" or blob.mode == 0o120000:  # a folder, a link
+                    continue
                 if blob.size <= MAX_FILES_BYTES - sum(map(len, files.values())):
                     files[path] = blob.data_stream.read().decode("utf-8", errors="replace")
         return {"experiment": n, "label": st.get("label", ""), "tree": str(self.tree_of(n)), "shared_disk": shared,

@@ -198,3 +198,25 @@ def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(re
     assert len(same) == 1, f"the change ran {len(same)} times:\n{rows[['experiment', 'status', 'description', 'reason']]}"
     assert check_invariants(repo) == []
     assert pool_problems(repo) == []
+
+
+def test_the_files_sent_to_a_host_of_its_own_include_names_git_quotes(tmp_path):
+    """--ray without a shared disk: `git ls-tree` quotes a name with non-ASCII characters ("caf\\303\\251.txt"),
+    which is no path in the tree: the spec must carry the real name, and a worker must write it inside its folder."""
+    from types import SimpleNamespace
+    import pool
+    import worker
+    from driver_helpers import make_research_repo
+    root = make_research_repo(tmp_path / "research")
+    (root / "café.txt").write_text("data\n")
+    g = git.Repo(root)
+    g.index.add(["café.txt"])
+    commit = g.index.commit("a file with a non-ASCII name").hexsha
+    session = SimpleNamespace(repo=g, prepare_hash="x", model_expected="{}", tokens_expected="")
+    args = SimpleNamespace(ray="auto", timeout=10, eval_timeout=10, eval_windows=None, sandbox="auto")
+    me = SimpleNamespace(session=session, args=args, key="k", tree_of=lambda n: root / "runs" / str(n) / "tree")
+    spec = pool.Pool.spec(me, {"experiment": 1, "commit": commit})
+    assert spec["files"]["café.txt"] == "data\n"
+    worker.HOST_DIR = tmp_path / "host"
+    tree = worker.host_tree(spec)
+    assert (tree / "café.txt").read_text() == "data\n" and (tree / "train.py").exists()
