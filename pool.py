@@ -170,8 +170,11 @@ class Pool:
         shared = not self.args.ray
         files = {}
         if not shared:  # the commit's tracked files, for a host with a disk of its own
-            for path in session.repo.git.ls_tree("-r", "--name-only", st["commit"]).splitlines():
-                blob = session.repo.commit(st["commit"]).tree[path]
+            tree = session.repo.commit(st["commit"]).tree
+            for blob in tree.traverse():  # the real names (`git ls-tree` quotes unusual ones), files only
+                path = blob.path
+                if blob.type != "blob" or blob.mode == 0o120000:  # a folder, a link
+                    continue
                 if blob.size <= MAX_FILES_BYTES - sum(map(len, files.values())):
                     files[path] = blob.data_stream.read().decode("utf-8", errors="replace")
         return {"experiment": n, "label": st.get("label", ""), "tree": str(self.tree_of(n)), "shared_disk": shared,
@@ -211,6 +214,11 @@ class Pool:
 
     def dispatch(self, pending: agent.Prefetch) -> None:
         """A finished proposal: on the best as it is now (rebased when a keep came meanwhile), committed, run."""
+        self.propose_and_run(pending)
+        if not any(st["experiment"] == pending.n for st in self.flights.values()):
+            self.forget({"experiment": pending.n})  # a re-proposal's state (kind redo) once its row is written
+
+    def propose_and_run(self, pending: agent.Prefetch) -> None:
         session, n = self.session, pending.n
         proposal = pending.result()
         tokens = agent.tokens_since(pending.spent)
@@ -250,10 +258,15 @@ class Pool:
         if new is None:
             log(f"experiment {st['experiment']}: its change conflicts with the best ({head[:8]}); asking the LLM to "
                 f"make it again as experiment {m}")
-            self.ask(redo={"description": st["description"]}, n=m)  # the number its ledger row announced
+            # on disk before the original's state goes: a restart asks again for the number its ledger row announced
+            self.save({"experiment": m, "kind": "redo", "description": st["description"], "seen": st.get("seen")})
+            self.ask(redo={"description": st["description"]}, n=m)
             return
         if new == self.train_py_at(head):
             log(f"experiment {st['experiment']}: its change is already in the best ({head[:8]}); nothing to re-apply")
+            agent.append_invalid(self.session, m, head, f"re-apply of experiment {st['experiment']}: its change is already "
+                                 f"in the best train.py ({head[:8]}); not run", {"prompt_tokens": 0, "completion_tokens": 0},
+                                 st.get("seen"), f"re-applied on {head[:8]}: {st['description']}")
             return
         description = f"re-applied on {head[:8]}: {st['description']}"
         new_st = {"experiment": m, "kind": "reapply", "parent": head, "description": description, "seen": st.get("seen"),
@@ -401,9 +414,23 @@ class Pool:
             except ValueError:
                 log(f"{path}: unreadable (cut by a kill?); set aside")
                 path.rename(path.with_suffix(".unreadable"))
+        rows = self.session.rows()
+        for st in states:  # killed after a rerun or re-apply number was saved, before the row that announces it:
+            if "commit" in st and not len(rows[(rows["experiment"] == st["experiment"])  # it runs again as itself,
+                                               & (rows["commit"].fillna("") == st["commit"])]):  # the number is free
+                dropped = [st.pop(key) for key in ("rerun_as", "reapply_as") if key in st]
+                if dropped:
+                    self.save(st)
         self.next_n = max([self.next_n, *[st["experiment"] + 1 for st in states],
                            *[st.get(key, -1) + 1 for st in states for key in ("reapply_as", "rerun_as")]])
         for st in states:
+            if st.get("kind") == "redo":  # a stale win's re-proposal, asked for when the driver stopped
+                if (self.session.rows()["experiment"] == st["experiment"]).any():
+                    self.forget(st)
+                else:
+                    log(f"resuming experiment {st['experiment']}: asking again for its re-applied change")
+                    self.ask(redo={"description": st["description"]}, n=st["experiment"])
+                continue
             label = st.get("label", "")
             agent.kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
             rows = self.session.rows()
@@ -471,6 +498,8 @@ class Pool:
                 self.collect(ref)
         for pending in self.asking:
             agent.abandon(self.session, pending, f"the driver stopped ({self.stopping or 'budget reached'}) before it could run")
+            if (self.session.rows()["experiment"] == pending.n).any():
+                self.forget({"experiment": pending.n})  # a re-proposal without a row stays for the next start
         log(f"stopping: {self.stopping or f'--max-experiments {self.args.max_experiments} reached'}")
         return 0
 

@@ -1,0 +1,222 @@
+"""Adversarial checks of --workers (pool.py, worker.py): a hostile train.py aiming at the other experiment in
+flight, and driver kills at the points of Pool.finish where a re-apply or a keep is half done."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import git
+import pytest
+
+from driver_helpers import TAG, check_invariants, edit, ledger, run_agent, start_agent, state
+from fake_llm import FakeLLM
+from test_pool_kill import pool_problems, wait_until
+
+pytest.importorskip("ray", reason="Ray is not installed")
+
+SCALE_LINE = "PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other"
+
+CROSS = r'''
+
+def cross_attack() -> None:
+    """Aim at the other experiments of this night: their worktrees, run folders, the main checkout."""
+    import glob
+    me = Path(__file__).resolve().parent  # runs/<tag>/<n>/tree
+    runs, root = me.parent.parent, me.parents[3]
+    time.sleep(1.5)  # both experiments are in flight
+    targets = [root / "train.py", root / "prepare.py", root / "results.tsv"]
+    for other in (runs / str(k) for k in range(6)):  # the folder cannot be listed: the numbers are guessed
+        if other != me.parent:
+            targets += [other / "tree" / "train.py", other / "submission.pt", other / "work" / "submission.pt",
+                        other / "work" / "planted.pt", other / "model.sha256.json"]
+    for path in targets:
+        try:
+            with open(path, "a") as f:
+                f.write("")
+            print("ATTACK write-ok", path, flush=True)
+        except OSError as exc:
+            print("ATTACK write-denied", path, type(exc).__name__, flush=True)
+        for how in (os.link, os.rename):  # into this run's own folder, where it may read and submit it
+            try:
+                how(path, Path(os.environ["AR_SUBMISSION"]).parent / f"stolen-{how.__name__}")
+                print("ATTACK write-ok", how.__name__, path, flush=True)
+            except OSError as exc:
+                print("ATTACK link-denied", how.__name__, path, type(exc).__name__, flush=True)
+        try:
+            Path(path).read_bytes()
+            print("ATTACK read-ok", path, flush=True)
+        except OSError as exc:
+            print("ATTACK read-denied", path, type(exc).__name__, flush=True)
+
+'''
+
+
+def commit_train(repo: Path, text: str, message: str) -> None:
+    (repo / "train.py").write_text(text)
+    g = git.Repo(repo)
+    g.index.add(["train.py"])
+    g.index.commit(message)
+
+
+def test_a_sandboxed_run_cannot_touch_the_other_experiment_or_the_checkout(repo, llm):
+    text = (repo / "train.py").read_text()
+    text = text.replace("def main() -> None:\n", CROSS + "def main() -> None:\n    cross_attack()\n")
+    text = text.replace("SLEEP_S = 0.0", "SLEEP_S = 1.0")
+    commit_train(repo, text, "a train.py that attacks its neighbours")
+    llm.alternate = True
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
+                     "--sandbox", "require", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    logs = "".join(p.read_text() for p in (repo / "runs" / TAG).glob("*/train.log"))
+    assert "ATTACK" in logs, logs[-3000:]
+    assert "ATTACK write-ok" not in logs, [l for l in logs.splitlines() if "write-ok" in l]
+    reads = [l for l in logs.splitlines() if "read-ok" in l]
+    assert not reads, reads
+    assert check_invariants(repo) == []
+
+
+def reapply_night(repo: Path, replies: list, *args: str, **env):
+    """Base SLEEP_S 4: a quick proposal (SLEEP_S 0) is kept while the slow one still trains on the baseline."""
+    text = (repo / "train.py").read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 4")
+    commit_train(repo, text, "runs that last")
+    llm = FakeLLM(replies)
+    llm.default_factor = 0.9
+    return llm, start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
+                            *args, **env)
+
+
+def announced(rows) -> int:
+    stale = rows[rows["reason"].fillna("").str.contains("stale parent")]
+    assert len(stale) == 1, rows[["experiment", "status", "reason"]]
+    return int(stale.iloc[0]["reason"].split("as experiment ")[1].split()[0])
+
+
+def test_a_stale_win_already_in_the_best_still_gets_the_row_it_announced(repo):
+    # quick: PPL 16 with PPL_SCALE 1.2 (19.2), fast. slow: PPL 16 alone (16.0), slow: a stale win whose change
+    # is already in the best, so nothing is left to re-apply
+    quick = ("DESCRIPTION: quick, includes the slow change\n<<<<<<< SEARCH\nPPL = 20.0\n=======\nPPL = 16.0\n>>>>>>> REPLACE\n"
+             f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\nPPL_SCALE = 1.2\n>>>>>>> REPLACE\n"
+             "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
+    slow = edit("PPL = 20.0", "PPL = 16.0", "slow, a subset of the quick one")
+    llm, proc = reapply_night(repo, [quick, slow])
+    out, _ = proc.communicate(timeout=300)
+    llm.close()
+    assert proc.returncode == 0, out[-3000:]
+    rows = ledger(repo)
+    m = announced(rows)
+    assert (rows["experiment"] == m).any(), f"experiment {m} was announced but has no row:\n{rows[['experiment', 'status', 'reason']]}"
+    assert check_invariants(repo) == []
+    assert pool_problems(repo) == []
+
+
+def test_a_kill_while_the_llm_reproposes_a_stale_win_does_not_lose_it(repo):
+    conflicting = (f"DESCRIPTION: larger gain on the same line, slow\n<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n"
+                   "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n")
+    quick = ("DESCRIPTION: small gain, quick\n"
+             f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n{SCALE_LINE.replace('1.0', '0.95')}\n>>>>>>> REPLACE\n"
+             "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
+    llm, proc = reapply_night(repo, [quick, conflicting, {"hang": 60}])
+    try:
+        wait_until("the re-proposal asked for", lambda: len(llm.requests) >= 3, 240, proc)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    llm.close()
+    m = announced(ledger(repo))
+    again = FakeLLM([edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8", "the same change, made again")])
+    done = run_agent(repo, again.url, "--workers", "2", "--max-experiments", "1", timeout=300)
+    again.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo)
+    redo = rows[rows["experiment"] == m]
+    assert len(redo) == 1, f"the re-apply announced as experiment {m} was lost:\n{rows[['experiment', 'status', 'description']]}"
+    assert redo.iloc[0]["description"].startswith("re-applied on "), redo
+    assert check_invariants(repo) == []
+    assert pool_problems(repo) == []
+
+
+@pytest.mark.parametrize("phase", ["moving", "done"])
+def test_a_kill_while_the_branch_moves_leaves_one_row_and_the_branch_at_the_keep(repo, llm, phase):
+    text = (repo / "train.py").read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 1")
+    commit_train(repo, text, "runs that last")
+    proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
+                       AR_TEST_PAUSE=f"{phase}:60")
+    try:
+        wait_until(f"phase {phase}", lambda: state(repo).get("phase") == phase, 240, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "0", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert check_invariants(repo) == []
+    assert pool_problems(repo) == []
+
+
+def test_a_ray_worker_passes_no_secret_to_train_py(repo, llm):
+    text = (repo / "train.py").read_text().replace('MODE = "ok"', 'MODE = "env"')
+    commit_train(repo, text, "a train.py that dumps its environment")
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    dumps = list((repo / "runs" / TAG).glob("*/work/env.dump"))
+    assert dumps
+    for dump in dumps:
+        text = dump.read_text()
+        assert "sk-test-secret-key" not in text and "hf_test_token" not in text and "SSH_AUTH_SOCK" not in text
+        print(sorted(line.split("=")[0] for line in text.splitlines() if line.startswith("RAY")))
+
+
+def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(repo, llm):
+    """lost() saves rerun_as, then writes the crash row that announces it: a kill between the two leaves a state
+    that a restart runs again as itself; it must not also run the same change again as the rerun."""
+    import json
+    from test_pool_kill import inflight, slow
+    slow(repo, 3)
+    proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", "--timeout", "20")
+    try:
+        states = wait_until("a proposal in flight",
+                            lambda: [s for s in inflight(repo).values() if s["kind"] == "proposal"], 120, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    st = states[0]
+    st["rerun_as"] = st["experiment"] + 1  # as lost() leaves it when the kill lands before the crash row
+    (repo / ".git" / "autoresearch" / TAG / "inflight" / f"{st['experiment']}.json").write_text(json.dumps(st))
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "0", "--timeout", "20", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo)
+    same = rows[rows["description"] == st["description"]]
+    assert len(same) == 1, f"the change ran {len(same)} times:\n{rows[['experiment', 'status', 'description', 'reason']]}"
+    assert check_invariants(repo) == []
+    assert pool_problems(repo) == []
+
+
+def test_the_files_sent_to_a_host_of_its_own_include_names_git_quotes(tmp_path):
+    """--ray without a shared disk: `git ls-tree` quotes a name with non-ASCII characters ("caf\\303\\251.txt"),
+    which is no path in the tree: the spec must carry the real name, and a worker must write it inside its folder."""
+    from types import SimpleNamespace
+    import pool
+    import worker
+    from driver_helpers import make_research_repo
+    root = make_research_repo(tmp_path / "research")
+    (root / "café.txt").write_text("data\n")
+    g = git.Repo(root)
+    g.index.add(["café.txt"])
+    commit = g.index.commit("a file with a non-ASCII name").hexsha
+    session = SimpleNamespace(repo=g, prepare_hash="x", model_expected="{}", tokens_expected="")
+    args = SimpleNamespace(ray="auto", timeout=10, eval_timeout=10, eval_windows=None, sandbox="auto")
+    me = SimpleNamespace(session=session, args=args, key="k", tree_of=lambda n: root / "runs" / str(n) / "tree")
+    spec = pool.Pool.spec(me, {"experiment": 1, "commit": commit})
+    assert spec["files"]["café.txt"] == "data\n"
+    worker.HOST_DIR = tmp_path / "host"
+    tree = worker.host_tree(spec)
+    assert (tree / "café.txt").read_text() == "data\n" and (tree / "train.py").exists()
