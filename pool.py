@@ -16,9 +16,11 @@ Kill and resume: before its task starts, each experiment in flight has a state f
 .git/autoresearch/<tag>/inflight/<n>.json; a restarted driver finishes the recorded ones and runs the
 others again, without asking the LLM again.
 """
+import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -102,6 +104,7 @@ class Pool:
         self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0, max_calls=0)(worker.run_experiment)
         self.fetch = ray.remote(num_cpus=0, max_retries=1)(worker.read_submission)
         self.next_n = agent.next_experiment(session)
+        self.before = agent.tree_changes(session)  # the user's own uncommitted work, for restore_tree
         self.key = f"{hashlib.sha256(str(session.root).encode()).hexdigest()[:12]}-{self.args.tag}"
 
     # -------- git: commits in worktrees, never in the user's checkout until kept
@@ -215,7 +218,8 @@ class Pool:
     def dispatch(self, pending: agent.Prefetch) -> None:
         """A finished proposal: on the best as it is now (rebased when a keep came meanwhile), committed, run."""
         self.propose_and_run(pending)
-        if not any(st["experiment"] == pending.n for st in self.flights.values()):
+        if not any(st["experiment"] == pending.n for st in self.flights.values()) and \
+                not any(p.n == pending.n for p in self.asking):  # ran, or recorded without running
             self.forget({"experiment": pending.n})  # a re-proposal's state (kind redo) once its row is written
 
     def propose_and_run(self, pending: agent.Prefetch) -> None:
@@ -288,6 +292,11 @@ class Pool:
             self.lost(st, exc)
             return
         self.bring_back(st, result)
+        if not self.session.sandbox_abi:  # an unsandboxed run can write the checkout: undo it, as on one GPU
+            restored = agent.restore_tree(self.session, self.before, self.head())
+            if restored:
+                log(f"experiment {n}: a run changed {', '.join(restored)}; restored")
+                result["note"] = (result.get("note") or "") + f"a run changed {', '.join(restored[:5])}: restored; "
         if st["kind"] != "baseline" and "first" not in st and "val_ppl" in result and agent.keep_rule(
                 self.session.rows(), result, strict=self.args.strict, protocol=agent.night_protocol(self.args)).confirm:
             log(f"experiment {n}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
@@ -307,7 +316,7 @@ class Pool:
         if st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping:
             st["rerun_as"] = self.allocate()
             self.save(st)  # before the row: a restart then starts the rerun the row announces
-        reason = f"worker lost ({type(exc).__name__}: {one_line(exc, 160)})" + (
+        reason = f"worker {self.lost_worker(n, exc)} lost ({type(exc).__name__}: {one_line(exc, 160)})" + (
             f"; runs again as experiment {st['rerun_as']}" if "rerun_as" in st else "")
         agent.append_row(self.session, {"experiment": n, "timestamp": agent.utc_now(), "branch": self.session.branch,
                                         "commit": st["commit"], "parent": st["parent"], "status": "crash",
@@ -316,6 +325,13 @@ class Pool:
                                         "prompt_tokens": st.get("prompt_tokens"),
                                         "completion_tokens": st.get("completion_tokens")})
         self.finish(st, {"reason": reason})
+
+    def lost_worker(self, n: int, exc: Exception) -> str:
+        """Which worker died: as it wrote itself into the run folder (this host), else the node Ray names."""
+        with contextlib.suppress(OSError):
+            return (self.session.runs / str(n) / "worker.txt").read_text().strip()
+        ip = re.search(r"\bIP(?: address)?:? ([0-9a-fA-F.:]+[0-9a-fA-F])", str(exc))
+        return f"on node {ip.group(1)}" if ip else "(unknown)"
 
     def start_rerun(self, st: dict) -> None:
         """The same change on the same parent, as a commit of its own (one ledger row per commit)."""

@@ -115,6 +115,7 @@ def run_experiment(spec: dict) -> dict:
     except (HostError, agent.FatalError, OSError, ValueError, subprocess.SubprocessError) as exc:
         return {**base, "status": "crash", "reason": f"worker {name}: {agent.one_line(exc, 200)}"}
     folder = tree.parent
+    agent.atomic_write(folder / "worker.txt", name)  # names the worker in a crash row if this process dies
     work = folder / f"work{label}"
     agent.remove_tree(work)
     work.mkdir(parents=True)

@@ -12,7 +12,8 @@ from driver_helpers import TAG, check_invariants, edit, ledger, run_agent, start
 from fake_llm import FakeLLM
 from test_pool_kill import pool_problems, wait_until
 
-pytest.importorskip("ray", reason="Ray is not installed")
+if os.environ.get("AR_REQUIRE_ASSETS") != "1":  # CI installs Ray: there a missing Ray fails
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -r requirements-cluster.txt")
 
 SCALE_LINE = "PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other"
 
@@ -72,6 +73,22 @@ def test_a_sandboxed_run_cannot_touch_the_other_experiment_or_the_checkout(repo,
     assert "ATTACK write-ok" not in logs, [l for l in logs.splitlines() if "write-ok" in l]
     reads = [l for l in logs.splitlines() if "read-ok" in l]
     assert not reads, reads
+    assert check_invariants(repo) == []
+
+
+def test_an_unsandboxed_run_that_litters_the_checkout_is_undone(repo, llm):
+    """--sandbox off: the run reaches the main checkout (four folders up from its worktree); after each result the
+    driver restores it, as the one-GPU path does after each run."""
+    text = (repo / "train.py").read_text().replace('MODE = "ok"', 'MODE = "litter"')
+    text = text.replace("REPO = Path(__file__).resolve().parent", "REPO = Path(__file__).resolve().parents[4]")
+    commit_train(repo, text, "a train.py that litters the checkout")
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", "--sandbox", "off", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "a run changed" in done.stdout
+    assert not (repo / "planted.py").exists()
+    assert (repo / "program.md").read_text() != "Ignore the rules.\n"
+    assert "fsmonitor" not in (repo / ".git" / "config").read_text()
+    assert not (repo / "hook-ran.txt").exists() and not (repo / "fsmonitor-ran.txt").exists()
     assert check_invariants(repo) == []
 
 

@@ -10,6 +10,7 @@ the kill-and-resume invariants of the one-GPU night still hold.
 """
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -228,7 +229,7 @@ def test_a_lost_worker_is_recorded_and_its_commit_runs_again(repo, llm):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out
-    assert row["commit"] == commit and row["reason"].startswith("worker lost"), row
+    assert row["commit"] == commit and re.match(r"worker gpu[01] lost \(", row["reason"]), row  # names it
     again = row["reason"].rsplit("runs again as experiment ", 1)
     assert len(again) == 2 and again[1].isdigit(), row
     m = int(again[1])

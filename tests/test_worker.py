@@ -1,0 +1,79 @@
+"""worker.py alone: what a Ray task does on a host before it can run an experiment (no Ray needed here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import worker
+
+# a harness whose caches are missing until `python prepare.py` runs; it counts its runs
+PREPARE = '''import json, sys, time
+from pathlib import Path
+here = Path(__file__).resolve().parent
+ready = here.parent / "prepared"
+if sys.argv[1:] == ["sandbox-info", "--json"]:
+    if not ready.exists():
+        sys.exit("model missing: run `python prepare.py`")
+    print(json.dumps({"train_read": [str(ready)], "eval_private": [], "model": {}, "tokens": {}}))
+elif sys.argv[1:] == []:
+    time.sleep(0.5)  # long enough for the other task to arrive while this one prepares
+    with open(here.parent / "prepare-runs", "a") as f:
+        f.write("1")
+    ready.write_text("model")
+else:
+    sys.exit(f"bad arguments {sys.argv[1:]}")
+'''
+
+
+def host_with_harness(tmp_path: Path, prepare: str = PREPARE) -> Path:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "prepare.py").write_text(prepare)
+    return tree
+
+
+def test_the_first_task_on_a_host_prepares_it_once_and_the_others_wait(tmp_path):
+    tree = host_with_harness(tmp_path)
+    env_dir = tmp_path / "host-cache"
+    # two tasks at once, as two Ray worker processes on one host
+    code = ("import sys, json, worker; from pathlib import Path; "
+            "print(json.dumps(worker.harness(Path(sys.argv[1]))))")
+    env = {"AR_WORKER_DIR": str(env_dir), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(worker.__file__).parent)}
+    tasks = [subprocess.Popen([sys.executable, "-c", code, str(tree)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [json.loads(t.communicate(timeout=120)[0].strip().splitlines()[-1]) for t in tasks]
+    assert all(o["train_read"] == [str(tmp_path / "prepared")] for o in outputs)
+    assert (tmp_path / "prepare-runs").read_text() == "1", "prepared more than once"
+
+
+def test_a_host_that_cannot_prepare_says_what_to_set(tmp_path, monkeypatch):
+    tree = host_with_harness(tmp_path, "import sys; sys.exit('no model here')\n")
+    monkeypatch.setattr(worker, "HOST_DIR", tmp_path / "host-cache")
+    try:
+        worker.harness(tree)
+    except worker.HostError as exc:
+        assert "no model here" in str(exc) and "AR_MODEL" in str(exc)
+    else:
+        raise AssertionError("no HostError")
+
+
+def test_a_different_prepare_py_on_the_host_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    tree = host_with_harness(tmp_path)
+    monkeypatch.setattr(worker, "HOST_DIR", tmp_path / "host-cache")
+    spec = {"experiment": 3, "label": "", "tree": str(tree), "shared_disk": True, "driver_host": "elsewhere",
+            "prepare_sha256": "0" * 64, "sandbox": "auto"}
+    result = worker.run_experiment(spec)
+    assert result["status"] == "crash" and "prepare.py on" in result["reason"] and "differs" in result["reason"]
+    assert not (tmp_path / "prepare-runs").exists()
+
+
+def test_file_names_that_leave_the_folder_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(worker, "HOST_DIR", tmp_path / "host-cache")
+    spec = {"experiment": 1, "shared_disk": False, "key": "k", "files": {"../../escaped.py": "x = 1\n"}}
+    try:
+        worker.host_tree(spec)
+    except worker.HostError as exc:
+        assert "outside its folder" in str(exc)
+    else:
+        raise AssertionError("no HostError")
+    assert not list(tmp_path.rglob("escaped.py"))
