@@ -7,12 +7,16 @@ when the caches are missing), runs train.py in the Landlock sandbox and the eval
 process, and returns the ledger fields, the worker's name, the tails of the logs and the submission's
 digest. The submission stays on the host; read_submission() fetches it when it is kept.
 """
+import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +26,7 @@ HOST_DIR = Path(os.environ.get("AR_WORKER_DIR") or Path.home() / ".cache" / "ter
 LOG_RETURN_BYTES = 200_000     # of each log, sent back to the driver from a host that does not share its disk
 PREPARE_TIMEOUT_S = 3600       # the first task on a host downloads the model and tokenizes the data
 _HOST_INFO: dict[str, dict] = {}  # per prepare.py digest: the host's sandbox-info (asked once per worker process)
+_RUNNING: list = []               # the Runner of the experiment this process runs now, for watch_parent
 
 
 class HostError(Exception):
@@ -35,6 +40,26 @@ class Runner:
     known_children: set = field(default_factory=set)
     child: subprocess.Popen | None = None
     child_exited: float = 0.0
+
+
+def watch_parent() -> None:
+    """Once per worker process: when its parent (Ray's raylet) dies, as it does with a driver that is killed,
+    kill the run now (no grace: nobody will read its result) and exit; else a reused worker waits on it."""
+    if _RUNNING:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        runner = _RUNNING[0]
+        if runner.child is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(runner.child.pid, signal.SIGKILL)  # train.py or the evaluator: its own process group
+            agent.kill_strays(runner.known_children)  # what left the group, reparented to this subreaper
+        os._exit(1)
+    _RUNNING.append(None)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def worker_name(driver_host: str) -> str:
@@ -104,6 +129,7 @@ def run_experiment(spec: dict) -> dict:
     the ledger fields (a failure as status and reason), with `worker`, `node`, `folder`, `logs` and, when
     scored, `submission` and `submission_sha256`."""
     agent.harden_process()  # a subreaper: what train.py double-forks is reparented here, where kill_tree finds it
+    watch_parent()
     name, label = worker_name(spec["driver_host"]), spec["label"]
     base = {"worker": name, "node": node_id(), "note": f"worker {name}; "}
     try:
@@ -121,6 +147,7 @@ def run_experiment(spec: dict) -> dict:
     work.mkdir(parents=True)
     (folder / "submission.pt").unlink(missing_ok=True)
     runner = Runner(pid_file=folder / f"child{label}.pid")
+    _RUNNING[0] = runner
     timeout = spec["timeout"]
     cmd = agent.train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
     code, train_s = agent.run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
