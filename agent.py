@@ -1878,24 +1878,31 @@ def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | 
         decision = keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", strict=session.args.strict,
                              protocol=night_protocol(session.args))
         status = decision.status
-        common = {"experiment": n, "branch": session.branch, "commit": commit, "parent": parent, "status": status,
-                  "best_val_ppl": decision.best, "timestamp": utc_now()}
-        fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
-        written = [{**common, "reason": tampered + (result.get("note") or "") + decision.reason,
-                    "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
-                    "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
-                    "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}}]
-        if confirm is not None:
-            note = confirm.get("ledger_note", "")
-            written.append({**common, "reason": note + (confirm.get("note") or "") + (confirm.get("reason") or decision.reason),
-                            "description": CONFIRMATION + st["description"], **{k: confirm.get(k) for k in fields}})
-        append_rows(session, written)
+        append_rows(session, decision_rows(session, st, result, confirm, status, decision.reason, decision.best, tampered))
     session.save_state(**{**st, "phase": "recorded"})
     if status not in ("keep", "baseline") and st["kind"] != "baseline":
         discard(session, n, commit, parent, st)
     keep_best_submission(session)
     session.save_state(**{**st, "phase": "done"})
     return status
+
+
+def decision_rows(session: Session, st: dict, result: dict, confirm: dict | None, status: str, reason: str,
+                  best: float | None, prefix: str = "") -> list[dict]:
+    """The ledger rows of one decision: the experiment's (its reason after `prefix`, what the driver restored),
+    and its confirmation run's when there was one."""
+    common = {"experiment": st["experiment"], "branch": session.branch, "commit": st["commit"], "parent": st["parent"],
+              "status": status, "best_val_ppl": best, "timestamp": utc_now()}
+    fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
+    rows = [{**common, "reason": prefix + (result.get("note") or "") + reason,
+             "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
+             "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
+             "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}}]
+    if confirm is not None:
+        rows.append({**common, "reason": confirm.get("ledger_note", "") + (confirm.get("note") or "")
+                     + (confirm.get("reason") or reason), "description": CONFIRMATION + st["description"],
+                     **{k: confirm.get(k) for k in fields}})
+    return rows
 
 
 def keep_best_submission(session: Session) -> None:

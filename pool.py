@@ -387,18 +387,8 @@ class Pool:
                 status = "discard"
                 reason = (f"stale parent: {reason}, but measured on {parent[:8]}, which is no longer the best "
                           f"({head[:8]}): re-applied on it as experiment {st['reapply_as']}")
-            common = {"experiment": n, "branch": session.branch, "commit": commit, "parent": parent, "status": status,
-                      "best_val_ppl": decision.best, "timestamp": agent.utc_now()}
-            fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
-            written = [{**common, "reason": tampered + (result.get("note") or "") + reason,
-                        "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
-                        "cost_usd": agent.cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
-                        "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}}]
-            if confirm is not None:
-                written.append({**common, "reason": (confirm.get("note") or "") + (confirm.get("reason") or reason),
-                                "description": agent.CONFIRMATION + st["description"],
-                                **{k: confirm.get(k) for k in fields}})
-            agent.append_rows(session, written)
+            agent.append_rows(session, agent.decision_rows(session, st, result, confirm, status, reason, decision.best,
+                                                           tampered))
         if status == "keep":
             if head == parent:  # else a restart finds it already moved
                 self.fetch_submission(st, result)
