@@ -92,6 +92,21 @@ def test_an_unsandboxed_run_that_litters_the_checkout_is_undone(repo, llm):
     assert check_invariants(repo) == []
 
 
+def kill_when(proc, what: str, check, timeout: float, settle: float = 0.0):
+    """SIGKILL the driver's process group once `check()` holds (its value is returned), `settle` s later; the
+    group is killed even when waiting fails."""
+    try:
+        found = wait_until(what, check, timeout, proc)
+        time.sleep(settle)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return found
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def reapply_night(repo: Path, replies: list, *args: str, **env):
     """Base SLEEP_S 4: a quick proposal (SLEEP_S 0) is kept while the slow one still trains on the baseline."""
     text = (repo / "train.py").read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 4")
@@ -133,15 +148,7 @@ def test_a_kill_while_the_llm_reproposes_a_stale_win_does_not_lose_it(repo):
              f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n{SCALE_LINE.replace('1.0', '0.95')}\n>>>>>>> REPLACE\n"
              "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
     llm, proc = reapply_night(repo, [quick, conflicting, {"hang": 60}])
-    try:
-        wait_until("the re-proposal asked for", lambda: len(llm.requests) >= 3, 240, proc)
-        time.sleep(1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_when(proc, "the re-proposal asked for", lambda: len(llm.requests) >= 3, 240, settle=1)
     llm.close()
     m = announced(ledger(repo))
     again = FakeLLM([edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8", "the same change, made again")])
@@ -162,14 +169,7 @@ def test_a_kill_while_the_branch_moves_leaves_one_row_and_the_branch_at_the_keep
     commit_train(repo, text, "runs that last")
     proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
                        AR_TEST_PAUSE=f"{phase}:60")
-    try:
-        wait_until(f"phase {phase}", lambda: state(repo).get("phase") == phase, 240, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_when(proc, f"phase {phase}", lambda: state(repo).get("phase") == phase, 240)
     done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "0", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert check_invariants(repo) == []
@@ -196,15 +196,8 @@ def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(re
     from test_pool_kill import inflight, slow
     slow(repo, 3)
     proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", "--timeout", "20")
-    try:
-        states = wait_until("a proposal in flight",
-                            lambda: [s for s in inflight(repo).values() if s["kind"] == "proposal"], 120, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    states = kill_when(proc, "a proposal in flight",
+                       lambda: [s for s in inflight(repo).values() if s["kind"] == "proposal"], 120)
     st = states[0]
     st["rerun_as"] = st["experiment"] + 1  # as lost() leaves it when the kill lands before the crash row
     (repo / ".git" / "autoresearch" / TAG / "inflight" / f"{st['experiment']}.json").write_text(json.dumps(st))
