@@ -1009,17 +1009,25 @@ def take_lock(session: Session) -> None:
     os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
-def harness_info(session: Session) -> dict:
-    """Ask the research repo's own prepare.py which files train.py needs to read (building the training
-    token cache it cannot write), which must stay private to the evaluator, and the model's digests."""
-    done = subprocess.run([sys.executable, "-I", "prepare.py", "sandbox-info", "--json"], cwd=session.root,
+def sandbox_info(root: Path) -> tuple[dict | None, str]:
+    """`python prepare.py sandbox-info --json` of the harness in `root`: (its answer, or None and the last line
+    it printed on failure)."""
+    done = subprocess.run([sys.executable, "-I", "prepare.py", "sandbox-info", "--json"], cwd=root,
                           env=clean_env(), capture_output=True, text=True, timeout=EVAL_TIMEOUT_S)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(lines[-1]), ""
+
+
+def harness_info(session: Session) -> dict:
+    """Ask the research repo's own prepare.py which files train.py needs to read (building the training
+    token cache it cannot write), which must stay private to the evaluator, and the model's digests."""
+    info, last = sandbox_info(session.root)
+    if info is None:
         raise FatalError(f"`python prepare.py sandbox-info` failed: {one_line(last, 300)}. Run `python prepare.py` "
                          "once to set up the model and data, then start again")
-    return json.loads(lines[-1])
+    return info
 
 
 def sandbox_plan(mode: str, info: dict, root: Path) -> tuple[int, list[str]]:

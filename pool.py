@@ -132,7 +132,8 @@ class Pool:
             self.session.repo.git.worktree("remove", "--force", str(tree))
 
     def commit_change(self, n: int, parent: str, train_py: str, description: str) -> str:
-        """The change as a commit on `parent`, made in the experiment's worktree and held by a ref."""
+        """The change as a commit on `parent`, made in the experiment's worktree and held by a ref; its diff goes
+        to runs/<tag>/<n>/diff.patch, as every experiment's."""
         tree = self.make_tree(n, parent)
         agent.atomic_write(tree / "train.py", train_py)
         wt = git.Repo(tree)
@@ -141,6 +142,7 @@ class Pool:
             wt.git.commit("--no-verify", "-m", f"{description}\n\nautoresearch experiment {n}", "--", "train.py")
         commit = wt.head.commit.hexsha
         self.session.repo.git.update_ref(self.ref(n), commit)
+        agent.atomic_write(self.session.runs / str(n) / "diff.patch", self.session.repo.git.diff(parent, commit) + "\n")
         return commit
 
     def ref(self, n: int, kind: str = "inflight") -> str:
@@ -232,10 +234,10 @@ class Pool:
                                  proposal.get("description") or "(reply rejected)")
             log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
             return
-        new = proposal["train_py"]
+        new, best = proposal["train_py"], self.train_py_at(head)
         if pending.parent != head:  # a keep came while it was being asked for
-            new = merge(proposal["base"], self.train_py_at(head), new)
-        if new is None or new == self.train_py_at(head):
+            new = merge(proposal["base"], best, new)
+        if new is None or new == best:
             why = (f"proposed on {pending.parent[:8]}, and it conflicts with the change kept since ({head[:8]})"
                    if new is None else f"the change is already in the best train.py ({head[:8]}), kept meanwhile")
             if pending.tries < MAX_ASKS and not self.stopping:
@@ -252,13 +254,13 @@ class Pool:
         st = {"experiment": n, "kind": "reapply" if redo else "proposal", "parent": head, "seen": proposal["seen"],
               "description": description, **tokens}
         st["commit"] = self.commit_change(n, head, new, description)
-        agent.atomic_write(session.runs / str(n) / "diff.patch", session.repo.git.diff(head, st["commit"]) + "\n")
         self.submit(st)
 
     def start_reapply(self, st: dict) -> None:
         """A stale win, made again on the best: merged when the change still applies, else re-proposed."""
         m, head = st["reapply_as"], self.head()
-        new = merge(self.train_py_at(st["parent"]), self.train_py_at(head), self.train_py_at(st["commit"]))
+        best = self.train_py_at(head)
+        new = merge(self.train_py_at(st["parent"]), best, self.train_py_at(st["commit"]))
         if new is None:
             log(f"experiment {st['experiment']}: its change conflicts with the best ({head[:8]}); asking the LLM to "
                 f"make it again as experiment {m}")
@@ -266,7 +268,7 @@ class Pool:
             self.save({"experiment": m, "kind": "redo", "description": st["description"], "seen": st.get("seen")})
             self.ask(redo={"description": st["description"]}, n=m)
             return
-        if new == self.train_py_at(head):
+        if new == best:
             log(f"experiment {st['experiment']}: its change is already in the best ({head[:8]}); nothing to re-apply")
             agent.append_invalid(self.session, m, head, f"re-apply of experiment {st['experiment']}: its change is already "
                                  f"in the best train.py ({head[:8]}); not run", {"prompt_tokens": 0, "completion_tokens": 0},
@@ -276,8 +278,6 @@ class Pool:
         new_st = {"experiment": m, "kind": "reapply", "parent": head, "description": description, "seen": st.get("seen"),
                   "reapplied_from": st["experiment"]}
         new_st["commit"] = self.commit_change(m, head, new, description)
-        agent.atomic_write(self.session.runs / str(m) / "diff.patch",
-                           self.session.repo.git.diff(head, new_st["commit"]) + "\n")
         self.submit(new_st)
 
     # -------- results
@@ -339,8 +339,6 @@ class Pool:
         rerun = {key: st[key] for key in ("kind", "parent", "description", "seen") if key in st}
         rerun.update(experiment=m, reruns=st.get("reruns", 0) + 1, commit=self.commit_change(
             m, st["parent"], self.train_py_at(st["commit"]), st["description"]))
-        agent.atomic_write(self.session.runs / str(m) / "diff.patch",
-                           self.session.repo.git.diff(st["parent"], rerun["commit"]) + "\n")
         self.submit(rerun)
 
     def bring_back(self, st: dict, result: dict) -> None:

@@ -9,7 +9,6 @@ digest. The submission stays on the host; read_submission() fetches it when it i
 """
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -104,24 +103,17 @@ def harness(tree: Path) -> dict:
     HOST_DIR.mkdir(parents=True, exist_ok=True)
     with open(HOST_DIR / "prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = ask_harness(tree)
+        info, _ = agent.sandbox_info(tree)
         if info is None:
             done = subprocess.run([sys.executable, "-I", "prepare.py"], cwd=tree, env=agent.clean_env(),
                                   capture_output=True, text=True, timeout=PREPARE_TIMEOUT_S)
-            info = ask_harness(tree)
+            info, _ = agent.sandbox_info(tree)
             if info is None:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise HostError(f"`python prepare.py` failed on {socket.gethostname()}: {agent.one_line(last, 200)}; "
                                 "set AR_MODEL, AR_DATA and AR_CACHE on that host as on the driver's")
     _HOST_INFO[digest] = info
     return info
-
-
-def ask_harness(tree: Path) -> dict | None:
-    done = subprocess.run([sys.executable, "-I", "prepare.py", "sandbox-info", "--json"], cwd=tree,
-                          env=agent.clean_env(), capture_output=True, text=True, timeout=agent.EVAL_TIMEOUT_S)
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if done.returncode == 0 and lines else None
 
 
 def run_experiment(spec: dict) -> dict:
