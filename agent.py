@@ -1921,8 +1921,11 @@ def keep_best_submission(session: Session) -> None:
     runs = rows[rows["commit"] == means.idxmin()]["experiment"].dropna().astype(int) if len(means) else []
     best = [session.runs / str(e) / "submission.pt" for e in runs]
     keep = next((path for path in best if path.exists()), None)
+    # only decided experiments: with --workers, one in flight may have taken its submission already and be
+    # about to score it (deleting it there made its evaluator fail and the run a `crash`)
+    decided = {str(e) for e in session.rows()["experiment"].dropna().astype(int)}
     for old in session.runs.glob("*/submission.pt"):
-        if old != keep:
+        if old != keep and old.parent.name in decided:
             old.unlink(missing_ok=True)
 
 

@@ -74,3 +74,17 @@ def test_every_scored_decision_names_its_protocol():
         decision = agent.keep_rule(rows, result, confirm, baseline=baseline, strict=strict, protocol=FULL)
         if "val_ppl" in result:
             assert f"protocol {result['protocol']}" in decision.reason, name
+
+
+def test_keep_best_submission_leaves_the_submission_of_an_experiment_in_flight(tmp_path):
+    """The test_pool_kill flake: with --workers, a keep decided while another experiment had taken its submission
+    and was about to score it deleted that submission; its evaluator found no file and the run became a crash."""
+    from types import SimpleNamespace
+    runs = tmp_path / "runs"
+    for n in range(4):  # 0 baseline, 1 a discard, 2 the keep, 3 in flight: taken, not scored yet (no row)
+        (runs / str(n)).mkdir(parents=True)
+        (runs / str(n) / "submission.pt").write_bytes(b"x")
+    rows = ledger(("a", "baseline", 20.0, FULL), ("b", "discard", 21.0, FULL), ("c", "keep", 18.0, FULL))
+    session = SimpleNamespace(runs=runs, rows=lambda: rows, args=SimpleNamespace(eval_windows=None))
+    agent.keep_best_submission(session)
+    assert sorted(p.parent.name for p in runs.glob("*/submission.pt")) == ["2", "3"]
