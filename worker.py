@@ -71,9 +71,10 @@ def worker_name(driver_host: str) -> str:
 
 
 def node_id() -> str:
+    """The Ray node this task runs on; '' outside Ray, where get_runtime_context() would start a local Ray instance."""
     try:
         import ray
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # run outside Ray (tests call run_experiment directly)
         return ""
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny real Llama model + tokenizer saved to disk, small WikiText-shaped files,
 and the real offline assets (SmolLM2 GGUF, WikiText-2 validation) when present."""
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -67,6 +68,34 @@ def build_tiny_model(folder: Path, corpus: Path) -> None:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
+
+
+PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 3, 4, 36, 37
+
+
+def _process_flags() -> tuple[int, int]:
+    """(dumpable, subreaper) of this pytest process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    subreaper = ctypes.c_int(0)
+    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(subreaper), 0, 0, 0)
+    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), subreaper.value
+
+
+@pytest.fixture(autouse=True)
+def the_pytest_process_stays_plain():
+    """A test that hardens the pytest process itself (agent.harden_process, as worker.run_experiment does in a Ray
+    worker) makes it a subreaper: every later test's orphans (the train.py a killed driver leaves) become children
+    of pytest, which processes_in() does not count, and test_guard's leftover test failed after test_worker.
+    Such a test fails here, and the flags are put back for the tests after it."""
+    before = _process_flags()
+    yield
+    after = _process_flags()
+    if after != before:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, before[0], 0, 0, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, before[1], 0, 0, 0)
+        pytest.fail(f"this test changed the pytest process (dumpable, subreaper) from {before} to {after}: run what "
+                    "hardens its process (agent.harden_process, worker.run_experiment) in a process of its own")
 
 
 @pytest.fixture(scope="session")

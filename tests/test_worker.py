@@ -57,13 +57,24 @@ def test_a_host_that_cannot_prepare_says_what_to_set(tmp_path, monkeypatch):
         raise AssertionError("no HostError")
 
 
-def test_a_different_prepare_py_on_the_host_is_refused_before_anything_runs(tmp_path, monkeypatch):
+def run_experiment_in_a_worker_process(spec: dict, host_dir: Path) -> dict:
+    """worker.run_experiment in a process of its own, as in a Ray worker: it hardens the process it runs in
+    (a subreaper, non-dumpable), which must never be pytest's own (conftest.the_pytest_process_stays_plain)."""
+    code = "import json, sys, worker; print(json.dumps(worker.run_experiment(json.loads(sys.argv[1]))))"
+    env = {"AR_WORKER_DIR": str(host_dir), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(worker.__file__).parent)}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_different_prepare_py_on_the_host_is_refused_before_anything_runs(tmp_path):
     tree = host_with_harness(tmp_path)
-    monkeypatch.setattr(worker, "HOST_DIR", tmp_path / "host-cache")
     spec = {"experiment": 3, "label": "", "tree": str(tree), "shared_disk": True, "driver_host": "elsewhere",
             "prepare_sha256": "0" * 64, "sandbox": "auto"}
-    result = worker.run_experiment(spec)
+    result = run_experiment_in_a_worker_process(spec, tmp_path / "host-cache")
     assert result["status"] == "crash" and "prepare.py on" in result["reason"] and "differs" in result["reason"]
+    assert result["node"] == "", "outside Ray, naming the node started a local Ray instance"
     assert not (tmp_path / "prepare-runs").exists()
 
 
