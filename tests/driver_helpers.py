@@ -1,4 +1,5 @@
 """Helpers for driving the real agent.py against a scratch research repo with stand-in files."""
+import contextlib
 import json
 import os
 import shutil
@@ -105,6 +106,22 @@ def processes_in(repo: Path) -> list:
         except psutil.Error:
             pass
     return found
+
+
+def wait_for_train_py(repo: Path, timeout: float = 60) -> list:
+    """train.py running in the repository (its phase file is written before it starts: a fixed sleep after the
+    phase raced a loaded machine)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        found = []
+        for p in processes_in(repo):
+            with contextlib.suppress(psutil.Error):
+                if any(arg.endswith("train.py") for arg in p.cmdline()):
+                    found.append(p)
+        if found:
+            return found
+        time.sleep(0.05)
+    raise TimeoutError(f"no train.py running in {repo} after {timeout} s")
 
 
 def check_invariants(repo: Path) -> list[str]:

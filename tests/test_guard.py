@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import git
 import pytest
 
 from driver_helpers import (TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent,
-                            state, wait_for_phase)
+                            state, wait_for_phase, wait_for_train_py)
 from test_agent import mode
 
 
@@ -102,7 +101,7 @@ def test_leftovers_of_a_killed_driver_are_ended_on_restart(repo, llm):
     llm.push(edit("SLEEP_S = 0.0", "SLEEP_S = 30.0", "slow"))
     proc = start_agent(repo, llm.url, "--max-experiments", "1")
     wait_for_phase(repo, "training", experiment=1)
-    time.sleep(1)
+    wait_for_train_py(repo)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert processes_in(repo), "train.py should outlive a SIGKILLed driver"
@@ -117,7 +116,7 @@ def test_sigterm_or_sighup_stops_now_and_takes_the_run_along(repo, llm, sig):
     llm.push(edit("SLEEP_S = 0.0", "SLEEP_S = 30.0", "slow"))
     proc = start_agent(repo, llm.url, "--max-experiments", "1")
     wait_for_phase(repo, "training", experiment=1)
-    time.sleep(1)
+    wait_for_train_py(repo)
     assert processes_in(repo)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
