@@ -20,34 +20,54 @@ SCALE_LINE = "PPL_SCALE = 1.0  # a second knob: proposals that touch different l
 CROSS = r'''
 
 def cross_attack() -> None:
-    """Aim at the other experiments of this night: their worktrees, run folders, the main checkout."""
-    import glob
+    """Aim at the other experiment in flight (its worktree, its run folder) and at the main checkout. Each run plants
+    a file in its own folder and waits for its neighbour's before it attacks, and for the neighbour's attack to end
+    before it exits: a target that is not there (ENOENT) would say nothing about the sandbox."""
+    import errno
     me = Path(__file__).resolve().parent  # runs/<tag>/<n>/tree
     runs, root = me.parent.parent, me.parents[3]
-    time.sleep(1.5)  # both experiments are in flight
+    if me.parent.name == "0":  # the baseline: alone
+        return
+    (run_folder() / "planted.pt").write_bytes(b"mine")
+
+    def neighbours(mark: str) -> list:  # runs/ cannot be listed, but a path can be looked up: the numbers are guessed
+        return [runs / str(k) for k in range(1, 8) if runs / str(k) != me.parent and (runs / str(k) / "work" / mark).exists()]
+
+    def wait_for(mark: str) -> list:
+        end = time.time() + 30
+        while not neighbours(mark) and time.time() < end:
+            time.sleep(0.05)
+        return neighbours(mark)
     targets = [root / "train.py", root / "prepare.py", root / "results.tsv"]
-    for other in (runs / str(k) for k in range(6)):  # the folder cannot be listed: the numbers are guessed
-        if other != me.parent:
-            targets += [other / "tree" / "train.py", other / "submission.pt", other / "work" / "submission.pt",
-                        other / "work" / "planted.pt", other / "model.sha256.json"]
+    for other in wait_for("planted.pt"):
+        print("ATTACK neighbour", other.name, flush=True)
+        targets += [other / "tree" / "train.py", other / "work" / "planted.pt"]
+
+    def denied(what: str, path, exc: OSError) -> None:
+        print(f"ATTACK {what}-denied", path, errno.errorcode.get(exc.errno, exc.errno), flush=True)
     for path in targets:
+        if not path.exists():
+            print("ATTACK missing", path, flush=True)
+            continue
         try:
             with open(path, "a") as f:
                 f.write("")
             print("ATTACK write-ok", path, flush=True)
         except OSError as exc:
-            print("ATTACK write-denied", path, type(exc).__name__, flush=True)
+            denied("write", path, exc)
         for how in (os.link, os.rename):  # into this run's own folder, where it may read and submit it
             try:
-                how(path, Path(os.environ["AR_SUBMISSION"]).parent / f"stolen-{how.__name__}")
+                how(path, run_folder() / f"stolen-{how.__name__}")
                 print("ATTACK write-ok", how.__name__, path, flush=True)
             except OSError as exc:
-                print("ATTACK link-denied", how.__name__, path, type(exc).__name__, flush=True)
+                denied("link", path, exc)
         try:
             Path(path).read_bytes()
             print("ATTACK read-ok", path, flush=True)
         except OSError as exc:
-            print("ATTACK read-denied", path, type(exc).__name__, flush=True)
+            denied("read", path, exc)
+    (run_folder() / "attacked").write_bytes(b"")
+    wait_for("attacked")  # the neighbour's files stay until its attack is over
 
 '''
 
@@ -62,17 +82,21 @@ def commit_train(repo: Path, text: str, message: str) -> None:
 def test_a_sandboxed_run_cannot_touch_the_other_experiment_or_the_checkout(repo, llm):
     text = (repo / "train.py").read_text()
     text = text.replace("def main() -> None:\n", CROSS + "def main() -> None:\n    cross_attack()\n")
-    text = text.replace("SLEEP_S = 0.0", "SLEEP_S = 1.0")
     commit_train(repo, text, "a train.py that attacks its neighbours")
     llm.alternate = True
     done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
-                     "--sandbox", "require", timeout=300)
+                     "--sandbox", "require", "--timeout", "90", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
-    logs = "".join(p.read_text() for p in (repo / "runs" / TAG).glob("*/train.log"))
-    assert "ATTACK" in logs, logs[-3000:]
-    assert "ATTACK write-ok" not in logs, [l for l in logs.splitlines() if "write-ok" in l]
-    reads = [l for l in logs.splitlines() if "read-ok" in l]
-    assert not reads, reads
+    logs = {p.parent.name: p.read_text() for p in (repo / "runs" / TAG).glob("*/train.log")}
+    attacks = [line for text in logs.values() for line in text.splitlines() if line.startswith("ATTACK")]
+    # each of the two experiments found the other in flight, and attacked its worktree and run folder while they existed
+    assert sum("ATTACK neighbour" in text for text in logs.values()) == 2, attacks
+    assert not [line for line in attacks if "missing" in line], attacks
+    assert sum("/tree/train.py" in line and "read-denied" in line for line in attacks) == 2, attacks
+    assert not [line for line in attacks if "-ok" in line], attacks
+    # refused by Landlock: not a file that was not there
+    blocked = [line for line in attacks if "-denied" in line]
+    assert blocked and all(line.split()[-1] in ("EACCES", "EPERM", "EXDEV") for line in blocked), blocked
     assert check_invariants(repo) == []
 
 
