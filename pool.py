@@ -81,7 +81,10 @@ def start_ray(args):
             return ray, gpus
         if args.gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # Ray hands out these devices, one per task
-        ray.init(num_gpus=gpu_count(args), num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, **quiet)
+        # address "local": an instance of its own, even where RAY_ADDRESS or a `ray start` on this host names a
+        # cluster (Ray would join that one, and refuses num_gpus there): a cluster is --ray's
+        ray.init(address="local", num_gpus=gpu_count(args), num_cpus=max(os.cpu_count() or 1, 1),
+                 include_dashboard=False, **quiet)
         return ray, gpu_count(args)
     finally:
         for key in set(auth) - {"RAY_AUTH_MODE"}:  # no child of the driver inherits the token

@@ -134,6 +134,9 @@ def run_experiment(spec: dict) -> dict:
     except (HostError, agent.FatalError, OSError, ValueError, subprocess.SubprocessError) as exc:
         return {**base, "status": "crash", "reason": f"worker {name}: {agent.one_line(exc, 200)}"}
     folder = tree.parent
+    # a run of this experiment that a killed driver left on this host (--ray: the restarted driver cannot reach
+    # it) would write into the folder this run uses: end it by its marker first, as the driver does on its disk
+    agent.kill_leftovers(folder / f"child{label}.pid")
     agent.atomic_write(folder / "worker.txt", name)  # names the worker in a crash row if this process dies
     work = folder / f"work{label}"
     agent.remove_tree(work)

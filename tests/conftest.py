@@ -1,12 +1,15 @@
 """Shared fixtures: a tiny real Llama model + tokenizer saved to disk, small WikiText-shaped files,
 and the real offline assets (SmolLM2 GGUF, WikiText-2 validation) when present."""
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
 import os
 import random
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -176,3 +179,58 @@ def llm():
 def repo(tmp_path):
     from driver_helpers import make_research_repo
     return make_research_repo(tmp_path / "research")
+
+
+# ---------------------------------------------------------------- one Ray cluster for the session's --ray tests
+def cluster_processes(temp: Path, host_dir: Path) -> list:
+    """A test cluster's processes: those that name its temp folder (gcs_server, raylet, agents), all they started
+    (the `ray::` workers rename themselves and no longer name it) and the runs left in its hosts' folder."""
+    import psutil
+    found = {}
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if any(str(temp) in part for part in p.info["cmdline"] or []) or \
+                    (p.info["cwd"] and Path(p.info["cwd"]).is_relative_to(host_dir)):
+                for q in [p, *p.children(recursive=True)]:
+                    found[q.pid] = q
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+def end_cluster(temp: Path, host_dir: Path) -> None:
+    """SIGKILL what cluster_processes finds until nothing is left (`ray stop` would stop every Ray on the machine,
+    other sessions' too)."""
+    import psutil
+    for _ in range(20):
+        procs = cluster_processes(temp, host_dir)
+        if not procs:
+            return
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(procs, timeout=3)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real cluster started as a user would (`ray start --head`), with 2 logical GPUs, shared by the tests that run
+    through `--ray ADDRESS` (a cluster start costs more than most tests). Its workers keep their files in a folder
+    of their own (AR_WORKER_DIR), as on another host. Ray binds its ports itself (--port 0, worker ports 0): none
+    is picked, closed and bound later, when another process may have taken it. Yields (address, host_dir)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    host_dir = tmp_path_factory.mktemp("worker-host")
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "AR_WORKER_DIR": str(host_dir), "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        start = subprocess.run([str(ray_bin), "start", "--head", "--num-gpus", "2", "--num-cpus", "2", "--port", "0",
+                                "--min-worker-port", "0", "--max-worker-port", "0", "--node-ip-address", "127.0.0.1",
+                                "--temp-dir", str(temp), "--include-dashboard", "false", "--disable-usage-stats"],
+                               env=env, capture_output=True, text=True, timeout=180)
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield (temp / "ray_current_cluster").read_text().strip(), host_dir
+    finally:
+        end_cluster(temp, host_dir)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,12 +1,10 @@
 """--workers N and --ray: one driver, N experiments at once as Ray tasks, through the real agent.py, a real
 local Ray instance (or a real `ray start` cluster), the real sandbox and the stand-in train.py."""
-import contextlib
+import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -52,10 +50,11 @@ def chain_is_kept(repo: Path) -> None:
     assert g.head.commit.hexsha == kept.iloc[-1]["commit"]
 
 
-def test_two_workers_run_at_once_with_one_ledger(repo, llm):
+def test_two_workers_run_at_once_with_one_ledger(repo, llm, ray_cluster):
     sleepy(repo, 3)
     llm.alternate = True
-    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "4", timeout=300)
+    # a cluster the user works with is named in the environment: --workers still starts an instance of its own
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "4", timeout=300, RAY_ADDRESS=ray_cluster[0])
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)
     assert check_invariants(repo) == []
@@ -76,20 +75,21 @@ def test_two_workers_run_at_once_with_one_ledger(repo, llm):
     assert "gpu0" in status.stdout and "gpu1" in status.stdout, status.stdout
 
 
-def stale_night(repo: Path, second: str, *more: str) -> tuple[FakeLLM, object]:
+def stale_night(repo: Path, address: str, second: str, *more: str) -> tuple[FakeLLM, object]:
     """Two proposals on the baseline: a small gain that ends first (kept), and `second`, a larger gain that
-    ends later, on a parent that is then no longer the best; `more`: the replies after them."""
+    ends later, on a parent that is then no longer the best; `more`: the replies after them. On the session's
+    cluster (its 2 GPUs: 2 workers), as the decisions do not depend on where the runs happen."""
     sleepy(repo, 1)
     llm = FakeLLM([edit(SCALE_LINE, SCALE_LINE.replace("1.0", "0.95"), "small gain, quick"), second, *more])
     llm.default_factor = 0.9
-    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline", timeout=300)
+    done = run_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", timeout=300)
     return llm, done
 
 
-def test_a_stale_win_is_merged_onto_the_best_and_kept_only_after_its_own_run(repo):
+def test_a_stale_win_is_merged_onto_the_best_and_kept_only_after_its_own_run(repo, ray_cluster):
     slow_gain = ("DESCRIPTION: large gain, slow\n<<<<<<< SEARCH\nPPL = 20.0\n=======\nPPL = 16.0\n>>>>>>> REPLACE\n"
                  "<<<<<<< SEARCH\nSLEEP_S = 1\n=======\nSLEEP_S = 4\n>>>>>>> REPLACE\n")
-    llm, done = stale_night(repo, slow_gain)
+    llm, done = stale_night(repo, ray_cluster[0], slow_gain)
     llm.close()
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo).set_index("experiment")
@@ -112,10 +112,10 @@ def test_a_stale_win_is_merged_onto_the_best_and_kept_only_after_its_own_run(rep
     assert len(llm.requests) == 2, "a clean merge asks the LLM nothing"
 
 
-def test_a_stale_win_that_conflicts_is_proposed_again_by_the_llm(repo):
+def test_a_stale_win_that_conflicts_is_proposed_again_by_the_llm(repo, ray_cluster):
     conflicting = (f"DESCRIPTION: larger gain on the same line, slow\n<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n"
                    "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n<<<<<<< SEARCH\nSLEEP_S = 1\n=======\nSLEEP_S = 4\n>>>>>>> REPLACE\n")
-    llm, done = stale_night(repo, conflicting, edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8",
+    llm, done = stale_night(repo, ray_cluster[0], conflicting, edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8",
                                                     "the same change, made again"))
     llm.close()
     assert done.returncode == 0, done.stdout[-3000:]
@@ -130,31 +130,6 @@ def test_a_stale_win_that_conflicts_is_proposed_again_by_the_llm(repo):
     assert rows.loc[again]["status"] in ("keep", "discard")
 
 
-@pytest.fixture
-def ray_cluster(tmp_path):
-    """A real cluster started as a user would (`ray start --head`), with 2 logical GPUs, whose workers keep
-    their files in a folder of their own (AR_WORKER_DIR), as on another host. Its processes are found by
-    their temp folder when it is stopped (`ray stop` would stop every Ray on the machine)."""
-    import psutil
-    ray_bin = Path(sys.executable).with_name("ray")
-    host_dir = tmp_path / "worker-host"
-    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "AR_WORKER_DIR": str(host_dir), "RAY_USAGE_STATS_ENABLED": "0"}
-    start = subprocess.run([str(ray_bin), "start", "--head", "--num-gpus", "2", "--num-cpus", "2", "--port", str(port),
-                            "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard", "false",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
-    yield f"127.0.0.1:{port}", host_dir
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(temp) in part for part in p.info["cmdline"] or []):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def test_ray_cluster_without_shared_disk(repo, llm, ray_cluster):
     address, host_dir = ray_cluster
     sleepy(repo, 1)
@@ -164,12 +139,60 @@ def test_ray_cluster_without_shared_disk(repo, llm, ray_cluster):
     assert check_invariants(repo) == []
     rows = ledger(repo)
     assert rows["status"].isin(["baseline", "keep", "discard"]).all(), rows["reason"].tolist()
-    # the runs happened in the host's own folder, from the files sent with each task ...
-    assert list(host_dir.glob("*/*/tree/train.py"))
-    # ... their logs came back, and the best submission was fetched from the host
+    # the two proposals ran and were scored, not only the baseline; each better than the last, one at least is kept
+    assert (rows["status"] != "baseline").sum() >= 2 and (rows["status"] == "keep").any(), rows
+    # each run happened in the host's own folder, from the files sent with its task ...
+    key = f"{hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:12]}-{TAG}"
     for n in rows["experiment"]:
-        assert (repo / "runs" / TAG / str(n) / "train.log").exists()
-    best = rows[rows["status"].isin(["baseline", "keep"])].iloc[-1]
-    if best["status"] == "keep":
-        assert (repo / "runs" / TAG / str(best["experiment"]) / "submission.pt").exists()
-    shutil.rmtree(host_dir, ignore_errors=True)
+        assert (host_dir / key / str(n) / "tree" / "train.py").exists(), n
+        # ... and its log came back
+        assert (repo / "runs" / TAG / str(n) / "train.log").read_text().strip(), n
+    # ... and the best submission was fetched from the host
+    best = rows[rows["status"] == "keep"].iloc[-1]
+    assert (repo / "runs" / TAG / str(best["experiment"]) / "submission.pt").exists()
+    shutil.rmtree(host_dir / key, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the user's path: README's `--workers 2`, real harness
+def test_two_workers_score_the_real_train_py(tmp_path, tiny_env, llm):
+    """`python agent.py --workers 2` as README gives it: a local Ray instance of its own, the real prepare.py and
+    train.py on the tiny model. Every row is a real score, and both workers scored."""
+    from driver_helpers import make_research_repo
+    repo = make_research_repo(tmp_path / "real", real=True)
+    llm.push(edit("LR = 3e-4", "LR = 1e-3", "raise the learning rate"),
+             edit("WEIGHT_DECAY = 0.0              # decay pulls weights into the deadzone",
+                  "WEIGHT_DECAY = 0.01             # decay pulls weights into the deadzone", "a little weight decay"))
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--timeout", "40", "--eval-windows",
+                     "1", timeout=600, **{k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"})
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo)
+    assert rows["status"].iloc[0] == "baseline" and len(rows) == 3, rows
+    assert rows["status"].isin(["baseline", "keep", "discard"]).all(), rows["reason"].tolist()
+    assert (rows["val_ppl"] > 1).all() and (rows["steps"] > 0).all() and (rows["protocol"] == "v1-smoke1w").all()
+    assert {reason.split("worker ")[1].split(";")[0] for reason in rows["reason"]} == {"gpu0", "gpu1"}, rows["reason"]
+    assert check_invariants(repo) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--gpus", ""], "give GPU indices separated by commas"),
+    (["--gpus", "a,b"], "give GPU indices separated by commas"),
+    (["--gpus", "0,"], "give GPU indices separated by commas"),
+    (["--gpus", "0,0"], "a GPU is listed twice"),
+    (["--workers", "3", "--gpus", "0,1"], "give one of them"),
+    (["--workers", "0"], "--workers must be positive"),
+    (["--ray", "auto", "--gpus", "0,1"], "--ray uses every GPU of the cluster"),
+    (["--ray", "auto", "--workers", "2"], "--ray uses every GPU of the cluster"),
+])
+def test_bad_gpus_and_workers_are_refused_by_the_parser(argv, says, capsys):
+    import agent
+    with pytest.raises(SystemExit) as stop:
+        agent.parse_args(argv)
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_gpus_sets_the_number_of_workers():
+    import agent
+    import pool
+    args = agent.parse_args(["--workers", "2", "--gpus", "3,5"])
+    assert pool.gpu_count(args) == 2 and args.gpus == "3,5"
+    assert pool.gpu_count(agent.parse_args(["--gpus", "0,2,5"])) == 3

@@ -131,14 +131,14 @@ def kill_when(proc, what: str, check, timeout: float, settle: float = 0.0):
             proc.wait()
 
 
-def reapply_night(repo: Path, replies: list, *args: str, **env):
-    """Base SLEEP_S 4: a quick proposal (SLEEP_S 0) is kept while the slow one still trains on the baseline."""
+def reapply_night(repo: Path, address: str, replies: list, *args: str, **env):
+    """Base SLEEP_S 4: a quick proposal (SLEEP_S 0) is kept while the slow one still trains on the baseline. On the
+    session's cluster (2 GPUs: 2 workers): what is tested is the driver's bookkeeping, not where runs happen."""
     text = (repo / "train.py").read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 4")
     commit_train(repo, text, "runs that last")
     llm = FakeLLM(replies)
     llm.default_factor = 0.9
-    return llm, start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
-                            *args, **env)
+    return llm, start_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", *args, **env)
 
 
 def announced(rows) -> int:
@@ -147,14 +147,14 @@ def announced(rows) -> int:
     return int(stale.iloc[0]["reason"].split("as experiment ")[1].split()[0])
 
 
-def test_a_stale_win_already_in_the_best_still_gets_the_row_it_announced(repo):
+def test_a_stale_win_already_in_the_best_still_gets_the_row_it_announced(repo, ray_cluster):
     # quick: PPL 16 with PPL_SCALE 1.2 (19.2), fast. slow: PPL 16 alone (16.0), slow: a stale win whose change
     # is already in the best, so nothing is left to re-apply
     quick = ("DESCRIPTION: quick, includes the slow change\n<<<<<<< SEARCH\nPPL = 20.0\n=======\nPPL = 16.0\n>>>>>>> REPLACE\n"
              f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\nPPL_SCALE = 1.2\n>>>>>>> REPLACE\n"
              "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
     slow = edit("PPL = 20.0", "PPL = 16.0", "slow, a subset of the quick one")
-    llm, proc = reapply_night(repo, [quick, slow])
+    llm, proc = reapply_night(repo, ray_cluster[0], [quick, slow])
     out, _ = proc.communicate(timeout=300)
     llm.close()
     assert proc.returncode == 0, out[-3000:]
@@ -165,18 +165,18 @@ def test_a_stale_win_already_in_the_best_still_gets_the_row_it_announced(repo):
     assert pool_problems(repo) == []
 
 
-def test_a_kill_while_the_llm_reproposes_a_stale_win_does_not_lose_it(repo):
+def test_a_kill_while_the_llm_reproposes_a_stale_win_does_not_lose_it(repo, ray_cluster):
     conflicting = (f"DESCRIPTION: larger gain on the same line, slow\n<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n"
                    "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n")
     quick = ("DESCRIPTION: small gain, quick\n"
              f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n{SCALE_LINE.replace('1.0', '0.95')}\n>>>>>>> REPLACE\n"
              "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
-    llm, proc = reapply_night(repo, [quick, conflicting, {"hang": 60}])
+    llm, proc = reapply_night(repo, ray_cluster[0], [quick, conflicting, {"hang": 60}])
     kill_when(proc, "the re-proposal asked for", lambda: len(llm.requests) >= 3, 240, settle=1)
     llm.close()
     m = announced(ledger(repo))
     again = FakeLLM([edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8", "the same change, made again")])
-    done = run_agent(repo, again.url, "--workers", "2", "--max-experiments", "1", timeout=300)
+    done = run_agent(repo, again.url, "--ray", ray_cluster[0], "--max-experiments", "1", timeout=300)
     again.close()
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)
@@ -188,13 +188,13 @@ def test_a_kill_while_the_llm_reproposes_a_stale_win_does_not_lose_it(repo):
 
 
 @pytest.mark.parametrize("phase", ["moving", "done"])
-def test_a_kill_while_the_branch_moves_leaves_one_row_and_the_branch_at_the_keep(repo, llm, phase):
+def test_a_kill_while_the_branch_moves_leaves_one_row_and_the_branch_at_the_keep(repo, llm, phase, ray_cluster):
     text = (repo / "train.py").read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 1")
     commit_train(repo, text, "runs that last")
-    proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--no-pipeline",
+    proc = start_agent(repo, llm.url, "--ray", ray_cluster[0], "--max-experiments", "2", "--no-pipeline",
                        AR_TEST_PAUSE=f"{phase}:60")
     kill_when(proc, f"phase {phase}", lambda: state(repo).get("phase") == phase, 240)
-    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "0", timeout=300)
+    done = run_agent(repo, llm.url, "--ray", ray_cluster[0], "--max-experiments", "0", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert check_invariants(repo) == []
     assert pool_problems(repo) == []
@@ -213,19 +213,19 @@ def test_a_ray_worker_passes_no_secret_to_train_py(repo, llm):
         print(sorted(line.split("=")[0] for line in text.splitlines() if line.startswith("RAY")))
 
 
-def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(repo, llm):
+def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(repo, llm, ray_cluster):
     """lost() saves rerun_as, then writes the crash row that announces it: a kill between the two leaves a state
     that a restart runs again as itself; it must not also run the same change again as the rerun."""
     import json
     from test_pool_kill import inflight, slow
     slow(repo, 3)
-    proc = start_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", "--timeout", "20")
+    proc = start_agent(repo, llm.url, "--ray", ray_cluster[0], "--max-experiments", "1", "--timeout", "20")
     states = kill_when(proc, "a proposal in flight",
                        lambda: [s for s in inflight(repo).values() if s["kind"] == "proposal"], 120)
     st = states[0]
     st["rerun_as"] = st["experiment"] + 1  # as lost() leaves it when the kill lands before the crash row
     (repo / ".git" / "autoresearch" / TAG / "inflight" / f"{st['experiment']}.json").write_text(json.dumps(st))
-    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "0", "--timeout", "20", timeout=300)
+    done = run_agent(repo, llm.url, "--ray", ray_cluster[0], "--max-experiments", "0", "--timeout", "20", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)
     same = rows[rows["description"] == st["description"]]

@@ -21,7 +21,7 @@ import pytest
 
 import pool
 from conftest import REQUIRE_ASSETS
-from driver_helpers import TAG, check_invariants, ledger, processes_in, run_agent, start_agent
+from driver_helpers import TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent
 
 try:
     import ray  # noqa: F401
@@ -207,11 +207,14 @@ def test_driver_killed_with_two_in_flight_resumes_both_without_the_llm(repo, llm
     assert not session_of(proc.pid)
 
 
-def test_a_lost_worker_is_recorded_and_its_commit_runs_again(repo, llm):
-    slow(repo)
-    proc = start_agent(repo, llm.url, *ARGS, "--max-experiments", "2")
+def test_a_lost_worker_is_recorded_and_its_commit_runs_again(repo, llm, tmp_path):
+    # both proposals wait for the go file: they overlap however late the second one starts on a loaded machine
+    go = tmp_path / "go"
+    line = next(line for line in (repo / "train.py").read_text().splitlines() if line.startswith("GO_FILE = "))
+    llm.push(*[edit(line, f'GO_FILE = "{go}"  # proposal {k}', f"proposal {k}, held") for k in (1, 2)])
+    proc = start_agent(repo, llm.url, "--workers", "2", "--timeout", "120", "--max-experiments", "2")
     try:
-        running = wait_until("both train.py running", lambda: len(trainers(repo)) >= 2 and trainers(repo), 60, proc)
+        running = wait_until("both train.py running", lambda: len(trainers(repo)) >= 2 and trainers(repo), 120, proc)
         n = min(running)
         victim = running[n]
         worker = victim.parent()
@@ -225,9 +228,9 @@ def test_a_lost_worker_is_recorded_and_its_commit_runs_again(repo, llm):
             rows = ledger(repo)
             mine = rows[(rows["experiment"] == n) & (rows["status"] == "crash")]
             return mine.iloc[0].to_dict() if len(mine) else None
-        row = wait_until(f"experiment {n}'s crash row", crash_row, 30, proc)
-        time.sleep(1.0)
-        assert not alive(victim), f"the lost worker's train.py ({victim.pid}) outlived it: {describe([victim])}"
+        row = wait_until(f"experiment {n}'s crash row", crash_row, 60, proc)
+        wait_until(f"the lost worker's train.py ({victim.pid}) ended", lambda: not alive(victim), 5)
+        go.write_text("")
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -14,6 +14,7 @@ PPL = 20.0
 PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other
 MODE = "ok"
 SLEEP_S = 0.0
+GO_FILE = ""  # when set, the run waits until this file exists: a test's barrier, for runs that must overlap
 
 
 def run_folder() -> Path:
@@ -72,6 +73,8 @@ def misbehave() -> None:
 
 def main() -> None:
     time.sleep(SLEEP_S)
+    while GO_FILE and not Path(GO_FILE).exists():
+        time.sleep(0.05)
     misbehave()
     if MODE == "nosubmit":
         return
