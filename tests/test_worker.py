@@ -88,3 +88,27 @@ def test_file_names_that_leave_the_folder_are_refused(tmp_path, monkeypatch):
     else:
         raise AssertionError("no HostError")
     assert not list(tmp_path.rglob("escaped.py"))
+
+
+def test_a_run_left_by_a_killed_driver_is_ended_before_its_folder_is_reused(tmp_path):
+    """--ray: a driver killed with its job leaves the run's train.py on the host, where the restarted driver cannot
+    reach it; the task that runs the experiment again ends it by its marker before reusing its folder."""
+    import hashlib
+    import os
+    import psutil
+    host = tmp_path / "host-cache"
+    folder = host / "k" / "4"
+    folder.mkdir(parents=True)
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                env={**os.environ, "AR_RUN_ID": "left-by-a-killed-driver"}, start_new_session=True)
+    try:
+        (folder / "child.pid").write_text(json.dumps({"run_id": "left-by-a-killed-driver", "boot": psutil.boot_time()}))
+        spec = {"experiment": 4, "label": "", "shared_disk": False, "key": "k", "files": {"prepare.py": PREPARE},
+                "driver_host": "elsewhere", "prepare_sha256": hashlib.sha256(PREPARE.encode()).hexdigest(),
+                "sandbox": "off", "timeout": 5, "eval_timeout": 5, "eval_windows": None, "model_expected": "{}",
+                "tokens_expected": ""}
+        run_experiment_in_a_worker_process(spec, host)
+        assert leftover.wait(timeout=10) == -9, "the earlier run still runs beside the new one"
+    finally:
+        leftover.kill()
+        leftover.wait()
