@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,27 @@ ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "standin"
 AGENT = ROOT / "agent.py"
 TAG = "t"
+# the stand-in's barrier: a change that sets it makes the run wait for a file the test writes at the right event
+GO_LINE = next(line for line in (STANDIN / "train.py").read_text().splitlines() if line.startswith("GO_FILE = "))
 STATUSES = {"baseline", "keep", "discard", "crash", "timeout", "invalid"}
+
+
+def held(go: Path) -> str:
+    """A SEARCH/REPLACE block that holds the run until `go` exists (add it to a reply)."""
+    return f'<<<<<<< SEARCH\n{GO_LINE}\n=======\nGO_FILE = "{go}"\n>>>>>>> REPLACE\n'
+
+
+def release_when_kept(repo: Path, go: Path, timeout: float = 300) -> None:
+    """Writes `go` once the ledger has a keep (a thread): a held run ends after it however loaded the machine."""
+    def watch() -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # no ledger yet, or one being written
+                if (ledger(repo)["status"] == "keep").any():
+                    go.write_text("")
+                    return
+            time.sleep(0.1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def edit(search: str, replace: str, description: str = "a change") -> str:

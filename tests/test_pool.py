@@ -11,7 +11,7 @@ from pathlib import Path
 import git
 import pytest
 
-from driver_helpers import TAG, check_invariants, edit, ledger, run_agent
+from driver_helpers import TAG, check_invariants, edit, held, ledger, release_when_kept, run_agent
 from fake_llm import FakeLLM
 
 if os.environ.get("AR_REQUIRE_ASSETS") != "1":
@@ -76,19 +76,21 @@ def test_two_workers_run_at_once_with_one_ledger(repo, llm, ray_cluster):
 
 
 def stale_night(repo: Path, address: str, second: str, *more: str) -> tuple[FakeLLM, object]:
-    """Two proposals on the baseline: a small gain that ends first (kept), and `second`, a larger gain that
-    ends later, on a parent that is then no longer the best; `more`: the replies after them. On the session's
-    cluster (its 2 GPUs: 2 workers), as the decisions do not depend on where the runs happen."""
+    """Two proposals on the baseline: a small gain that ends first (kept), and `second`, a larger gain held (see
+    held()) until that keep, on a parent that is then no longer the best; `more`: the replies after them. On the
+    session's cluster (its 2 GPUs: 2 workers), as the decisions do not depend on where the runs happen."""
     sleepy(repo, 1)
+    release_when_kept(repo, repo.parent / "go")
     llm = FakeLLM([edit(SCALE_LINE, SCALE_LINE.replace("1.0", "0.95"), "small gain, quick"), second, *more])
     llm.default_factor = 0.9
-    done = run_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", timeout=300)
+    done = run_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", "--timeout", "120",
+                     timeout=400)
     return llm, done
 
 
 def test_a_stale_win_is_merged_onto_the_best_and_kept_only_after_its_own_run(repo, ray_cluster):
     slow_gain = ("DESCRIPTION: large gain, slow\n<<<<<<< SEARCH\nPPL = 20.0\n=======\nPPL = 16.0\n>>>>>>> REPLACE\n"
-                 "<<<<<<< SEARCH\nSLEEP_S = 1\n=======\nSLEEP_S = 4\n>>>>>>> REPLACE\n")
+                 + held(repo.parent / "go"))
     llm, done = stale_night(repo, ray_cluster[0], slow_gain)
     llm.close()
     assert done.returncode == 0, done.stdout[-3000:]
@@ -114,7 +116,7 @@ def test_a_stale_win_is_merged_onto_the_best_and_kept_only_after_its_own_run(rep
 
 def test_a_stale_win_that_conflicts_is_proposed_again_by_the_llm(repo, ray_cluster):
     conflicting = (f"DESCRIPTION: larger gain on the same line, slow\n<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n"
-                   "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n<<<<<<< SEARCH\nSLEEP_S = 1\n=======\nSLEEP_S = 4\n>>>>>>> REPLACE\n")
+                   "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n" + held(repo.parent / "go"))
     llm, done = stale_night(repo, ray_cluster[0], conflicting, edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8",
                                                     "the same change, made again"))
     llm.close()

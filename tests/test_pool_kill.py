@@ -21,7 +21,7 @@ import pytest
 
 import pool
 from conftest import REQUIRE_ASSETS
-from driver_helpers import TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent
+from driver_helpers import GO_LINE, TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent
 
 try:
     import ray  # noqa: F401
@@ -210,8 +210,7 @@ def test_driver_killed_with_two_in_flight_resumes_both_without_the_llm(repo, llm
 def test_a_lost_worker_is_recorded_and_its_commit_runs_again(repo, llm, tmp_path):
     # both proposals wait for the go file: they overlap however late the second one starts on a loaded machine
     go = tmp_path / "go"
-    line = next(line for line in (repo / "train.py").read_text().splitlines() if line.startswith("GO_FILE = "))
-    llm.push(*[edit(line, f'GO_FILE = "{go}"  # proposal {k}', f"proposal {k}, held") for k in (1, 2)])
+    llm.push(*[edit(GO_LINE, f'GO_FILE = "{go}"  # proposal {k}', f"proposal {k}, held") for k in (1, 2)])
     proc = start_agent(repo, llm.url, "--workers", "2", "--timeout", "120", "--max-experiments", "2")
     try:
         running = wait_until("both train.py running", lambda: len(trainers(repo)) >= 2 and trainers(repo), 120, proc)
