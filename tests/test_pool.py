@@ -172,7 +172,8 @@ def test_two_workers_score_the_real_train_py(tmp_path, tiny_env, llm):
     assert rows["status"].iloc[0] == "baseline" and len(rows) >= 3, rows
     assert {"raise the learning rate", "a little weight decay"} <= set(rows["description"]), rows["description"]
     assert rows["status"].isin(["baseline", "keep", "discard"]).all(), rows["reason"].tolist()
-    assert (rows["val_ppl"] > 1).all() and (rows["steps"] > 0).all() and (rows["protocol"] == "v1-smoke1w").all()
+    # scored by the real evaluator (steps may be 0: on a loaded machine start-up can take the whole budget)
+    assert (rows["val_ppl"] > 1).all() and (rows["eval_windows"] == 1).all() and (rows["protocol"] == "v1-smoke1w").all()
     assert {reason.split("worker ")[1].split(";")[0] for reason in rows["reason"]} == {"gpu0", "gpu1"}, rows["reason"]
     assert check_invariants(repo) == []
 
