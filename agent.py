@@ -243,7 +243,7 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8", errors="replace"))  # an LLM's reply may hold a lone surrogate
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -273,7 +273,8 @@ def remove_tree(path: Path) -> None:
 
 
 def one_line(text: str, limit: int = 200) -> str:
-    return " ".join(str(text).split())[:limit]
+    """text on one line, without control characters or lone surrogates: safe in a row, a commit message, a file."""
+    return prepare.one_line_text(str(text))[:limit]
 
 
 # ---------------------------------------------------------------- the reply: parse, apply, validate
@@ -815,13 +816,14 @@ REQUIRED_COLUMNS = {"experiment", "branch", "commit", "status", "val_ppl"}
 
 def parse_ledger(data: bytes) -> tuple[list[str], list[list[str]], list[tuple[int, str, str]]]:
     """(header, the rows' cells, the malformed lines as (line number, line, why)). A line is malformed when its
-    quoting is broken or its number of fields is not the header's; blank lines are no rows."""
+    quoting is broken or its number of fields is not the header's; blank lines are no rows (a row of empty
+    cells is one)."""
     lines = data.decode("utf-8", errors="replace").split("\n")
     header = lines[0].rstrip("\r").split("\t")
     records, bad = [], []
     for number, line in enumerate(lines[1:], start=2):
         line = line.rstrip("\r")
-        if not line.strip():
+        if not line.strip() and "\t" not in line:
             continue
         try:
             cells = next(csv.reader([line], delimiter="\t", strict=True))
@@ -1611,7 +1613,7 @@ def reported_numbers(score: dict) -> dict:
         if fields[column] is None and value is not None:
             dropped.append(".".join(keys))
     named = score.get("meta_dropped")
-    dropped += [one_line(name, 40) for name in (named if isinstance(named, list) else [named] if named else [])[:10]]
+    dropped += [f"meta.{one_line(name, 40)}" for name in (named if isinstance(named, list) else [named] if named else [])[:10]]
     if dropped:
         fields["dropped"] = f"not finite numbers, left empty: {one_line(', '.join(dropped), 200)}; "
     return fields

@@ -20,10 +20,10 @@ import json
 import math
 import numbers
 import os
+import re
 import subprocess
 import sys
 import time
-import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -686,11 +686,22 @@ def ledger_cell(column: str, value) -> str:
     (whitespace and control characters become single spaces, lone surrogates U+FFFD)."""
     if column in LEDGER_NUMBERS:
         number = finite_number(value)
-        return "" if number is None else str(int(number)) if isinstance(number, numbers.Integral) else repr(float(number))
+        if number is None:
+            return ""
+        exact = isinstance(number, numbers.Integral) and abs(number) <= 2 ** 53  # a reader's float holds it exactly
+        return str(int(number)) if exact else repr(float(number))
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
-    kinds = {"Cc": " ", "Cs": "\ufffd"}
-    return " ".join("".join(kinds.get(unicodedata.category(c), c) for c in str(value)).split())
+    return one_line_text(str(value))
+
+
+def one_line_text(text: str) -> str:
+    """text on one line, writable anywhere: control characters and whitespace runs become one space, lone
+    surrogates (from JSON escapes; UTF-8 cannot encode them) U+FFFD."""
+    return " ".join(_SURROGATES.sub("\ufffd", _CONTROLS.sub(" ", text)).split())
+
+
+_CONTROLS, _SURROGATES = re.compile("[\x00-\x1f\x7f-\x9f]"), re.compile("[\ud800-\udfff]")
 
 
 def ledger_lines(rows: list[dict], header: bool = False) -> bytes:

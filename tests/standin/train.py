@@ -14,6 +14,8 @@ PPL = 20.0
 PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be applied on top of each other
 MODE = "ok"
 SLEEP_S = 0.0
+# what train.py says of itself in its submission (steps, tokens, peak_mem_gb)
+META = {}
 
 
 def run_folder() -> Path:
@@ -93,7 +95,7 @@ def main() -> None:
     misbehave()
     if MODE == "nosubmit":
         return
-    payload = hostile() if MODE == "hostile" else {"ternary": MODE != "nonternary"}
+    payload = hostile() if MODE == "hostile" else {"ternary": MODE != "nonternary", "meta": META}
     prepare.submit({"ppl": float("nan") if MODE == "nan" else PPL * PPL_SCALE, **payload})
     if MODE == "garbage":
         with open(os.environ["AR_SUBMISSION"], "wb") as f:
