@@ -21,7 +21,6 @@ import ctypes
 import difflib
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -859,8 +858,8 @@ def read_ledger(path: Path) -> pd.DataFrame:
     rows = pd.DataFrame(records, columns=header)
     rows = rows.where(rows != "")
     for column in prepare.LEDGER_NUMBERS & set(header):  # non-numbers (an edit by hand) and inf read as empty
-        numbers = pd.to_numeric(rows[column], errors="coerce")
-        rows[column] = numbers.where(numbers.abs() != math.inf)
+        values = pd.to_numeric(rows[column], errors="coerce")
+        rows[column] = values.where(values.abs() != math.inf)
     return rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + header)))
 
 
