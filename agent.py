@@ -1256,10 +1256,10 @@ def append_row(session: Session, row: dict) -> None:
 
 def append_rows(session: Session, rows: list[dict]) -> None:
     """The rows of one decision, in one write (a kill lands before or after all of them)."""
-    note = protect_ledger(session)
-    if note:
-        rows = [{**row, "reason": note + (row.get("reason") or "")} for row in rows]
     try:
+        note = protect_ledger(session)
+        if note:
+            rows = [{**row, "reason": note + (row.get("reason") or "")} for row in rows]
         prepare.append_ledger_rows(rows, session.ledger)  # all or nothing: a full disk leaves the file as it was
         save_backup(session.ledger, session.ledger_backup)
     except OSError as exc:
