@@ -79,7 +79,7 @@ def test_hostile_run_output_never_reaches_a_row_or_a_state_file_and_never_ends_t
     are no UTF-8, its folder odd files; the gain is marginal (a confirmation run), and the driver is killed
     while confirming and again while deciding."""
     (repo / "jitter.txt").write_text("0.5 -0.5")  # baselines 20.5 and 19.5: a gain of 0.6 is marginal
-    run_agent(repo, llm.url, "--max-experiments", "0", "--baseline-runs", "2")
+    assert run_agent(repo, llm.url, "--max-experiments", "0", "--baseline-runs", "2").returncode == 0
     description = 'hostile "quoted" \x00 \u2028 \x1c \x85 \ud800 end'
     llm.push(reply(("PPL = 20.0", "PPL = 19.4"), ('MODE = "ok"', 'MODE = "hostile"'), description=description))
     args = ("--max-experiments", "1", "--baseline-runs", "2", "--no-pipeline")
@@ -105,7 +105,8 @@ def test_hostile_run_output_never_reaches_a_row_or_a_state_file_and_never_ends_t
     assert hostile[["steps", "train_tokens", "peak_mem_gb", "bits_per_weight"]].isna().all().all()
     assert hostile["eval_windows"].tolist() == [4, 4] and hostile["val_ppl"].tolist() == [19.4, 19.4]
     for reason in hostile["reason"]:
-        assert "not finite numbers, left empty: bits_per_weight, meta.steps, meta.tokens, meta.peak_mem_gb, meta.a b c, meta.nan" in reason
+        assert ("not finite numbers, left empty: bits_per_weight, meta.steps, meta.tokens, meta.peak_mem_gb, meta.a b c, "
+                "meta.nan") in reason
     assert hostile["description"].tolist() == ['hostile "quoted" \ufffd end', 'confirmation run: hostile "quoted" \ufffd end']
     assert strict_json(states)["phase"] == "done" and check_invariants(repo) == []
     status = bare_status(repo)
@@ -160,7 +161,7 @@ def test_the_ledger_writer_emits_one_well_formed_line_per_row_whatever_the_value
 # ---------------------------------------------------------------- the reader never loses a row silently
 def test_a_row_split_over_lines_is_restored_from_the_drivers_copy(repo, llm):
     """As the multi-line tensor cell did: the row of a kept experiment split in two lines of results.tsv."""
-    run_agent(repo, llm.url, "--max-experiments", "1")
+    assert run_agent(repo, llm.url, "--max-experiments", "1").returncode == 0
     first_diff = (repo / "runs" / TAG / "1" / "diff.patch").read_text()
     path = repo / "results.tsv"
     lines = path.read_text().split("\n")
@@ -179,7 +180,7 @@ def test_a_row_split_over_lines_is_restored_from_the_drivers_copy(repo, llm):
 
 
 def test_a_malformed_line_the_drivers_copy_cannot_restore_stops_the_night_naming_it(repo, llm):
-    run_agent(repo, llm.url, "--max-experiments", "0")
+    assert run_agent(repo, llm.url, "--max-experiments", "0").returncode == 0
     path = repo / "results.tsv"
     path.write_text(path.read_text() + "[[0.1, 0.2],\t[0.3, 0.4]]\tby hand\n")
     before = path.read_bytes()
