@@ -16,11 +16,11 @@ import argparse
 import ast
 import base64
 import contextlib
+import csv
 import ctypes
 import difflib
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -242,15 +242,18 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8", errors="replace"))  # an LLM's reply may hold a lone surrogate
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open_new(tmp) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open_new(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:  # a full disk: no temp file left behind
+        tmp.unlink(missing_ok=True)
 
 
 def open_new(path: Path):
@@ -269,7 +272,8 @@ def remove_tree(path: Path) -> None:
 
 
 def one_line(text: str, limit: int = 200) -> str:
-    return " ".join(str(text).split())[:limit]
+    """text on one line, without control characters or lone surrogates: safe in a row, a commit message, a file."""
+    return prepare.one_line_text(str(text))[:limit]
 
 
 # ---------------------------------------------------------------- the reply: parse, apply, validate
@@ -806,28 +810,57 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
 
 
 # ---------------------------------------------------------------- the ledger
+REQUIRED_COLUMNS = {"experiment", "branch", "commit", "status", "val_ppl"}
+
+
+def parse_ledger(data: bytes) -> tuple[list[str], list[list[str]], list[tuple[int, str, str]]]:
+    """(header, the rows' cells, the malformed lines as (line number, line, why)). A line is malformed when its
+    quoting is broken or its number of fields is not the header's; blank lines are no rows (a row of empty
+    cells is one)."""
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    header = lines[0].rstrip("\r").split("\t")
+    records, bad = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        if not line.strip() and "\t" not in line:
+            continue
+        try:
+            cells = next(csv.reader([line], delimiter="\t", strict=True))
+        except csv.Error as exc:
+            bad.append((number, line, f"broken quoting: {exc}"))
+            continue
+        if len(cells) != len(header):
+            bad.append((number, line, f"{len(cells)} fields where the header has {len(header)}"))
+        else:
+            records.append(cells)
+    return header, records, bad
+
+
+def malformed_message(path: Path, bad: list[tuple[int, str, str]]) -> str:
+    number, line, why = bad[0]
+    more = f" (and {len(bad) - 1} more malformed lines)" if len(bad) > 1 else ""
+    return f"{path} line {number} is malformed ({why}): {one_line(line, 60)!r}{more}"
+
+
 def read_ledger(path: Path) -> pd.DataFrame:
-    """The ledger. A line with the wrong number of fields (a row cut short by a kill mid-write, two rows
-    glued together) is left out with a log line instead of breaking every command."""
+    """The ledger, every row of it: a malformed line (a row cut or split by an editor, a power cut) stops the
+    caller with a FatalError naming it, never a row left out. reconcile_ledger repairs what the driver's copy
+    can repair before anything reads the ledger."""
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=prepare.LEDGER_COLUMNS)
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    width = lines[0].count("\t")
-    if not {"experiment", "branch", "commit", "status", "val_ppl"} <= set(lines[0].split("\t")):
-        raise FatalError(f"{path} is not a ledger (its first line is {one_line(lines[0], 80)!r}): restore it from "
-                         f"a copy, or move it aside to start a new one")
-    good = [lines[0]] + [line for line in lines[1:] if line.count("\t") == width]
-    for line in set(lines[1:]) - set(good) - _REPORTED_LINES:
-        if line.strip():
-            _REPORTED_LINES.add(line)
-            log(f"{path.name}: left out a line with the wrong number of fields (cut by a kill or an editor?): "
-                f"{one_line(line, 100)!r}")
-    rows = pd.read_csv(io.StringIO("\n".join(good) + "\n"), sep="\t", keep_default_na=False, na_values=[""],
-                       dtype={"commit": str, "parent": str, "branch": str, "protocol": str})
-    return rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + list(rows.columns))))
-
-
-_REPORTED_LINES: set[str] = set()
+    header, records, bad = parse_ledger(path.read_bytes())
+    if not REQUIRED_COLUMNS <= set(header):
+        raise FatalError(f"{path} is not a ledger (its first line is {one_line(chr(9).join(header), 80)!r}): restore "
+                         "it from a copy, or move it aside to start a new one")
+    if bad:
+        raise FatalError(f"{malformed_message(path, bad)}: join or delete the line (the driver's copy of the rows it "
+                         f"wrote is {ledger_backup_of(path.parent)}), then run the command again")
+    rows = pd.DataFrame(records, columns=header)
+    rows = rows.where(rows != "")
+    for column in prepare.LEDGER_NUMBERS & set(header):  # non-numbers (an edit by hand) and inf read as empty
+        values = pd.to_numeric(rows[column], errors="coerce")
+        rows[column] = values.where(values.abs() != math.inf)
+    return rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + header)))
 
 
 def branch_ledger(path: Path, branch: str) -> pd.DataFrame:
@@ -854,30 +887,47 @@ def repair_last_line(path: Path) -> str:
 def reconcile_ledger(ledger: Path, backup: Path) -> list[str]:
     """At start: results.tsv must hold every row the driver wrote (its copy in .git/, `backup`). Rows added
     since (manual runs, other tags) are taken into the copy; a results.tsv that lost rows (deleted,
-    overwritten) is set aside and restored from the copy, never copied over it. Returns log lines."""
+    overwritten, a row broken by an edit) is set aside and restored from the copy, never copied over it. A
+    malformed line the copy cannot restore stops here, named (FatalError). Returns log lines."""
     notes = [note for note in (repair_last_line(ledger), repair_last_line(backup)) if note]
+    notes += [f"{path.name}: added the column bits_per_weight (a ledger of an earlier version)"
+              for path in (ledger, backup) if prepare.migrate_ledger(path)]
     if not ledger.exists() or ledger.stat().st_size == 0:
         if backup.exists() and backup.stat().st_size:
             shutil.copyfile(backup, ledger)
             notes.append(f"results.tsv was missing or empty: restored its {len(backup.read_bytes().splitlines()) - 1} "
                          f"rows from the driver's copy {backup} (a fresh start wants a new --tag)")
         return notes
-    mine = set(backup.read_bytes().splitlines()) if backup.exists() else set()
+    bad = parse_ledger(ledger.read_bytes())[2]
+    copy_bad = parse_ledger(backup.read_bytes())[2] if backup.exists() else []
+    mine = set(backup.read_bytes().splitlines()) if backup.exists() and not copy_bad else set()
     if mine <= set(ledger.read_bytes().replace(b"\r\n", b"\n").splitlines()):
+        if bad:  # every row of the driver's copy is there: the malformed line is no row the driver wrote
+            raise FatalError(f"{malformed_message(ledger, bad)}, and the driver's copy {backup} has no row to restore it "
+                             "from: join or delete the line, then run the same command again")
+        if copy_bad:
+            notes.append(f"the driver's copy was malformed ({malformed_message(backup, copy_bad)}): replaced by "
+                         "results.tsv")
         save_backup(ledger, backup)
         return notes
     aside = ledger.with_name(f"results.tsv.lost-rows-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     os.replace(ledger, aside)
     shutil.copyfile(backup, ledger)
-    return notes + [f"results.tsv had lost rows the driver wrote: restored from {backup}; the file as found is {aside}"]
+    broken = f" ({malformed_message(aside, bad)})" if bad else ""
+    return notes + [f"results.tsv had lost rows the driver wrote{broken}: restored from {backup}; the file as found "
+                    f"is {aside}"]
 
 
 def save_backup(ledger: Path, backup: Path) -> None:
-    """The driver's copy, replaced in one step: a kill mid-copy never leaves a truncated copy."""
+    """The driver's copy, replaced in one step: a kill mid-copy never leaves a truncated copy, a full disk no
+    temp file."""
     backup.parent.mkdir(parents=True, exist_ok=True)
     tmp = backup.with_name(f".{backup.name}.tmp{os.getpid()}")
-    shutil.copyfile(ledger, tmp)
-    os.replace(tmp, backup)
+    try:
+        shutil.copyfile(ledger, tmp)
+        os.replace(tmp, backup)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ledger_for_prompt(rows: pd.DataFrame, tail: int = LEDGER_TAIL_ROWS) -> str:
@@ -935,7 +985,7 @@ class Session:
         return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
 
     def save_state(self, **state) -> None:
-        atomic_write(self.state_path, json.dumps(state))
+        atomic_write(self.state_path, json.dumps(state, allow_nan=False))  # only finite numbers from a run reach it
         pause = os.environ.get("AR_TEST_PAUSE", "")  # fault-injection tests: "phase:seconds"
         if pause.startswith(f"{state.get('phase')}:"):
             time.sleep(float(pause.split(":")[1]))
@@ -1173,6 +1223,7 @@ def protect_ledger(session: Session) -> str:
     wrote it (train.py truncated, rewrote or deleted it), restore it. Run after every train.py run,
     before anything reads the ledger."""
     current, backup = session.ledger, session.ledger_backup
+    prepare.migrate_ledger(backup)  # as a manual run's prepare.py migrates results.tsv: compared in today's format
     if sha256_file(current) == sha256_file(backup):
         return ""
     if manual_rows_added(current, backup):  # someone ran `python train.py` by hand meanwhile: not the experiment
@@ -1205,11 +1256,17 @@ def append_row(session: Session, row: dict) -> None:
 
 def append_rows(session: Session, rows: list[dict]) -> None:
     """The rows of one decision, in one write (a kill lands before or after all of them)."""
-    note = protect_ledger(session)
-    if note:
-        rows = [{**row, "reason": note + (row.get("reason") or "")} for row in rows]
-    prepare.append_ledger_rows(rows, session.ledger)
-    save_backup(session.ledger, session.ledger_backup)
+    try:
+        note = protect_ledger(session)
+        if note:
+            rows = [{**row, "reason": note + (row.get("reason") or "")} for row in rows]
+        prepare.append_ledger_rows(rows, session.ledger)  # all or nothing: a full disk leaves the file as it was
+        save_backup(session.ledger, session.ledger_backup)
+    except OSError as exc:
+        experiment = rows[0].get("experiment") if rows else None
+        raise FatalError(f"could not write experiment {experiment}'s ledger rows: {exc.strerror or exc} "
+                         f"({exc.filename or session.ledger}); no row was lost or half written. Free disk space, then "
+                         "run the same command again: the decision is made again and its rows written") from None
 
 
 def git_identity(session: Session) -> dict:
@@ -1522,17 +1579,43 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
     try:
         score = json.loads(lines[-1])
     except (ValueError, IndexError):
+        score = None
+    if not isinstance(score, dict):
         return {**result, "status": "crash", "reason": "the evaluator's output has no JSON result; see eval.log"}
-    if not isinstance(score.get("ppl"), (int, float)) or not math.isfinite(score["ppl"]):
-        return {**result, "status": "crash", "reason": f"the evaluator returned val_ppl {score.get('ppl')}: not finite"}
+    if prepare.finite_number(score.get("ppl")) is None:
+        return {**result, "status": "crash", "reason": f"the evaluator returned val_ppl {one_line(score.get('ppl'), 40)}: "
+                                                       "not finite"}
+    try:
+        protocol = one_line(prepare.protocol_label(score), 40)
+    except (KeyError, TypeError, ValueError):
+        return {**result, "status": "crash", "reason": "the evaluator's JSON result names no protocol; see eval.log"}
     atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
-    try:  # what train.py says of itself: informative only
-        import torch  # here only: the driver starts without it
-        meta = dict(torch.load(submission, weights_only=True, map_location="cpu", mmap=True).get("meta", {}))
-    except Exception:
-        meta = {}
-    return {**result, "val_ppl": score["ppl"], "eval_windows": score["windows"], "protocol": prepare.protocol_label(score),
-            "steps": meta.get("steps"), "train_tokens": meta.get("tokens"), "peak_mem_gb": meta.get("peak_mem_gb")}
+    return {**result, "val_ppl": float(score["ppl"]), "protocol": protocol, **reported_numbers(score)}
+
+
+# the eval JSON's numbers a row takes: (ledger column, where in the JSON); meta is what train.py says of itself
+SCORE_NUMBERS = (("eval_windows", ("windows",)), ("bits_per_weight", ("bits_per_weight",)),
+                 ("steps", ("meta", "steps")), ("train_tokens", ("meta", "tokens")),
+                 ("peak_mem_gb", ("meta", "peak_mem_gb")))
+
+
+def reported_numbers(score: dict) -> dict:
+    """The eval JSON's numbers for the row: each a finite real number or None. The evaluator sanitises meta, but
+    its JSON passes through a log file: checked again here. What is dropped (here, or by the evaluator, its
+    meta_dropped) is named in `dropped`, for the row's reason; nothing else of meta reaches a row or a state file."""
+    fields, dropped = {}, []
+    for column, keys in SCORE_NUMBERS:
+        value = score
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        fields[column] = prepare.finite_number(value)
+        if fields[column] is None and value is not None:
+            dropped.append(".".join(keys))
+    named = score.get("meta_dropped")
+    dropped += [f"meta.{one_line(name, 40)}" for name in (named if isinstance(named, list) else [named] if named else [])[:10]]
+    if dropped:
+        fields["dropped"] = f"not finite numbers, left empty: {one_line(', '.join(dropped), 200)}; "
+    return fields
 
 
 # ---------------------------------------------------------------- proposing a change
@@ -1886,6 +1969,8 @@ def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | 
         decision = keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", strict=session.args.strict,
                              protocol=night_protocol(session.args))
         status = decision.status
+        # the results, saved: a driver stopped before the rows are on disk (a full disk) writes them at its restart
+        session.save_state(**{**st, "phase": "deciding", "result": result, "confirm": confirm})
         append_rows(session, decision_rows(session, st, result, confirm, status, decision.reason, decision.best, tampered))
     session.save_state(**{**st, "phase": "recorded"})
     if status not in ("keep", "baseline") and st["kind"] != "baseline":
@@ -1901,14 +1986,15 @@ def decision_rows(session: Session, st: dict, result: dict, confirm: dict | None
     and its confirmation run's when there was one."""
     common = {"experiment": st["experiment"], "branch": session.branch, "commit": st["commit"], "parent": st["parent"],
               "status": status, "best_val_ppl": best, "timestamp": utc_now()}
-    fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol")
-    rows = [{**common, "reason": prefix + (result.get("note") or "") + reason,
+    fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol",
+              "bits_per_weight")
+    rows = [{**common, "reason": prefix + (result.get("note") or "") + (result.get("dropped") or "") + reason,
              "prompt_tokens": st.get("prompt_tokens"), "completion_tokens": st.get("completion_tokens"),
              "cost_usd": cost_of(session, st.get("prompt_tokens") or 0, st.get("completion_tokens") or 0),
              "seen": st.get("seen"), "description": st["description"], **{k: result.get(k) for k in fields}}]
     if confirm is not None:
         rows.append({**common, "reason": confirm.get("ledger_note", "") + (confirm.get("note") or "")
-                     + (confirm.get("reason") or reason), "description": CONFIRMATION + st["description"],
+                     + (confirm.get("dropped") or "") + (confirm.get("reason") or reason), "description": CONFIRMATION + st["description"],
                      **{k: confirm.get(k) for k in fields}})
     return rows
 
@@ -2073,6 +2159,11 @@ def resume(session: Session) -> int:
         return counted
     elif phase in ("recorded", "discarding"):  # the row is written; the reset may not be
         finish_experiment(session, st, {})
+        return counted
+    elif phase == "deciding":  # scored; its rows may not be written yet
+        log(f"resuming experiment {st['experiment']}: writing its decision")
+        finish_experiment(session, {k: v for k, v in st.items() if k not in ("result", "confirm")}, st["result"],
+                          st["confirm"])
         return counted
     return 0
 
@@ -2356,7 +2447,7 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
                                                             if others else ""),
              f"- baseline val_ppl {baseline:.4f}; best {best_row['val_ppl']:.4f} "
              f"({(baseline - best_row['val_ppl']) / baseline:.1%} lower) at experiment {int(best_row['experiment'])}, "
-             f"commit {str(best_row['commit'])[:10]}"]
+             f"commit {str(best_row['commit'])[:10]}; {bits_text(kept[kept['commit'] == means.idxmin()])}"]
     sigma = noise(same)
     lines.append(f"- run-to-run noise (std of the baseline runs): {sigma:.4f}" if sigma is not None
                  else "- run-to-run noise: n/a (one baseline run; use --baseline-runs 2)")
@@ -2380,17 +2471,25 @@ def night_report(rows: pd.DataFrame, branch: str, runs: Path, root: Path, with_t
     test = test_split_ppl(root, best_submission) if with_test else "not run"
     lines.append(f"- best commit on the test split: test_ppl {test}")
     lines += ["", "## Kept changes (mean val_ppl over each commit's runs)", "",
-              "| experiment | runs | val_ppl | gain | noise widths | description |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| experiment | runs | val_ppl | gain | noise widths | bits/weight | description |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     previous = None
     for commit, runs_of in kept.groupby("commit", sort=False):
         value, first_row = runs_of["val_ppl"].mean(), runs_of.iloc[0]
         gain = "" if previous is None else f"{previous - value:.4f}"
         sig = "" if previous is None or not sigma else f"{(previous - value) / sigma:.1f}"
+        bits = runs_of["bits_per_weight"].dropna()
         lines.append(f"| {int(first_row['experiment'])} | {len(runs_of)} | {value:.4f} | {gain} | {sig} | "
-                     f"{one_line(first_row['description'], 80)} |")
+                     f"{f'{bits.iloc[0]:.3f}' if len(bits) else ''} | {one_line(first_row['description'], 80)} |")
         previous = value
     lines += occupancy_table(numbered)
     return "\n".join(lines) + "\n"
+
+
+def bits_text(runs: pd.DataFrame) -> str:
+    """A commit's bits per weight (codes, scales and biases of its ternary layers, from the evaluator)."""
+    bits = runs["bits_per_weight"].dropna()
+    return f"{bits.iloc[0]:.3f} bits per weight" if len(bits) else "bits per weight not recorded"
 
 
 def occupancy_table(rows: pd.DataFrame) -> list[str]:
@@ -2450,7 +2549,8 @@ def show_status(args) -> int:
     if len(means):
         best = same[same["commit"] == means.idxmin()].iloc[0]
         print(f"baseline val_ppl {means.iloc[0]:.4f}; best {means.min():.4f} (experiment {int(best['experiment'])}, "
-              f"commit {str(best['commit'])[:10]}; protocol {best['protocol']})")
+              f"commit {str(best['commit'])[:10]}; protocol {best['protocol']}; "
+              f"{bits_text(same[same['commit'] == means.idxmin()])})")
     print("by status: " + ", ".join(f"{k} {v}" for k, v in rows["status"].value_counts().items()))
     print(f"LLM tokens: {int(rows['prompt_tokens'].fillna(0).sum())} prompt, "
           f"{int(rows['completion_tokens'].fillna(0).sum())} completion; cost ${rows['cost_usd'].fillna(0).sum():.4f}")
@@ -2461,7 +2561,8 @@ def show_status(args) -> int:
             print(f"  {row.worker}: {runs_text(row.experiments)}, training {row.train_share:.0%}, "
                   f"training+scoring {row.busy_share:.0%}")
     with pd.option_context("display.width", 160, "display.max_colwidth", 60):
-        print(rows[["experiment", "status", "val_ppl", "best_val_ppl", "protocol", "train_s", "description"]].tail(15)
+        print(rows[["experiment", "status", "val_ppl", "best_val_ppl", "protocol", "train_s", "bits_per_weight",
+                    "description"]].tail(15)
               .to_string(index=False))
     return 0
 

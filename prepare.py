@@ -12,12 +12,15 @@ process so that the score never comes from code the LLM wrote.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import importlib
 import io
 import json
 import math
+import numbers
 import os
+import re
 import subprocess
 import sys
 import time
@@ -68,8 +71,11 @@ LEDGER_COLUMNS = [
     "experiment", "timestamp", "branch", "commit", "parent", "status", "reason",
     "val_ppl", "best_val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps",
     "eval_windows", "protocol", "prompt_tokens", "completion_tokens", "cost_usd", "seen",
-    "description",
+    "description", "bits_per_weight",
 ]
+# columns that hold numbers: a cell is a finite number or empty, never text
+LEDGER_NUMBERS = {"experiment", "val_ppl", "best_val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps",
+                  "eval_windows", "prompt_tokens", "completion_tokens", "cost_usd", "seen", "bits_per_weight"}
 
 _PROCESS_START = time.time()
 
@@ -664,36 +670,105 @@ def evaluate(path: str | Path | None, split: str = "validation", max_windows: in
 
 
 # ---------------------------------------------------------------- ledger
+def finite_number(value) -> int | float | None:
+    """value when it is a finite real number (bool is not one), else None: the only numbers a ledger row or a
+    state file takes from what a run reports."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return value if math.isfinite(float(value)) else None
+    except (OverflowError, ValueError):  # an int beyond float's range
+        return None
+
+
+def ledger_cell(column: str, value) -> str:
+    """One cell: a finite number in a number column, else empty; in a text column the value's text on one line
+    (whitespace and control characters become single spaces, lone surrogates U+FFFD)."""
+    if column in LEDGER_NUMBERS:
+        number = finite_number(value)
+        if number is None:
+            return ""
+        exact = isinstance(number, numbers.Integral) and abs(number) <= 2 ** 53  # a reader's float holds it exactly
+        return str(int(number)) if exact else repr(float(number))
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return one_line_text(str(value))
+
+
+def one_line_text(text: str) -> str:
+    """text on one line, writable anywhere: control characters and whitespace runs become one space, lone
+    surrogates (from JSON escapes; UTF-8 cannot encode them) U+FFFD."""
+    return " ".join(_SURROGATES.sub("\ufffd", _CONTROLS.sub(" ", text)).split())
+
+
+_CONTROLS, _SURROGATES = re.compile("[\x00-\x1f\x7f-\x9f]"), re.compile("[\ud800-\udfff]")
+
+
+def ledger_lines(rows: list[dict], header: bool = False) -> bytes:
+    """Rows as ledger lines: one line each whatever the values (quotes CSV-escaped, as spreadsheets expect)."""
+    unknown = set().union(*rows) - set(LEDGER_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown ledger columns {sorted(unknown)}")
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    if header:
+        writer.writerow(LEDGER_COLUMNS)
+    writer.writerows([ledger_cell(c, row.get(c)) for c in LEDGER_COLUMNS] for row in rows)
+    return text.getvalue().encode("utf-8")
+
+
 def append_ledger_row(row: dict, path: Path = LEDGER_PATH) -> None:
     """Append one row (header on first use), flushed and fsynced: it survives a kill right after."""
     append_ledger_rows([row], path)
 
 
 def append_ledger_rows(rows: list[dict], path: Path = LEDGER_PATH) -> None:
-    """Append rows in ONE write, flushed and fsynced: the rows of one decision land together or not at all."""
-    import io
+    """Append rows in ONE write, flushed and fsynced: the rows of one decision land together or not at all. A
+    write that fails (a full disk: OSError ENOSPC) is undone before the error is raised: the file is as before."""
+    migrate_ledger(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = ledger_lines(rows, header=size == 0)
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # saved by a spreadsheet, or cut by a kill: never glue two rows
+            data = b"\n" + data
+        try:
+            written = 0
+            while written < len(data):  # a short write happens when the disk fills up mid-row
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)  # all or nothing: no half row for the next append to glue onto
+            raise
+    finally:
+        os.close(fd)
 
-    import pandas as pd
-    clean = [{k: (" ".join(str(v).split()) if isinstance(v, str) else v) for k, v in row.items()} for row in rows]
-    unknown = set().union(*clean) - set(LEDGER_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown ledger columns {sorted(unknown)}")
-    new = not path.exists() or path.stat().st_size == 0
-    text = io.StringIO()
-    if not new and not _ends_with_newline(path):  # saved by a spreadsheet, or cut by a kill: never glue two rows
-        text.write("\n")
-    pd.DataFrame(clean, columns=LEDGER_COLUMNS).to_csv(text, sep="\t", header=new, index=False, na_rep="",
-                                                        lineterminator="\n")
-    with open(path, "a", encoding="utf-8", newline="") as f:
-        f.write(text.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
 
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+def migrate_ledger(path: Path) -> bool:
+    """A ledger whose header is an earlier LEDGER_COLUMNS (columns are only ever added at the end) is rewritten
+    with today's header, each whole row given empty cells for the new columns, in one step (a kill leaves the old
+    file or the new one). Returns whether it rewrote the file."""
+    try:
+        with open(path, "rb") as f:
+            header = f.readline()
+    except FileNotFoundError:
+        return False
+    names = header.rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
+    if not header.endswith(b"\n") or len(names) >= len(LEDGER_COLUMNS) or names != LEDGER_COLUMNS[:len(names)]:
+        return False
+    pad, width = b"\t" * (len(LEDGER_COLUMNS) - len(names)), len(names) - 1
+    lines = path.read_bytes().partition(b"\n")[2].split(b"\n")
+    lines = [line.rstrip(b"\r") + pad if line and line.count(b"\t") == width else line for line in lines]
+    tmp = path.with_name(f".{path.name}.migrate{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(ledger_lines([], header=True) + b"\n".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def utc_now() -> str:
@@ -712,7 +787,7 @@ def record_manual_run(result: dict, report: dict) -> None:
         "val_ppl": result["ppl"], "eval_s": result["eval_s"], "eval_windows": result["windows"],
         "protocol": protocol_label(result), "train_s": report.get("train_seconds"),
         "peak_mem_gb": report.get("peak_mem_gb"), "train_tokens": report.get("tokens"),
-        "steps": report.get("steps"), "description": "manual run",
+        "steps": report.get("steps"), "bits_per_weight": result.get("bits_per_weight"), "description": "manual run",
     })
 
 

@@ -165,7 +165,7 @@ def test_a_last_row_cut_by_a_kill_is_dropped_with_a_log_line(repo, llm):
     assert ledger(repo)["experiment"].tolist() == [0, 1, 2] and check_invariants(repo) == []
 
 
-def test_appending_after_a_missing_newline_never_glues_two_rows(tmp_path, capsys):
+def test_appending_after_a_missing_newline_never_glues_two_rows(tmp_path):
     path = tmp_path / "results.tsv"
     prepare.append_ledger_row({"experiment": 0, "status": "baseline", "val_ppl": 20.0}, path)
     path.write_text(path.read_text().rstrip("\n"))
@@ -173,8 +173,10 @@ def test_appending_after_a_missing_newline_never_glues_two_rows(tmp_path, capsys
     assert agent.read_ledger(path)["val_ppl"].tolist() == [20.0, 19.0]
     path.write_text(path.read_text() + "2\t2026-11-27T01:00:00+00:00\tautoresearch/t")  # a manual run cut by a kill
     prepare.append_ledger_row({"experiment": 3, "status": "keep", "val_ppl": 18.0}, path)
-    assert agent.read_ledger(path)["val_ppl"].tolist() == [20.0, 19.0, 18.0]
-    assert "left out a line with the wrong number of fields" in capsys.readouterr().out
+    assert path.read_text().splitlines()[3:] == ["2\t2026-11-27T01:00:00+00:00\tautoresearch/t", "3\t\t\t\t\tkeep\t\t18.0"
+                                                 + "\t" * (len(prepare.LEDGER_COLUMNS) - 8)]
+    with pytest.raises(agent.FatalError, match="line 4 is malformed .3 fields where the header has"):
+        agent.read_ledger(path)  # never a row left out silently: test_trust_ledger.py
 
 
 # ---------------------------------------------------------------- items 9, 10, 11: stopping and budgets

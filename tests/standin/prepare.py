@@ -1,6 +1,7 @@
 """Stand-in harness for fast driver tests: same CLI and submit() contract as the real prepare.py,
 no model. A "submission" is JSON; the score is the ppl train.py put in it (the real evaluator's
-honesty is tested in test_harness.py)."""
+honesty is tested in test_harness.py). Its `meta`, `meta_dropped` and `bits_per_weight` reach the eval JSON as
+they are: unlike the real evaluator's, unsanitised, so tests can feed hostile values to the driver."""
 import json
 import os
 import sys
@@ -51,7 +52,9 @@ def main() -> int:
     if smoke:  # a smoke score is not comparable with a full one: make that visible
         ppl *= 0.5
     print(json.dumps({"ppl": ppl, "mean_loss": 0.0, "tokens": windows * 2047, "windows": windows, "split": "validation",
-                      "zero_frac": 0.3, "eval_s": 0.01, "max_windows": smoke, "protocol": 1}))
+                      "zero_frac": 0.3, "eval_s": 0.01, "max_windows": smoke, "protocol": 1,
+                      "bits_per_weight": sub.get("bits_per_weight", 1.6), "meta": sub.get("meta", {}),
+                      "meta_dropped": sub.get("meta_dropped", [])}))
     return 0
 
 

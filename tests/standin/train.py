@@ -15,6 +15,8 @@ PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be ap
 MODE = "ok"
 SLEEP_S = 0.0
 GO_FILE = ""  # when set, the run waits until this file exists: a test's barrier, for runs that must overlap
+# what train.py says of itself in its submission (steps, tokens, peak_mem_gb)
+META = {}
 
 
 def run_folder() -> Path:
@@ -71,6 +73,24 @@ def misbehave() -> None:
             f.write("\n".join(f"{k}={v}" for k, v in os.environ.items()))
 
 
+def hostile() -> dict:
+    """What a run reports, at its worst: bytes that are no UTF-8 in its log, odd files in its folder, and a
+    submission whose every field but the score is hostile (the stand-in evaluator passes them on as they are)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"\xff\xfe\x00\ttab\r\x1c\x85 \xe2\x80\xa8 line\n" * 50 + b"z" * 100_000 + b"\n")
+    sys.stdout.buffer.flush()
+    folder = run_folder()
+    (folder / "eval.json").write_text('{"ppl": 0.001}')  # a fake result where the driver keeps its own
+    (folder / "new\nline\tname").write_bytes(b"\xff\x00")
+    os.mkfifo(folder / "fifo")
+    os.symlink("loop", folder / "loop")
+    odd = ["a\tb\nc", float("nan"), float("inf"), "1e400", [[1.5, 2.5], [3.5, 4.5]], {"x": [1, {"y": None}]},
+           "\ud800\x00\u2028", "x" * 5000, 10 ** 400, True]
+    meta = {"steps": float("nan"), "tokens": "1e400", "peak_mem_gb": [[1.0, 2.0], [3.0, 4.0]],
+            "train_seconds": float("-inf"), "tab\tname\n": odd, **{f"k{i}": v for i, v in enumerate(odd)}}
+    return {"meta": meta, "meta_dropped": odd, "bits_per_weight": float("inf"), "ternary": True}
+
+
 def main() -> None:
     time.sleep(SLEEP_S)
     while GO_FILE and not Path(GO_FILE).exists():
@@ -78,7 +98,8 @@ def main() -> None:
     misbehave()
     if MODE == "nosubmit":
         return
-    prepare.submit({"ppl": float("nan") if MODE == "nan" else PPL * PPL_SCALE, "ternary": MODE != "nonternary"})
+    payload = hostile() if MODE == "hostile" else {"ternary": MODE != "nonternary", "meta": META}
+    prepare.submit({"ppl": float("nan") if MODE == "nan" else PPL * PPL_SCALE, **payload})
     if MODE == "garbage":
         with open(os.environ["AR_SUBMISSION"], "wb") as f:
             f.write(b"\x00not a submission")
