@@ -954,6 +954,10 @@ class Session:
         return self.state_path.with_name("tree-before-run.json")
 
     @property
+    def shm_snapshot(self) -> Path:
+        return self.state_path.with_name("shm-before-run.json")
+
+    @property
     def model_digests(self) -> Path:
         return self.state_path.with_name("model.sha256.json")
 
@@ -1170,6 +1174,9 @@ def setup_branch(session: Session) -> None:
     kill_leftovers(session.pid_file)
     for work in [*session.runs.glob("*/work"), *session.runs.glob("*/work-*")]:  # of runs a killed driver left
         remove_tree(work)
+    with contextlib.suppress(OSError, ValueError, TypeError):  # the same run's /dev/shm files, its processes ended
+        remove_shm_created({(name, inode) for name, inode in json.loads(session.shm_snapshot.read_text())})
+    session.shm_snapshot.unlink(missing_ok=True)
     session.prepare_hash = sha256_file(session.root / "prepare.py")
     for note in reconcile_ledger(session.ledger, session.ledger_backup):  # before anything reads the ledger
         log(note)
@@ -1504,8 +1511,14 @@ def shm_in_use() -> set[str]:
 def remove_run_files(work: Path, shm_before: set[tuple[str, int]]) -> None:
     """After a run, once every process it started has ended: its work folder (the submission was taken out of
     it) and what it created in /dev/shm, so that nothing carries over to the next experiment and the disk does
-    not fill over a night. A /dev/shm file that another user owns or a living process holds is not the run's."""
+    not fill over a night."""
     remove_tree(work)
+    remove_shm_created(shm_before)
+
+
+def remove_shm_created(shm_before: set[tuple[str, int]]) -> None:
+    """What appeared in /dev/shm since `shm_before`; a file that another user owns or a living process holds
+    is not the run's."""
     held = shm_in_use()
     for name, inode in shm_entries() - shm_before:
         path = SHM_DIR / name
@@ -1529,12 +1542,14 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     save_tree_snapshot(session, before)  # a driver killed during the run restores against it at its restart
     cmd = train_command(session.root, work, session.sandbox_abi, session.train_read)
     shm_before = shm_entries()
+    atomic_write(session.shm_snapshot, json.dumps(sorted(shm_before)))  # for a restart after a kill
     try:
         code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, train_env(work, timeout),
                                     cwd=work)
         return checked_and_scored(session, st, label, code, train_s, before)
     finally:
         remove_run_files(work, shm_before)
+        session.shm_snapshot.unlink(missing_ok=True)
 
 
 def checked_and_scored(session: Session, st: dict, label: str, code: int | None, train_s: float,

@@ -4,8 +4,11 @@ experiment to the next (its work/ folder and its /dev/shm files are removed, the
 kept submission are unreadable). Real Landlock, the real driver, stand-in train.py/prepare.py."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 
 import agent
 import sandbox
-from driver_helpers import STANDIN, TAG, check_invariants, ledger, make_research_repo, run_agent
+from driver_helpers import STANDIN, TAG, check_invariants, ledger, make_research_repo, run_agent, start_agent
 from test_sandbox import DENIED, PRELUDE, needs_landlock  # noqa: F401 (a fixture)
 
 SHM = Path("/dev/shm")
@@ -246,3 +249,35 @@ def test_a_crash_tail_carries_nothing_readable_and_nothing_carries_over(needs_la
         assert check_invariants(repo) == []
     finally:
         shm.unlink(missing_ok=True)
+
+
+def test_a_killed_driver_removes_the_runs_leftovers_at_its_restart(needs_landlock, repo, llm):
+    """The driver dies during a run: at its restart, once that run's processes are ended, its work/ folder and
+    its /dev/shm file go (a later run's cleanup would not take a file older than its own start)."""
+    prefix = f"ar-trust-{uuid.uuid4().hex}"
+    body = """
+    path = Path(str(SHM) + f"-{os.getpid()}")
+    path.write_bytes(b"weights")
+    (Path.cwd() / "weights.pt").write_bytes(b"weights")
+    print("WROTE", path, flush=True)
+    time.sleep(60)
+"""
+    try:
+        llm.push(attack_reply(body, SHM / prefix, "write, then train for long"))
+        proc = start_agent(repo, llm.url, "--max-experiments", "1")
+        log = repo / "runs" / TAG / "1" / "train.log"
+        end, found = time.time() + 120, None
+        while time.time() < end and not found:
+            found = log.exists() and re.search(r"WROTE (\S+)\n", log.read_text())
+            time.sleep(0.1)
+        written = Path(found.group(1))
+        assert written.exists() and (repo / "runs" / TAG / "1" / "work" / "weights.pt").exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done = run_agent(repo, llm.url, "--max-experiments", "0", "--timeout", "2")
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert not written.exists(), "the killed run's /dev/shm file was left"
+        assert not list((repo / "runs" / TAG).glob("*/work*"))
+    finally:
+        for path in SHM.glob(f"{prefix}*"):
+            path.unlink()
