@@ -73,7 +73,8 @@ def smollm2_submission_bytes(out: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=tempfile.mkdtemp())
-    parser.add_argument("--experiments", type=int, default=5)
+    parser.add_argument("--experiments", type=int, default=3)
+    parser.add_argument("--timeout", type=int, default=120, help="train.py's limit (a loaded machine needs more than 30 s)")
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -89,7 +90,7 @@ def main() -> None:
     peak = PeakWork(repo / "runs")
     try:
         agent(repo, env, "--tag", "disk", "--base-url", llm.url, "--model", "fake", "--max-experiments",
-              str(args.experiments), *NIGHT, "--repair-turns", "0")
+              str(args.experiments), *NIGHT, "--repair-turns", "0", "--timeout", str(args.timeout))
     finally:
         llm.close()
         work_peak = peak.stop()
@@ -105,7 +106,7 @@ def main() -> None:
     night = NIGHT_EXPERIMENTS * (mean + git_growth / len(folders)) + smollm2
     print(header("Disk use of a night"))
     print(f"a tiny-model night of {len(folders)} experiment folders (baselines included), "
-          f"`--timeout 30 --eval-windows 2`\n")
+          f"`--timeout {args.timeout} --eval-windows 2`\n")
     print("| what | bytes |\n| --- | ---: |")
     print(f"| an experiment's folder once decided (logs, prompt, reply, diff, eval JSON), mean | {mean:,.0f} |")
     print(f"| the same, largest | {max(per_folder):,} |")

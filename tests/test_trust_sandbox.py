@@ -37,7 +37,7 @@ parent = os.getppid()
 paths = {"shadow": "/etc/shadow", "parent_cmdline": f"/proc/{parent}/cmdline", "parent_stat": f"/proc/{parent}/stat",
          "init_cmdline": "/proc/1/cmdline", "init_environ": "/proc/1/environ", "etc_hostname": "/etc/hostname",
          "other_home": sys.argv[1], "own_status": "/proc/self/status", "loader_cache": "/etc/ld.so.cache",
-         "cpuinfo": "/proc/cpuinfo", "passwd": "/etc/passwd"}
+         "cpuinfo": "/proc/cpuinfo", "passwd": "/etc/passwd", "shadow_via_own_proc": "/proc/self/root/etc/shadow"}
 print(json.dumps({name: attempt(first_line, path) for name, path in paths.items()}))
 """
 
@@ -68,8 +68,8 @@ def test_system_files_and_other_processes_are_unreadable(needs_landlock, tmp_pat
     child = [sys.executable, "-c", PRELUDE + READS, str(notes)]
     inside = read_under_parent(sandbox.wrap(child, [], [tmp_path / "run"]), secret)
     refused = ["parent_cmdline", "parent_stat", "init_cmdline", "init_environ", "other_home"]
-    refused += [name for name, path in (("shadow", "/etc/shadow"), ("etc_hostname", "/etc/hostname"))
-                if os.access(path, os.R_OK)]
+    refused += [name for name, path in (("shadow", "/etc/shadow"), ("shadow_via_own_proc", "/etc/shadow"),
+                                        ("etc_hostname", "/etc/hostname")) if os.access(path, os.R_OK)]
     assert all(inside[name] in DENIED for name in refused), inside
     assert {inside[n] for n in ("own_status", "loader_cache", "cpuinfo", "passwd")} == {"allowed"}, inside
     outside = read_under_parent(child, secret)
