@@ -8,8 +8,9 @@ paths, the Python installation and the system files listed below (programs and l
 files of /etc, this process's own /proc/<pid>, no other process's); list the names in --list
 folders; write only the given write paths, a few devices and plain files in /dev/shm; no TCP
 bind/connect; no signals or abstract unix sockets to processes outside the sandbox, which also
-makes /proc/<pid>/environ of the driver unreadable (ptrace access is denied outside the domain). When running as root, capabilities are dropped so CMD runs as uid 0 without
-any (with CAP_SYS_PTRACE, root reads the driver's environ despite Landlock).
+makes /proc/<pid>/environ of the driver unreadable (ptrace access is denied outside the domain).
+When running as root, capabilities are dropped so CMD runs as uid 0 without any (with
+CAP_SYS_PTRACE, root reads the driver's environ despite Landlock).
 
 Read paths are searched for symlinks and every target becomes readable: never pass as a read path
 a folder that sandboxed code could have written (an earlier run folder), or a link planted there
