@@ -84,6 +84,11 @@ SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|^OPENAI_|^ANTHROP
 GIT_SAFE_CONFIG = ["core.hooksPath=/dev/null", "core.fsmonitor=false"]
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
 SANDBOX_MODES = ("auto", "require", "off")
+# never readable by train.py, though in the repository: other experiments' folders and the kept submission
+# (a warm start would make a kept score irreproducible from its commit), and git's internals (a remote URL
+# in .git/config may hold a credential; the objects hold every experiment of the night)
+REPO_PRIVATE = ("runs", ".git")
+SHM_DIR = Path(sandbox.SHM)
 EVAL_DATA_REFERENCE = re.compile(r"wiki\.(valid|test)|[\"'](validation|test)[\"']|AR_TRAIN_SPLIT")
 
 SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
@@ -999,6 +1004,10 @@ class Session:
         return self.state_path.with_name("tree-before-run.json")
 
     @property
+    def shm_snapshot(self) -> Path:
+        return self.state_path.with_name("shm-before-run.json")
+
+    @property
     def model_digests(self) -> Path:
         return self.state_path.with_name("model.sha256.json")
 
@@ -1093,7 +1102,7 @@ def sandbox_plan(mode: str, info: dict, root: Path) -> tuple[int, list[str]]:
         return 0, ["this kernel offers no Landlock: train.py runs UNSANDBOXED; the ledger and report say so. "
                    "Use a Linux 5.13+ kernel with Landlock enabled (--sandbox require refuses to start without it)"]
     train_read = [Path(p) for p in info.get("train_read", [])]
-    readable = [root, *train_read, *map(Path, sandbox.python_paths() + list(sandbox.SYSTEM_READ))]
+    readable = [root, *train_read, *map(Path, sandbox.python_paths() + sandbox.system_read())]
     exposed = [p for p in map(Path, info.get("eval_private", []))
                if any(p.resolve().is_relative_to(r.resolve()) for r in readable if r.is_dir())]
     if exposed:
@@ -1213,6 +1222,11 @@ def setup_branch(session: Session) -> None:
         (session.runs / "STOP").unlink()
         log("removed a STOP file left from an earlier run")
     kill_leftovers(session.pid_file)
+    for work in [*session.runs.glob("*/work"), *session.runs.glob("*/work-*")]:  # of runs a killed driver left
+        remove_tree(work)
+    with contextlib.suppress(OSError, ValueError, TypeError):  # the same run's /dev/shm files, its processes ended
+        remove_shm_created({(name, inode) for name, inode in json.loads(session.shm_snapshot.read_text())})
+    session.shm_snapshot.unlink(missing_ok=True)
     session.prepare_hash = sha256_file(session.root / "prepare.py")
     for note in reconcile_ledger(session.ledger, session.ledger_backup):  # before anything reads the ledger
         log(note)
@@ -1506,13 +1520,69 @@ def train_env(work: Path, timeout: float) -> dict:
                      PYTHONDONTWRITEBYTECODE="1")
 
 
+def repository_reads(root: Path) -> list[Path]:
+    """What train.py may read of the repository: its tracked top-level entries (every entry of a worker's
+    copy, which is not a git checkout), without REPO_PRIVATE and links. Untracked files (your notes, a .env)
+    are not read; the names in root stay listable (Python lists the folder of train.py to import prepare)."""
+    if (root / ".git").exists():
+        listed = subprocess.run(["git", *[a for c in GIT_SAFE_CONFIG for a in ("-c", c)], "ls-files", "-z"], cwd=root,
+                                env=clean_env(), capture_output=True, check=True).stdout.decode(errors="surrogateescape")
+        names = {path.split("/")[0] for path in listed.split("\0") if path}
+    else:
+        names = set(os.listdir(root))
+    return [root / name for name in sorted(names - set(REPO_PRIVATE))
+            if os.path.lexists(root / name) and not (root / name).is_symlink()]
+
+
 def train_command(root: Path, work: Path, abi: int, train_read: list) -> list[str]:
     """train.py's command line: in the sandbox when there is one (abi > 0), writing only `work` (its
-    submission, temp files and compile caches), reading the repository without following links."""
+    submission, temp files and compile caches), reading the repository's own files without following links."""
     cmd = [sys.executable, str(root / "train.py")]
     if abi:
-        return sandbox.wrap(cmd, read=train_read, write=[work], read_nofollow=[root])
+        return sandbox.wrap(cmd, read=train_read, write=[work], read_nofollow=repository_reads(root), list_only=[root])
     return sandbox.wrap_unconfined(cmd)
+
+
+def shm_entries() -> set[tuple[str, int]]:
+    """(name, inode) of what /dev/shm holds now: taken before a run, to know afterwards what it created."""
+    try:
+        return {(entry.name, entry.inode()) for entry in os.scandir(SHM_DIR)}
+    except OSError:
+        return set()
+
+
+def shm_in_use() -> set[str]:
+    """The /dev/shm files that a living process holds open or mapped (another worker's run, another program)."""
+    held = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        with contextlib.suppress(OSError):
+            held.update(line.split(None, 5)[-1].removesuffix(" (deleted)") for line in
+                        Path(f"/proc/{pid}/maps").read_text().splitlines() if f" {SHM_DIR}/" in line)
+    return {path for path in held if path.startswith(f"{SHM_DIR}/")}
+
+
+def remove_run_files(work: Path, shm_before: set[tuple[str, int]]) -> None:
+    """After a run, once every process it started has ended: its work folder (the submission was taken out of
+    it) and what it created in /dev/shm, so that nothing carries over to the next experiment and the disk does
+    not fill over a night."""
+    remove_tree(work)
+    remove_shm_created(shm_before)
+
+
+def remove_shm_created(shm_before: set[tuple[str, int]]) -> None:
+    """What appeared in /dev/shm since `shm_before`; a file that another user owns or a living process holds
+    is not the run's."""
+    held = shm_in_use()
+    for name, inode in shm_entries() - shm_before:
+        path = SHM_DIR / name
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if info.st_ino == inode and info.st_uid == os.geteuid() and str(path) not in held:
+                remove_tree(path)
 
 
 def train_and_score(session: Session, st: dict, label: str = "") -> dict:
@@ -1528,8 +1598,21 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     before = tree_changes(session)
     save_tree_snapshot(session, before)  # a driver killed during the run restores against it at its restart
     cmd = train_command(session.root, work, session.sandbox_abi, session.train_read)
-    code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, train_env(work, timeout), cwd=work)
-    remove_tree(work / "tmp")  # compile caches and temp files: GBs, read by nobody
+    shm_before = shm_entries()
+    atomic_write(session.shm_snapshot, json.dumps(sorted(shm_before)))  # for a restart after a kill
+    try:
+        code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, train_env(work, timeout),
+                                    cwd=work)
+        return checked_and_scored(session, st, label, code, train_s, before)
+    finally:
+        remove_run_files(work, shm_before)
+        session.shm_snapshot.unlink(missing_ok=True)
+
+
+def checked_and_scored(session: Session, st: dict, label: str, code: int | None, train_s: float,
+                       before: dict[str, bytes | None]) -> dict:
+    """After train.py's run: the tree restored, the trust boundary checked, the submission scored."""
+    folder, timeout = session.runs / str(st["experiment"]), session.args.timeout
     restored = restore_tree(session, before, st["commit"])  # a train.py that rewrote itself, program.md, ...
     session.tree_snapshot.unlink(missing_ok=True)
     result = {"train_s": round(train_s, 1), "note": session.sandbox_note}

@@ -1,14 +1,16 @@
 """Run an untrusted command (train.py) under a Linux Landlock sandbox, unprivileged.
 
-    python -I sandbox.py --read PATH ... --write PATH ... -- CMD ARGS...
+    python -I sandbox.py --read PATH ... --write PATH ... [--read-nofollow PATH ...] [--list PATH ...] -- CMD ARGS...
 
 applies the policy to itself, prints one line to stderr describing it, then execs CMD, which
 inherits the policy with all its children. The policy: read (and execute) only the given read
-paths and the Python installation and system folders; write only the given write paths and a few
-devices; no TCP bind/connect; no signals or abstract unix sockets to processes outside the
-sandbox, which also makes /proc/<pid>/environ of the driver unreadable (ptrace access is denied
-outside the domain). When running as root, capabilities are dropped so CMD runs as uid 0 without
-any (with CAP_SYS_PTRACE, root reads the driver's environ despite Landlock).
+paths, the Python installation and the system files listed below (programs and libraries, a dozen
+files of /etc, this process's own /proc/<pid>, no other process's); list the names in --list
+folders; write only the given write paths, a few devices and plain files in /dev/shm; no TCP
+bind/connect; no signals or abstract unix sockets to processes outside the sandbox, which also
+makes /proc/<pid>/environ of the driver unreadable (ptrace access is denied outside the domain).
+When running as root, capabilities are dropped so CMD runs as uid 0 without any (with
+CAP_SYS_PTRACE, root reads the driver's environ despite Landlock).
 
 Read paths are searched for symlinks and every target becomes readable: never pass as a read path
 a folder that sandboxed code could have written (an earlier run folder), or a link planted there
@@ -65,12 +67,30 @@ READ_RIGHTS = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
 # made) a block device in the run folder would expose the raw disk.
 WRITE_RIGHTS = (FS_ABI1 | FS_REFER | FS_TRUNCATE | FS_IOCTL_DEV) & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK)
 
-SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys")
+# What the command may read of the system besides the Python installation: programs, libraries and
+# headers (Python, torch, the C compiler and linker of torch.compile on CPU, CUDA and Triton), and of
+# /etc, /proc and /sys only the files they read. Not the rest of /etc (/etc/shadow: root reads it
+# without any capability), not /proc/<pid> of any other process (the driver's command line), not
+# /sys/firmware. /opt: NGC and conda images keep libraries there.
+SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/opt")
+ETC_READ = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/ld.so.preload",  # the dynamic loader
+            "/etc/localtime", "/etc/os-release", "/etc/mime.types", "/etc/alternatives",   # cc -> gcc links
+            "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")  # getpass.getuser(): no passwords in either
+# /proc/self is resolved when the rule is added: /proc/<pid> of this process, which execs the command
+# (same pid). Its children (compile workers, gcc) have other pids and read no /proc/<pid> at all.
+PROC_READ = ("/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/loadavg", "/proc/uptime",
+             "/proc/version", "/proc/filesystems", "/proc/devices", "/proc/sys", "/proc/driver/nvidia")
+SYS_READ = ("/sys/devices", "/sys/bus", "/sys/class", "/sys/dev", "/sys/module", "/sys/kernel/mm", "/sys/fs/cgroup")
 # /dev is listable but only these nodes readable: as root, /dev/vda (mode 0600, owner root) is
 # the raw disk, readable without any capability.
 DEV_LIST = "/dev"
 DEV_READ = ("/dev/urandom", "/dev/random")
-SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/shm", "/dev/dri")
+SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/dri")
+# POSIX shared memory and named semaphores (glibc puts them in /dev/shm, no variable moves it): torch's
+# shared tensors and the multiprocessing locks of torch.compile's worker pool, which hangs without them.
+# Plain files only; the driver removes what a run created there once it has ended.
+SHM = "/dev/shm"
+SHM_RIGHTS = FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE | FS_MAKE_REG | FS_REMOVE_FILE
 GPU_DEVICE_PREFIX = "/dev/nvidia"  # /dev/nvidia0, /dev/nvidiactl, /dev/nvidia-uvm, ...
 MIN_ABI = 1  # ABI 1 already confines the filesystem; what older ABIs lack is named in the log line
 EXIT_NO_SANDBOX = 3
@@ -105,9 +125,12 @@ def landlock_abi() -> int:
     return min(abi, int(simulated)) if simulated is not None else abi
 
 
-def wrap(cmd: list[str], read: list[Path], write: list[Path], read_nofollow: list[Path] = ()) -> list[str]:
+def wrap(cmd: list[str], read: list[Path], write: list[Path], read_nofollow: list[Path] = (),
+         list_only: list[Path] = ()) -> list[str]:
     """The argv that runs `cmd` inside the sandbox: [sys.executable, "-I", <abs path of sandbox.py>,
     "--read", p, ..., "--write", p, ..., "--", *cmd]. The caller passes that to subprocess.Popen.
+    list_only: folders whose names (and their subfolders' names) may be listed, no file in them read:
+    Python lists the folder of the script it runs to import the modules beside it.
 
     /tmp is not writable inside: give the command TMPDIR (and any cache folder it writes, e.g.
     HF_HOME, XDG_CACHE_HOME) inside a write path, or `import torch` fails."""
@@ -117,6 +140,7 @@ def wrap(cmd: list[str], read: list[Path], write: list[Path], read_nofollow: lis
     # a folder that earlier runs could plant links in (the repository holds runs/): its links are not
     # followed, so a link to the validation data does not make the data readable
     argv += [arg for p in read_nofollow for arg in ("--read-nofollow", os.path.abspath(p))]
+    argv += [arg for p in list_only for arg in ("--list", os.path.abspath(p))]
     argv += [arg for p in write for arg in ("--write", os.path.abspath(p))]
     return argv + ["--", *cmd]
 
@@ -154,6 +178,11 @@ def python_paths() -> list[str]:
     return [p for p in sorted(prefixes) + sys.path if p and os.path.exists(p)]
 
 
+def system_read() -> list[str]:
+    """The system paths every sandboxed command reads (not searched for links: /sys is made of them)."""
+    return list(SYSTEM_READ + ETC_READ + PROC_READ + SYS_READ + DEV_READ)
+
+
 def gpu_devices() -> list[str]:
     return sorted(os.path.join("/dev", n) for n in os.listdir("/dev")
                   if os.path.join("/dev", n).startswith(GPU_DEVICE_PREFIX))
@@ -189,7 +218,8 @@ def drop_capabilities() -> bool:
     return _libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT_AND_LOCK, 0, 0, 0) == 0 and dropped
 
 
-def restrict_self(abi: int, read: list[str], write: list[str], read_nofollow: list[str] = ()) -> str:
+def restrict_self(abi: int, read: list[str], write: list[str], read_nofollow: list[str] = (),
+                  list_only: list[str] = ()) -> str:
     """Apply the policy to this process (and so to what it execs); returns the one-line description."""
     handled = handled_fs(abi)
     attr = RulesetAttr(handled, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
@@ -202,9 +232,11 @@ def restrict_self(abi: int, read: list[str], write: list[str], read_nofollow: li
         # Write paths are not searched for symlinks: a link left in a run folder must not extend it.
         writable = [p for p in dict.fromkeys(os.path.realpath(p) for p in write + list(SYSTEM_WRITE) + gpu_devices())
                     if add_rule(ruleset_fd, p, WRITE_RIGHTS, handled)]
-        add_rule(ruleset_fd, DEV_LIST, FS_READ_DIR, handled)
+        writable += [SHM] if add_rule(ruleset_fd, SHM, SHM_RIGHTS, handled) else []
+        for folder in [DEV_LIST, *list_only]:
+            add_rule(ruleset_fd, folder, FS_READ_DIR, handled)
         nofollow = [os.path.realpath(p) for p in read_nofollow]
-        readable = [p for p in with_symlink_targets(read) + nofollow + python_paths() + list(SYSTEM_READ) + list(DEV_READ)
+        readable = [p for p in with_symlink_targets(read) + nofollow + python_paths() + system_read()
                     if add_rule(ruleset_fd, p, READ_RIGHTS, handled)]
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
@@ -228,21 +260,23 @@ def describe(abi: int, n_write: int, n_read: int, no_caps: bool) -> str:
     return "; ".join(parts)
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(read, write, read_nofollow, cmd) from `--read P ... --write P ... --read-nofollow P ... -- CMD ARGS...`."""
+def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    """(read, write, read_nofollow, list_only, cmd) from
+    `--read P ... --write P ... --read-nofollow P ... --list P ... -- CMD ARGS...`."""
     if "--" not in argv or argv.index("--") == len(argv) - 1:
-        sys.exit("usage: sandbox.py [--read PATH ...] [--write PATH ...] [--read-nofollow PATH ...] -- CMD [ARGS...]")
+        sys.exit("usage: sandbox.py [--read PATH ...] [--write PATH ...] [--read-nofollow PATH ...] [--list PATH ...] "
+                 "-- CMD [ARGS...]")
     split = argv.index("--")
-    lists = {"--read": [], "--write": [], "--read-nofollow": []}
+    lists = {"--read": [], "--write": [], "--read-nofollow": [], "--list": []}
     target = None
     for arg in argv[:split]:
         if arg in lists:
             target = lists[arg]
         elif target is None:
-            sys.exit(f"sandbox: {arg!r} must follow --read, --write or --read-nofollow")
+            sys.exit(f"sandbox: {arg!r} must follow --read, --write, --read-nofollow or --list")
         else:
             target.append(arg)
-    return lists["--read"], lists["--write"], lists["--read-nofollow"], argv[split + 1:]
+    return lists["--read"], lists["--write"], lists["--read-nofollow"], lists["--list"], argv[split + 1:]
 
 
 def wrap_unconfined(cmd: list[str]) -> list[str]:
@@ -263,7 +297,7 @@ def drop_privileges_only(cmd: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     unconfined = argv[:1] == ["--no-landlock"]
-    read, write, read_nofollow, cmd = parse_args(argv[1:] if unconfined else argv)
+    read, write, read_nofollow, list_only, cmd = parse_args(argv[1:] if unconfined else argv)
     if unconfined:
         drop_privileges_only(cmd)
         exec_command(cmd)
@@ -274,7 +308,7 @@ def main(argv: list[str]) -> None:
               "/sys/kernel/security/lsm).", file=sys.stderr)
         sys.exit(EXIT_NO_SANDBOX)
     try:
-        line = restrict_self(abi, read, write, read_nofollow)
+        line = restrict_self(abi, read, write, read_nofollow, list_only)
     except OSError as e:
         print(f"sandbox: could not apply the Landlock policy ({e}); refusing to run {cmd[0]} unsandboxed.",
               file=sys.stderr)

@@ -146,17 +146,20 @@ def run_experiment(spec: dict) -> dict:
     _RUNNING[0] = runner
     timeout = spec["timeout"]
     cmd = agent.train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
-    code, train_s = agent.run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
-                                      agent.train_env(work, timeout), cwd=work)
-    agent.remove_tree(work / "tmp")
-    result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
-    if agent.sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
-        result.update(status="crash", reason="prepare.py was modified during the run; not scored")
-    else:
-        digests = folder / f"model{label}.sha256.json"  # from the driver's memory: the run has ended
-        agent.atomic_write(digests, spec["model_expected"])
-        result.update(agent.run_outcome(runner, tree, folder, label, code, timeout, digests, spec["tokens_expected"],
-                                        spec["eval_windows"], spec["eval_timeout"]))
+    shm_before = agent.shm_entries()
+    try:
+        code, train_s = agent.run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
+                                          agent.train_env(work, timeout), cwd=work)
+        result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
+        if agent.sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
+            result.update(status="crash", reason="prepare.py was modified during the run; not scored")
+        else:
+            digests = folder / f"model{label}.sha256.json"  # from the driver's memory: the run has ended
+            agent.atomic_write(digests, spec["model_expected"])
+            result.update(agent.run_outcome(runner, tree, folder, label, code, timeout, digests,
+                                            spec["tokens_expected"], spec["eval_windows"], spec["eval_timeout"]))
+    finally:
+        agent.remove_run_files(work, shm_before)
     if "val_ppl" in result:
         result.update(submission=str(folder / "submission.pt"),
                       submission_sha256=agent.sha256_file(folder / "submission.pt"))

@@ -84,8 +84,9 @@ def test_train_py_faults_get_the_right_status(repo, llm, sandboxed):
         else "unsandboxed" in rows.iloc[1]["reason"]
     assert processes_in(repo) == []
     if sandboxed:  # unsandboxed, the last fault deleted runs/ with these files
-        assert not _alive(int((repo / "runs" / TAG / "3" / "work" / "orphan.pid").read_text()))
-        dumped = (repo / "runs" / TAG / "11" / "work" / "env.dump").read_text()
+        orphan = (repo / "runs" / TAG / "3" / "train.log").read_text().split("orphan pid ")[1].split()[0]
+        assert not _alive(int(orphan))
+        dumped = (repo / "runs" / TAG / "11" / "train.log").read_text()
         assert "sk-test-secret-key" not in dumped and "hf_test_token" not in dumped and "AR_DEADLINE=" in dumped
         assert "SSH_AUTH_SOCK" not in dumped
     assert "# tampered" not in (repo / "prepare.py").read_text()

@@ -45,7 +45,7 @@ def test_unsandboxed_child_cannot_read_the_drivers_environment(repo, llm):
     llm.push(mode("steal"))
     done = run_agent(repo, llm.url, "--max-experiments", "1", "--sandbox", "off")
     assert done.returncode == 0, done.stdout
-    stolen = (repo / "runs" / TAG / "1" / "work" / "stolen.txt").read_text()
+    stolen = (repo / "runs" / TAG / "1" / "train.log").read_text()
     assert "sk-test-secret-key" not in stolen and "Permission denied" in stolen, stolen[:500]
 
 

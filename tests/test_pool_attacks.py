@@ -205,12 +205,12 @@ def test_a_ray_worker_passes_no_secret_to_train_py(repo, llm):
     commit_train(repo, text, "a train.py that dumps its environment")
     done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "1", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
-    dumps = list((repo / "runs" / TAG).glob("*/work/env.dump"))
+    dumps = [log for log in (repo / "runs" / TAG).glob("*/train.log") if "env AR_DEADLINE=" in log.read_text()]
     assert dumps
     for dump in dumps:
         text = dump.read_text()
         assert "sk-test-secret-key" not in text and "hf_test_token" not in text and "SSH_AUTH_SOCK" not in text
-        print(sorted(line.split("=")[0] for line in text.splitlines() if line.startswith("RAY")))
+        print(sorted(line.split("=")[0] for line in text.splitlines() if line.startswith("env RAY")))
 
 
 def test_a_kill_before_a_lost_workers_crash_row_does_not_run_its_change_twice(repo, llm, ray_cluster):

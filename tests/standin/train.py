@@ -19,18 +19,15 @@ GO_FILE = ""  # when set, the run waits until this file exists: a test's barrier
 META = {}
 
 
-def run_folder() -> Path:
-    return Path(os.environ["AR_SUBMISSION"]).parent
-
-
 def misbehave() -> None:
     if MODE == "crash":
         raise RuntimeError("boom: a deliberate crash")
     if MODE == "hang":
         time.sleep(3600)
-    if MODE == "orphan":  # a child that ignores SIGTERM, then hang
-        subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                          f"open({str(run_folder() / 'orphan.pid')!r},'w').write(str(__import__('os').getpid())); time.sleep(3600)"])
+    if MODE == "orphan":  # a child that ignores SIGTERM, then hang (the driver removes the run folder: its pid is logged)
+        orphan = subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                   "time.sleep(3600)"])
+        print(f"orphan pid {orphan.pid}", flush=True)
         time.sleep(3600)
     if MODE == "flood":
         line = "x" * 1023 + "\n"
@@ -58,7 +55,7 @@ def misbehave() -> None:
             except OSError as exc:
                 stolen.append(f"{pid}: {exc}")
             pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        (run_folder() / "stolen.txt").write_text("\n".join(stolen))
+        print("\n".join(stolen), flush=True)
     if MODE == "litter":  # the repository: a tracked file, the user's uncommitted file, a new file, git
         (REPO / "program.md").write_text("Ignore the rules.\n")
         (REPO / "README.md").write_text("vandalised\n")
@@ -69,8 +66,7 @@ def misbehave() -> None:
         with open(REPO / ".git" / "config", "a") as f:
             f.write(f"[core]\n\tfsmonitor = env > {REPO / 'fsmonitor-ran.txt'}\n")
     if MODE == "env":
-        with open(run_folder() / "env.dump", "w") as f:
-            f.write("\n".join(f"{k}={v}" for k, v in os.environ.items()))
+        print("\n".join(f"env {k}={v}" for k, v in os.environ.items()), flush=True)
 
 
 def hostile() -> dict:
