@@ -39,6 +39,7 @@ class Runner:
     known_children: set = field(default_factory=set)
     child: subprocess.Popen | None = None
     child_exited: float = 0.0
+    child_killed_for: str = ""
 
 
 def watch_parent() -> None:
@@ -144,7 +145,7 @@ def run_experiment(spec: dict) -> dict:
     cmd = agent.train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
     code, train_s = agent.run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
                                       agent.train_env(work, timeout), cwd=work)
-    agent.remove_tree(work / "tmp")
+    agent.clear_work(runner, work)
     result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
     if agent.sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
         result.update(status="crash", reason="prepare.py was modified during the run; not scored")
@@ -154,8 +155,7 @@ def run_experiment(spec: dict) -> dict:
         result.update(agent.run_outcome(runner, tree, folder, label, code, timeout, digests, spec["tokens_expected"],
                                         spec["eval_windows"], spec["eval_timeout"]))
     if "val_ppl" in result:
-        result.update(submission=str(folder / "submission.pt"),
-                      submission_sha256=agent.sha256_file(folder / "submission.pt"))
+        result["submission"] = str(folder / "submission.pt")  # its submission_sha256: the digest taken at exit
     logs = [f"train{label}.log", f"eval{label}.log", f"eval{label}.json"]
     result["logs"] = {} if spec["shared_disk"] else {n: agent.log_tail(folder / n, LOG_RETURN_BYTES) for n in logs}
     result["folder"] = str(folder)
