@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -931,6 +932,7 @@ class Session:
     known_children: set = field(default_factory=set)  # the driver's own children when a run started
     child_exited: float = 0.0        # when the last run's main process ended
     child_killed_for: str = ""       # why the watchdog stopped the last run ('' if it did not)
+    stray_files: set = field(default_factory=set)  # (device, inode) its leftovers held at its clean exit
 
     @property
     def ledger(self) -> Path:
@@ -1464,16 +1466,64 @@ def disk_problem(folder: Path) -> str:
 
 def watch_run(proc: subprocess.Popen, timeout: float, known: set[int], folder: Path) -> tuple[int | None, str]:
     """Wait for proc to exit, at most `timeout` s, looking at the run's resources meanwhile: (its exit code or
-    None, why the watchdog stopped it or '')."""
+    None, why the watchdog stopped it or ''). Woken by a pidfd the instant proc exits, where Popen.wait would
+    sleep up to 50 ms between polls: what it left behind has no time of its own."""
     end = time.time() + timeout
-    while True:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.wait(timeout=max(min(WATCH_INTERVAL_S, end - time.time()), 0)), ""
-        if time.time() >= end:
-            return None, ""
-        problem = resource_problem(proc.pid, known, folder)
-        if problem:
-            return None, problem
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # Linux < 5.3
+        pidfd = None
+    try:
+        while True:
+            wait = max(min(WATCH_INTERVAL_S, end - time.time()), 0)
+            if pidfd is not None:
+                select.select([pidfd], [], [], wait)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(timeout=0 if pidfd is not None else wait), ""
+            if time.time() >= end:
+                return None, ""
+            problem = resource_problem(proc.pid, known, folder)
+            if problem:
+                return None, problem
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def held_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of every file the process has open or mapped."""
+    held = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+                held.add((info.st_dev, info.st_ino))
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[5:]
+            if path and path[0].startswith("/"):
+                with contextlib.suppress(OSError):
+                    info = os.stat(path[0])
+                    held.add((info.st_dev, info.st_ino))
+    return held
+
+
+def freeze_strays(root: int, known: set[int]) -> set[tuple[int, int]]:
+    """SIGSTOP what outlived root's clean exit (nothing of the run moves any more) and return the files those
+    processes hold open or mapped: a submission among them could have changed after the exit, through
+    pages a mapping had already dirtied (no ctime moves) or in the instant before this stop."""
+    with contextlib.suppress(OSError):
+        os.killpg(root, signal.SIGSTOP)  # the group at once
+    stopped: set[int] = set()
+    for _ in range(100):  # what left the group, until a pass finds nothing new (a stopped process cannot fork)
+        new = set(run_members(run_table(), root, known)) - stopped
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    return set().union(*map(held_files, stopped))
 
 
 def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict,
@@ -1495,6 +1545,7 @@ def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float
         code, session.child_killed_for = watch_run(proc, timeout, session.known_children, log_path.parent)
     finally:
         session.child_exited = time.time()
+        session.stray_files = freeze_strays(proc.pid, session.known_children) if code == 0 else set()
         # a grace period only for the main process at its limit; strays after a clean exit, a run the watchdog
         # stopped: SIGKILL now
         at_limit = code is None and not session.child_killed_for
@@ -1520,10 +1571,10 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
         return f.read(limit).decode("utf-8", errors="replace")
 
 
-def take_submission(written: Path, kept: Path, exited: float) -> tuple[str, str]:
+def take_submission(written: Path, kept: Path, exited: float, stray_files: set) -> tuple[str, str]:
     """Copy the submission out of train.py's folder as train.py left it (its leftovers are dead by now) into a
     new file of the driver's: a process that kept the old file open or mapped cannot reach the copy. Returns
-    ('' or why it cannot be scored, the copy's sha256)."""
+    ('' or why it cannot be scored, the copy's sha256). stray_files: what the leftovers held at the exit."""
     try:
         fd = os.open(written, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the driver
     except FileNotFoundError:
@@ -1538,6 +1589,9 @@ def take_submission(written: Path, kept: Path, exited: float) -> tuple[str, str]
         if info.st_ctime > exited:  # ctime cannot be set back, unlike mtime
             return ("the submission was written after train.py exited, by a process it left behind (training past "
                     "the limit); not scored"), ""
+        if (info.st_dev, info.st_ino) in stray_files:
+            return ("a process train.py left behind held the submission open or mapped when train.py exited: it could "
+                    "change it after the exit; not scored"), ""
         with open_new(tmp) as out:
             for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
                 digest.update(chunk)
@@ -1626,7 +1680,8 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
         last = [ln for ln in log_tail(folder / f"train{label}.log").splitlines() if ln.strip()]
         return {"status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
     submission = folder / "submission.pt"
-    problem, digest = take_submission(folder / f"work{label}" / "submission.pt", submission, runner.child_exited)
+    problem, digest = take_submission(folder / f"work{label}" / "submission.pt", submission, runner.child_exited,
+                                      runner.stray_files)
     if problem:
         return {"status": "crash", "reason": problem}
     # -I: the evaluator must not import modules that train.py may have dropped next to it

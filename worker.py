@@ -40,6 +40,7 @@ class Runner:
     child: subprocess.Popen | None = None
     child_exited: float = 0.0
     child_killed_for: str = ""
+    stray_files: set = field(default_factory=set)
 
 
 def watch_parent() -> None:

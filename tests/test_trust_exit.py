@@ -15,16 +15,19 @@ import pytest
 
 import sandbox
 
-from driver_helpers import (AGENT, STANDIN, agent_env, check_invariants, edit, ledger, make_research_repo,
+from driver_helpers import (AGENT, STANDIN, TAG, agent_env, check_invariants, edit, ledger, make_research_repo,
                             processes_in, run_agent)
 
 MAIN = 'if __name__ == "__main__":\n    main()'
 
 
+def new_main(body: str) -> str:
+    """train.py's last lines running `body` (its module scope: os, subprocess, sys, time imported) instead of main()."""
+    return 'if __name__ == "__main__":\n' + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ")
+
+
 def replace_main(description: str, body: str) -> str:
-    """A reply that runs `body` (train.py's module scope: os, subprocess, sys, time imported) instead of main()."""
-    return edit(MAIN, 'if __name__ == "__main__":\n' + textwrap.indent(textwrap.dedent(body).strip("\n"), "    "),
-                description)
+    return edit(MAIN, new_main(body), description)
 
 
 # ---------------------------------------------------------------- item 5: the scored bytes are the bytes at exit
@@ -39,32 +42,75 @@ m[:] = m[:]  # every page dirty now, before train.py exits
 parent = os.getppid()
 open(sys.argv[1] + ".ready", "w").close()
 while os.getppid() == parent:
-    time.sleep(0.01)
-time.sleep(0.5)
+    pass
+time.sleep(PAUSE)
 m[:] = m[:].replace(b"20.0", b"10.0")
 m.flush()
 time.sleep(60)
 """
 
-MMAP_ATTACK = f"""
+
+
+def mmap_attack(pause: float) -> str:
+    """train.py's end: submit, start the rewriter (it rewrites `pause` s after train.py exits), exit."""
+    return f"""
 main()
 path = os.environ["AR_SUBMISSION"]
-subprocess.Popen([sys.executable, "-c", {MMAP_REWRITER!r}, path])
+subprocess.Popen([sys.executable, "-c", {MMAP_REWRITER.replace("PAUSE", str(pause))!r}, path])
 while not os.path.exists(path + ".ready"):
     time.sleep(0.01)
 """
+
+
+MMAP_ATTACK = mmap_attack(0.5)
+HELD = "left behind held the submission open or mapped"
 
 
 def test_a_child_rewriting_the_submission_through_a_shared_mapping_after_exit_is_not_scored(repo, llm):
     llm.push(replace_main("rewrite the submission after exit", MMAP_ATTACK))
     done = run_agent(repo, llm.url, "--max-experiments", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = ledger(repo)
-    attack = rows.iloc[1]
-    # the honest bytes at exit say 20.0 (no gain over the baseline); the rewrite would have scored 10.0
-    assert attack["val_ppl"] == 20.0 and attack["status"] == "discard", attack.to_dict()
+    attack = ledger(repo).iloc[1]  # before the fix: scored 10.0 and kept
+    assert attack["status"] == "crash" and HELD in attack["reason"], attack.to_dict()
     assert processes_in(repo) == []
     assert check_invariants(repo) == []
+
+
+def test_a_child_rewriting_the_submission_the_instant_train_py_exits_is_not_scored(repo, llm):
+    """The same child without the pause: it rewrites the mapping the instant train.py is gone, before any kill
+    can reach it. That it held the submission at the exit is what gives it away."""
+    llm.push(replace_main("rewrite the submission at exit", mmap_attack(0)))
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    attack = ledger(repo).iloc[1]
+    assert attack["status"] == "crash" and HELD in attack["reason"], attack.to_dict()
+    assert processes_in(repo) == []
+    assert check_invariants(repo) == []
+
+
+# a stray that holds nothing of the submission and ignores SIGTERM: it says every 50 ms that it still lives
+HARMLESS_STRAY = """
+main()
+stray = "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True:\\n    open('alive', 'w').write(repr(time.time()))\\n    time.sleep(0.05)"
+subprocess.Popen([sys.executable, "-c", stray], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(0.5)
+open("exited", "w").write(repr(time.time()))
+"""
+
+
+def test_a_stray_after_a_clean_exit_is_killed_at_once_and_the_run_is_scored(repo, llm):
+    """The grace period is for train.py at its deadline: a stray of a clean exit gets none (it used to live
+    KILL_GRACE_S more), and one that holds nothing of the submission does not cost the run its score."""
+    llm.push(edit("PPL = 20.0", "PPL = 19.0", "a gain, and a stray")
+             + f"<<<<<<< SEARCH\n{MAIN}\n=======\n{new_main(HARMLESS_STRAY)}\n>>>>>>> REPLACE\n")
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = ledger(repo).iloc[1]
+    assert row["status"] == "keep" and row["val_ppl"] == 19.0, row.to_dict()
+    work = repo / "runs" / TAG / "1" / "work"
+    outlived = float((work / "alive").read_text()) - float((work / "exited").read_text())
+    assert outlived < 1.0, f"the stray lived {outlived:.1f} s past train.py's exit"
+    assert processes_in(repo) == []
 
 
 def test_a_submission_that_changes_while_it_is_scored_is_a_crash(repo, llm):
@@ -95,8 +141,7 @@ def test_the_worker_scores_the_bytes_at_exit_too(tmp_path):
     tree.mkdir(parents=True)
     shutil.copy(STANDIN / "prepare.py", tree / "prepare.py")
     train = (STANDIN / "train.py").read_text()
-    (tree / "train.py").write_text(train.replace(MAIN, 'if __name__ == "__main__":\n'
-                                                 + textwrap.indent(textwrap.dedent(MMAP_ATTACK).strip("\n"), "    ")))
+    (tree / "train.py").write_text(train.replace(MAIN, new_main(MMAP_ATTACK)))
     spec = {"experiment": 1, "label": "", "tree": str(tree), "shared_disk": True, "driver_host": "elsewhere",
             "prepare_sha256": hashlib.sha256((tree / "prepare.py").read_bytes()).hexdigest(), "sandbox": "auto",
             "timeout": 20, "model_expected": "{}", "tokens_expected": "", "eval_windows": None, "eval_timeout": 60}
@@ -105,9 +150,7 @@ def test_the_worker_scores_the_bytes_at_exit_too(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["val_ppl"] == 20.0, result
-    kept = Path(result["submission"]).read_bytes()
-    assert b"20.0" in kept and result["submission_sha256"] == hashlib.sha256(kept).hexdigest()
+    assert result["status"] == "crash" and HELD in result["reason"] and "val_ppl" not in result, result
     assert processes_in(tmp_path) == []
 
 
