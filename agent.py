@@ -1492,19 +1492,17 @@ def watch_run(proc: subprocess.Popen, timeout: float, known: set[int], folder: P
 
 def held_files(pid: int) -> set[tuple[int, int]]:
     """(device, inode) of every file the process has open or mapped."""
+    paths = set()
+    with contextlib.suppress(OSError):
+        paths |= {f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")}
+    with contextlib.suppress(OSError):  # a mapping outlives the fd it was made from
+        fields = [line.split(maxsplit=5) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()]
+        paths |= {f[5] for f in fields if len(f) == 6 and f[5].startswith("/")}
     held = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                info = os.stat(f"/proc/{pid}/fd/{fd}")
-                held.add((info.st_dev, info.st_ino))
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            path = line.split(maxsplit=5)[5:]
-            if path and path[0].startswith("/"):
-                with contextlib.suppress(OSError):
-                    info = os.stat(path[0])
-                    held.add((info.st_dev, info.st_ino))
+    for path in paths:
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            held.add((info.st_dev, info.st_ino))
     return held
 
 
