@@ -1490,14 +1490,21 @@ def watch_run(proc: subprocess.Popen, timeout: float, known: set[int], folder: P
             os.close(pidfd)
 
 
+def writable_fd(pid: int, fd: str) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        flags = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:", 1)[1].split()[0]
+        return int(flags, 8) & os.O_ACCMODE != os.O_RDONLY
+    return False
+
+
 def held_files(pid: int) -> set[tuple[int, int]]:
-    """(device, inode) of every file the process has open or mapped."""
+    """(device, inode) of every file the process can change: open for writing, or mapped shared."""
     paths = set()
     with contextlib.suppress(OSError):
-        paths |= {f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")}
+        paths |= {f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd") if writable_fd(pid, fd)}
     with contextlib.suppress(OSError):  # a mapping outlives the fd it was made from
         fields = [line.split(maxsplit=5) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()]
-        paths |= {f[5] for f in fields if len(f) == 6 and f[5].startswith("/")}
+        paths |= {f[5] for f in fields if len(f) == 6 and f[1].endswith("s") and f[5].startswith("/")}
     held = set()
     for path in paths:
         with contextlib.suppress(OSError):
@@ -1508,8 +1515,8 @@ def held_files(pid: int) -> set[tuple[int, int]]:
 
 def freeze_strays(root: int, known: set[int]) -> set[tuple[int, int]]:
     """SIGSTOP what outlived root's clean exit (nothing of the run moves any more) and return the files those
-    processes hold open or mapped: a submission among them could have changed after the exit, through
-    pages a mapping had already dirtied (no ctime moves) or in the instant before this stop."""
+    processes can change: a submission among them could have changed after the exit, through pages a shared
+    mapping had already dirtied (no ctime moves) or in the instant before this stop."""
     with contextlib.suppress(OSError):
         os.killpg(root, signal.SIGSTOP)  # the group at once
     stopped: set[int] = set()
@@ -1588,8 +1595,8 @@ def take_submission(written: Path, kept: Path, exited: float, stray_files: set) 
             return ("the submission was written after train.py exited, by a process it left behind (training past "
                     "the limit); not scored"), ""
         if (info.st_dev, info.st_ino) in stray_files:
-            return ("a process train.py left behind held the submission open or mapped when train.py exited: it could "
-                    "change it after the exit; not scored"), ""
+            return ("a process train.py left behind held the submission open for writing or mapped shared when train.py "
+                    "exited: it could change it after the exit; not scored"), ""
         with open_new(tmp) as out:
             for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
                 digest.update(chunk)

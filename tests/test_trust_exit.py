@@ -63,7 +63,7 @@ while not os.path.exists(path + ".ready"):
 
 
 MMAP_ATTACK = mmap_attack(0.5)
-HELD = "left behind held the submission open or mapped"
+HELD = "left behind held the submission open for writing or mapped shared"
 
 
 def test_a_child_rewriting_the_submission_through_a_shared_mapping_after_exit_is_not_scored(repo, llm):
