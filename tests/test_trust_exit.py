@@ -207,7 +207,10 @@ def test_a_run_over_its_memory_limit_is_a_crash_row(repo, llm):
 
 def test_a_machine_short_of_memory_stops_the_run_and_says_so(repo, llm):
     """The machine-wide guard: a reserve above what the machine has stops every run (the baseline here,
-    three times, which ends the night with its reason)."""
+    three times, which ends the night with its reason). The run lasts a second: the watchdog looks every 0.2 s."""
+    train = repo / "train.py"
+    train.write_text(train.read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 1.0"))
+    git.Repo(repo).git.commit("-am", "a baseline that lasts")
     done = run_agent(repo, llm.url, "--max-experiments", "0", AR_MEMORY_RESERVE_MB=str(10**9))
     assert done.returncode == 2 and "ran out of memory" in done.stdout, done.stdout[-3000:]
     rows = ledger(repo)
