@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -48,6 +49,16 @@ import sandbox
 TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
 KILL_GRACE_S = 10              # SIGTERM → this long → SIGKILL
+# What one run (train.py or the evaluator, and all they start) may take of the machine: the driver's watchdog
+# reads them every WATCH_INTERVAL_S and kills the whole tree at once past one of them (a fork bomb, a run that
+# eats the memory or fills the disk), a `crash` row naming which. Set in the environment to tune a machine.
+WATCH_INTERVAL_S = 0.2
+MAX_RUN_TASKS = int(os.environ.get("AR_MAX_RUN_TASKS", "4096"))  # processes and threads: pids are machine-wide
+RUN_MEMORY_MB = int(os.environ.get("AR_RUN_MEMORY_MB", "0"))    # the run's summed RSS; 0: no limit of its own
+# MemAvailable below this: the run is killed before the kernel's OOM killer picks among the machine's processes
+MEMORY_RESERVE_MB = int(os.environ.get("AR_MEMORY_RESERVE_MB", "1024"))
+# free space of the run folder's filesystem below this: killed; the rest is the driver's (ledger, state, copies)
+DISK_RESERVE_MB = int(os.environ.get("AR_DISK_RESERVE_MB", "1024"))
 MAX_REPAIR_TURNS = 2           # extra LLM turns to fix a reply that does not apply or compile
 MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments before stopping
 CONFIRM_SIGMAS = 2.0           # a gain within this many noise widths is re-run once before it is kept
@@ -975,6 +986,8 @@ class Session:
     tokens_expected: str = ""        # the validation tokens' digest when the night started
     known_children: set = field(default_factory=set)  # the driver's own children when a run started
     child_exited: float = 0.0        # when the last run's main process ended
+    child_killed_for: str = ""       # why the watchdog stopped the last run ('' if it did not)
+    stray_files: set = field(default_factory=set)  # (device, inode) its leftovers held at its clean exit
 
     @property
     def ledger(self) -> Path:
@@ -1337,11 +1350,15 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def kill_tree(proc: subprocess.Popen, known: set[int] = frozenset()) -> None:
+def kill_tree(proc: subprocess.Popen, known: set[int] = frozenset(), grace: float = KILL_GRACE_S) -> None:
     """SIGTERM the process group, every descendant (even ones that left the group) and the run's orphans
     (daemons reparented to this subreaper driver: its children other than `known`), a grace period,
-    then SIGKILL. Also run after a clean exit: nothing train.py started outlives it."""
+    then SIGKILL. grace 0: SIGKILL at once, for what outlives a clean exit (strays get no time to change
+    the submission) and for a run the watchdog stops (a fork bomb must not grow during a grace period)."""
     me = psutil.Process()
+    if not grace:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group in one call, before the slower search below
 
     def orphans() -> list:
         with contextlib.suppress(psutil.Error):
@@ -1371,12 +1388,12 @@ def kill_tree(proc: subprocess.Popen, known: set[int] = frozenset()) -> None:
                     running.append(p)
         return running
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGKILL) if grace else (signal.SIGKILL,):
         targets = alive()
         for p in targets:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
-        until = time.time() + (KILL_GRACE_S if sig == signal.SIGTERM else 5)
+        until = time.time() + (grace if sig == signal.SIGTERM else 5)
         while targets and time.time() < until:
             proc.poll()  # reap our own child so it stops counting as alive
             targets = alive()
@@ -1454,12 +1471,145 @@ def pump_output(stream, log_path: Path) -> None:
             out.write(tail)
 
 
+def run_table() -> dict[int, tuple[int, int, int, int]]:
+    """Every process of the machine, from /proc/<pid>/stat: pid -> (parent, process group, threads, RSS bytes)."""
+    table, page = {}, os.sysconf("SC_PAGE_SIZE")
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()
+                table[int(name)] = (int(fields[1]), int(fields[2]), int(fields[17]), int(fields[21]) * page)
+    return table
+
+
+def run_members(table: dict, root: int, known: set[int]) -> list[int]:
+    """The run's processes in `table`: root's group, its descendants, and the orphans reparented to this
+    subreaper (this process's children other than `known`) with theirs."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    queue = [pid for pid, (_, group, _, _) in table.items() if group == root]
+    queue += [root] + [pid for pid in children.get(os.getpid(), []) if pid not in known]
+    found: set[int] = set()
+    while queue:
+        pid = queue.pop()
+        if pid not in found:
+            found.add(pid)
+            queue += children.get(pid, [])
+    return [pid for pid in found if pid in table]
+
+
+def meminfo_mb(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def resource_problem(root: int, known: set[int], folder: Path) -> str:
+    """Why a run must be stopped now ('' if it may go on): too many processes, too much memory, a full disk."""
+    table = run_table()
+    members = run_members(table, root, known)
+    tasks = sum(table[pid][2] for pid in members)
+    if tasks > MAX_RUN_TASKS:
+        return (f"the run had {tasks} processes and threads, over the limit of {MAX_RUN_TASKS} (AR_MAX_RUN_TASKS): "
+                "a fork bomb?; killed")
+    held = sum(table[pid][3] for pid in members) // 2**20
+    if RUN_MEMORY_MB and held > RUN_MEMORY_MB:
+        return f"the run's processes held {held} MiB of memory, over its limit of {RUN_MEMORY_MB} MiB (AR_RUN_MEMORY_MB); killed"
+    available = meminfo_mb("MemAvailable")
+    if available < MEMORY_RESERVE_MB:
+        return (f"the machine ran out of memory: {available} MiB available, under the {MEMORY_RESERVE_MB} MiB the driver "
+                f"keeps (AR_MEMORY_RESERVE_MB), while the run's processes held {held} MiB; killed")
+    return disk_problem(folder)
+
+
+def disk_problem(folder: Path) -> str:
+    while not folder.is_dir() and folder != folder.parent:  # an unsandboxed run may delete its own folder
+        folder = folder.parent
+    disk = os.statvfs(folder)
+    free = disk.f_bavail * disk.f_frsize // 2**20
+    if free < DISK_RESERVE_MB:
+        return (f"the disk ran full: {free} MiB free on the run folder's filesystem, under the {DISK_RESERVE_MB} MiB the "
+                "driver keeps for its ledger and state (AR_DISK_RESERVE_MB); killed, its files removed")
+    return ""
+
+
+def watch_run(proc: subprocess.Popen, timeout: float, known: set[int], folder: Path) -> tuple[int | None, str]:
+    """Wait for proc to exit, at most `timeout` s, looking at the run's resources meanwhile: (its exit code or
+    None, why the watchdog stopped it or ''). Woken by a pidfd the instant proc exits, where Popen.wait would
+    sleep up to 50 ms between polls: what it left behind has no time of its own."""
+    end = time.time() + timeout
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # Linux < 5.3
+        pidfd = None
+    try:
+        while True:
+            wait = max(min(WATCH_INTERVAL_S, end - time.time()), 0)
+            if pidfd is not None:
+                select.select([pidfd], [], [], wait)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(timeout=0 if pidfd is not None else wait), ""
+            if time.time() >= end:
+                return None, ""
+            problem = resource_problem(proc.pid, known, folder)
+            if problem:
+                return None, problem
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def writable_fd(pid: int, fd: str) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        flags = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:", 1)[1].split()[0]
+        return int(flags, 8) & os.O_ACCMODE != os.O_RDONLY
+    return False
+
+
+def held_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of every file the process can change: open for writing, or mapped shared."""
+    paths = set()
+    with contextlib.suppress(OSError):
+        paths |= {f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd") if writable_fd(pid, fd)}
+    with contextlib.suppress(OSError):  # a mapping outlives the fd it was made from
+        fields = [line.split(maxsplit=5) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()]
+        paths |= {f[5] for f in fields if len(f) == 6 and f[1].endswith("s") and f[5].startswith("/")}
+    held = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            held.add((info.st_dev, info.st_ino))
+    return held
+
+
+def freeze_strays(root: int, known: set[int]) -> set[tuple[int, int]]:
+    """SIGSTOP what outlived root's clean exit (nothing of the run moves any more) and return the files those
+    processes can change: a submission among them could have changed after the exit, through pages a shared
+    mapping had already dirtied (no ctime moves) or in the instant before this stop."""
+    with contextlib.suppress(OSError):
+        os.killpg(root, signal.SIGSTOP)  # the group at once
+    stopped: set[int] = set()
+    for _ in range(100):  # what left the group, until a pass finds nothing new (a stopped process cannot fork)
+        new = set(run_members(run_table(), root, known)) - stopped
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    return set().union(*map(held_files, stopped))
+
+
 def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict,
                 cwd: Path | None = None) -> tuple[int | None, float]:
-    """(exit code or None on timeout, seconds); the whole process tree is gone when this returns.
+    """(exit code or None when killed: at its limit, or by the watchdog, which says why in
+    session.child_killed_for), seconds; the whole process tree is gone when this returns.
     The child carries a marker (AR_RUN_ID) by which a restarted driver recognises its leftovers."""
     start = time.time()
     session.known_children = {c.pid for c in psutil.Process().children()}
+    code, session.child_killed_for = None, ""
     run_id = os.urandom(8).hex()
     atomic_write(session.pid_file, json.dumps({"run_id": run_id, "boot": psutil.boot_time()}))
     proc = subprocess.Popen(cmd, cwd=cwd or session.root, env={**env, "AR_RUN_ID": run_id}, stdout=subprocess.PIPE,
@@ -1468,13 +1618,16 @@ def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float
     pump = threading.Thread(target=pump_output, args=(proc.stdout, log_path), daemon=True)
     pump.start()
     try:
-        proc.wait(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        code = None
+        code, session.child_killed_for = watch_run(proc, timeout, session.known_children, log_path.parent)
     finally:
         session.child_exited = time.time()
-        kill_tree(proc, session.known_children)  # also ends children left behind by a clean exit
+        session.stray_files = freeze_strays(proc.pid, session.known_children) if code == 0 else set()
+        # a grace period only for the main process at its limit; strays after a clean exit, a run the watchdog
+        # stopped: SIGKILL now
+        at_limit = code is None and not session.child_killed_for
+        kill_tree(proc, session.known_children, KILL_GRACE_S if at_limit else 0)
+        # a run that filled the disk between two looks, or ended on ENOSPC: its files go all the same
+        session.child_killed_for = session.child_killed_for or disk_problem(log_path.parent)
         session.child = None
         session.pid_file.unlink(missing_ok=True)
     pump.join(timeout=10)
@@ -1494,20 +1647,45 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
         return f.read(limit).decode("utf-8", errors="replace")
 
 
-def take_submission(written: Path, kept: Path, exited: float) -> str:
-    """Move the submission out of train.py's folder, where nothing it left behind can change it; returns ''
-    or why it cannot be scored."""
+def take_submission(written: Path, kept: Path, exited: float, stray_files: set) -> tuple[str, str]:
+    """Copy the submission out of train.py's folder as train.py left it (its leftovers are dead by now) into a
+    new file of the driver's: a process that kept the old file open or mapped cannot reach the copy. Returns
+    ('' or why it cannot be scored, the copy's sha256). stray_files: what the leftovers held at the exit."""
     try:
-        info = os.lstat(written)
+        fd = os.open(written, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the driver
     except FileNotFoundError:
-        return "train.py exited cleanly without writing a submission"
-    if not stat.S_ISREG(info.st_mode):
-        return "the submission is not a plain file (a link, a folder or a device); not scored"
-    if info.st_ctime > exited:  # ctime cannot be set back, unlike mtime
-        return ("the submission was written after train.py exited, by a process it left behind (training past "
-                "the limit); not scored")
-    os.replace(written, kept)
-    return ""
+        return "train.py exited cleanly without writing a submission", ""
+    except OSError:  # a link
+        return "the submission is not a plain file (a link, a folder or a device); not scored", ""
+    digest, tmp = hashlib.sha256(), kept.with_name(f".{kept.name}.tmp{os.getpid()}")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return "the submission is not a plain file (a link, a folder or a device); not scored", ""
+        if info.st_ctime > exited:  # ctime cannot be set back, unlike mtime
+            return ("the submission was written after train.py exited, by a process it left behind (training past "
+                    "the limit); not scored"), ""
+        if (info.st_dev, info.st_ino) in stray_files:
+            return ("a process train.py left behind held the submission open for writing or mapped shared when train.py "
+                    "exited: it could change it after the exit; not scored"), ""
+        with open_new(tmp) as out:
+            for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        os.replace(tmp, kept)
+    except OSError as exc:  # a full disk
+        tmp.unlink(missing_ok=True)
+        return f"the driver could not copy the submission: {one_line(exc, 120)}; not scored", ""
+    finally:
+        os.close(fd)
+    os.unlink(written)  # the copy is the submission now
+    return "", digest.hexdigest()
+
+
+def clear_work(runner, work: Path) -> None:
+    """After train.py: its temp files and compile caches (GBs, read by nobody) go; all of work/ when the
+    watchdog stopped the run (a disk it filled is freed before the driver writes again)."""
+    remove_tree(work if runner.child_killed_for else work / "tmp")
 
 
 def train_env(work: Path, timeout: float) -> dict:
@@ -1603,6 +1781,7 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
     try:
         code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, train_env(work, timeout),
                                     cwd=work)
+        clear_work(session, work)
         return checked_and_scored(session, st, label, code, train_s, before)
     finally:
         remove_run_files(work, shm_before)
@@ -1636,13 +1815,19 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
     """How a train.py run ended (its exit `code`, None: killed at its limit) and, when it submitted, its score
     from root's prepare.py in a fresh process. runner: what run_process needs (a Session, or a worker's).
     Ledger fields, the failure's status and reason included."""
+    if runner.child_killed_for:
+        return {"status": "crash", "reason": runner.child_killed_for}
     if code is None:
         return {"status": "timeout", "reason": f"train.py ran past its {timeout:.0f} s limit; killed"}
+    if code == -signal.SIGKILL:
+        return {"status": "crash", "reason": "train.py was killed by SIGKILL, not by the driver: by the kernel's "
+                                             "out-of-memory killer, most likely (the machine ran out of memory)"}
     if code != 0:
         last = [ln for ln in log_tail(folder / f"train{label}.log").splitlines() if ln.strip()]
         return {"status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
     submission = folder / "submission.pt"
-    problem = take_submission(folder / f"work{label}" / "submission.pt", submission, runner.child_exited)
+    problem, digest = take_submission(folder / f"work{label}" / "submission.pt", submission, runner.child_exited,
+                                      runner.stray_files)
     if problem:
         return {"status": "crash", "reason": problem}
     # -I: the evaluator must not import modules that train.py may have dropped next to it
@@ -1655,6 +1840,8 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
     code, eval_s = run_process(runner, cmd, folder / f"eval{label}.log", eval_timeout, eval_env, cwd=root)
     result = {"eval_s": round(eval_s, 1)}
     lines = log_tail(folder / f"eval{label}.log", 20000).strip().splitlines()
+    if runner.child_killed_for:
+        return {**result, "status": "crash", "reason": f"the evaluator: {runner.child_killed_for}"}
     if code is None:
         return {**result, "status": "crash", "reason": f"the evaluator ran past its {eval_timeout} s limit"}
     if code != 0:
@@ -1672,8 +1859,11 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
         protocol = one_line(prepare.protocol_label(score), 40)
     except (KeyError, TypeError, ValueError):
         return {**result, "status": "crash", "reason": "the evaluator's JSON result names no protocol; see eval.log"}
+    if sha256_file(submission) != digest:  # the scored file is the copy taken at exit, or the score is void
+        return {**result, "status": "crash", "reason": "the submission changed while it was scored; not scored"}
     atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
-    return {**result, "val_ppl": float(score["ppl"]), "protocol": protocol, **reported_numbers(score)}
+    return {**result, "val_ppl": float(score["ppl"]), "protocol": protocol, "submission_sha256": digest,
+            **reported_numbers(score)}
 
 
 # the eval JSON's numbers a row takes: (ledger column, where in the JSON); meta is what train.py says of itself

@@ -94,6 +94,7 @@ SHM_RIGHTS = FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE | FS_MAKE_REG | FS_REMOV
 GPU_DEVICE_PREFIX = "/dev/nvidia"  # /dev/nvidia0, /dev/nvidiactl, /dev/nvidia-uvm, ...
 MIN_ABI = 1  # ABI 1 already confines the filesystem; what older ABIs lack is named in the log line
 EXIT_NO_SANDBOX = 3
+OOM_SCORE_ADJ = 1000  # the most: out of memory, the kernel's OOM killer takes the command's processes first
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -295,7 +296,19 @@ def drop_privileges_only(cmd: list[str]) -> None:
           file=sys.stderr, flush=True)
 
 
+def first_to_go_out_of_memory() -> None:
+    """Out of memory, the kernel kills CMD (and what it starts: the score is inherited) before the driver or
+    the user's other programs. Raising one's own score needs no privilege; lowering it again needs
+    CAP_SYS_RESOURCE, which CMD does not have."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
+    except OSError as e:
+        print(f"sandbox: could not raise oom_score_adj ({e}); the OOM killer may pick another process first",
+              file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
+    first_to_go_out_of_memory()
     unconfined = argv[:1] == ["--no-landlock"]
     read, write, read_nofollow, list_only, cmd = parse_args(argv[1:] if unconfined else argv)
     if unconfined:

@@ -39,6 +39,8 @@ class Runner:
     known_children: set = field(default_factory=set)
     child: subprocess.Popen | None = None
     child_exited: float = 0.0
+    child_killed_for: str = ""
+    stray_files: set = field(default_factory=set)
 
 
 def watch_parent() -> None:
@@ -150,6 +152,7 @@ def run_experiment(spec: dict) -> dict:
     try:
         code, train_s = agent.run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
                                           agent.train_env(work, timeout), cwd=work)
+        agent.clear_work(runner, work)
         result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
         if agent.sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
             result.update(status="crash", reason="prepare.py was modified during the run; not scored")
@@ -161,8 +164,7 @@ def run_experiment(spec: dict) -> dict:
     finally:
         agent.remove_run_files(work, shm_before)
     if "val_ppl" in result:
-        result.update(submission=str(folder / "submission.pt"),
-                      submission_sha256=agent.sha256_file(folder / "submission.pt"))
+        result["submission"] = str(folder / "submission.pt")  # its submission_sha256: the digest taken at exit
     logs = [f"train{label}.log", f"eval{label}.log", f"eval{label}.json"]
     result["logs"] = {} if spec["shared_disk"] else {n: agent.log_tail(folder / n, LOG_RETURN_BYTES) for n in logs}
     result["folder"] = str(folder)
