@@ -188,7 +188,8 @@ print(json.dumps({{"cap_eff": status.split("CapEff:")[1].split()[0], "cap_prm": 
     inside, stderr = probe(code, write=[folders["run"]])
     assert int(inside["cap_eff"], 16) == 0 and int(inside["cap_prm"], 16) == 0 and "root without capabilities" in stderr
     assert inside["mknod"] == "EACCES", inside  # Landlock (EACCES) checks before the capability (EPERM)
-    assert all(result in DENIED for result in inside["disks"] + inside["chars"]), dict(zip(disks + chars, inside["disks"] + inside["chars"]))
+    opened = dict(zip(disks + chars, inside["disks"] + inside["chars"]))
+    assert set(opened.values()) <= DENIED, opened
     assert inside["null"] == "allowed" and inside["urandom"] == "allowed", inside  # the nodes the policy opens
     outside, _ = probe(code, sandboxed=False)
     assert int(outside["cap_eff"], 16) != 0 and outside["mknod"] == "allowed"
