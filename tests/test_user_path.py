@@ -102,7 +102,7 @@ def test_agent_with_only_an_endpoint_from_its_own_folder(tiny_env, tmp_path):
     assert exp2.committed_date - 1 <= llm.times[1] and llm.times[1] + LLM_DELAY_S <= decided + 1, \
         (exp2.committed_date, llm.times, decided)
     assert git.Repo(clone).active_branch.name == f"autoresearch/{tag}"
-    assert f"experiment 2: training" in done.stdout and "stopping: --max-experiments 2 reached" in done.stdout
+    assert "experiment 2: training" in done.stdout and "stopping: --max-experiments 2 reached" in done.stdout
 
 
 # ---------------------------------------------------------------- the first commands, by hand
