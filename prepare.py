@@ -815,7 +815,8 @@ def setup() -> None:
           "or python agent.py (the overnight loop)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (`python prepare.py [eval ... | sandbox-info]`); the README's commands are checked against it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     ev = sub.add_parser("eval", help="score a submission by the fixed protocol")
@@ -830,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the split's token digest at the start of the night: a cache that differs is rebuilt")
     info = sub.add_parser("sandbox-info", help="for the driver: train.py's read paths, private paths, digests")
     info.add_argument("--json", action="store_true", help="print one JSON object (the only format)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command is None:

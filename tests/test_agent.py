@@ -67,9 +67,10 @@ def test_train_py_faults_get_the_right_status(repo, llm, sandboxed):
               "garbage": ("crash", "not a submission"),
               "tamper": denied if sandboxed else ("crash", "prepare.py was modified"),
               "fake": ("discard", "not lower"), "flood": ("discard", "not lower"),
-              "ledger": denied if sandboxed else ("discard", "restored"), "env": ("discard", "not lower"),
+              "ledger": denied if sandboxed else ("discard", "restored"),
               "oom": ("crash", "out of memory"), "nan": ("crash", "not finite"),
-              "rmruns": denied if sandboxed else ("discard", "not lower")}
+              "rmruns": denied if sandboxed else ("discard", "not lower"),
+              "env": ("discard", "not lower")}  # after rmruns: unsandboxed, its dump must survive to be read
     llm.push(*[mode(m) for m in faults])
     done = run_agent(repo, llm.url, "--max-experiments", str(len(faults)), "--timeout", "3", "--max-failures", "99",
                      "--sandbox", "auto" if sandboxed else "off", timeout=300)
@@ -83,17 +84,17 @@ def test_train_py_faults_get_the_right_status(repo, llm, sandboxed):
     assert "sandbox: Landlock ABI" in (repo / "runs" / TAG / "1" / "train.log").read_text() if sandboxed \
         else "unsandboxed" in rows.iloc[1]["reason"]
     assert processes_in(repo) == []
-    if sandboxed:  # unsandboxed, the last fault deleted runs/ with these files
+    if sandboxed:  # unsandboxed, the rmruns fault deleted runs/ with this log
         orphan = (repo / "runs" / TAG / "3" / "train.log").read_text().split("orphan pid ")[1].split()[0]
         assert not _alive(int(orphan))
-        dumped = (repo / "runs" / TAG / "11" / "train.log").read_text()
-        assert "sk-test-secret-key" not in dumped and "hf_test_token" not in dumped and "AR_DEADLINE=" in dumped
-        assert "SSH_AUTH_SOCK" not in dumped
+    dumped = (repo / "runs" / TAG / str(len(faults)) / "train.log").read_text()  # secrets stripped, either way
+    assert "sk-test-secret-key" not in dumped and "hf_test_token" not in dumped and "AR_DEADLINE=" in dumped
+    assert "SSH_AUTH_SOCK" not in dumped
     assert "# tampered" not in (repo / "prepare.py").read_text()
     problems = check_invariants(repo)
     if sandboxed:
         assert problems == []
-    else:  # runs/ was deleted by the last experiment: its own logs are gone, everything else holds
+    else:  # runs/ was deleted by the rmruns experiment: the logs before it are gone, everything else holds
         assert problems and all("has no diff in runs/" in p for p in problems), problems
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from driver_helpers import AGENT, TAG, agent_env, ledger
+from driver_helpers import AGENT, TAG, agent_env, check_invariants, ledger
 from fake_llm import FakeLLM
 from test_hostile import file_reply, hostile_world  # noqa: F401  (a fixture)
 
@@ -98,6 +98,10 @@ def test_a_kill_before_the_tree_is_restored_does_not_make_tampering_permanent(ho
         llm.close()
     again = run_driver(world, [("an honest run", "    pass")], "--sandbox", "off")  # the restart
     assert again.returncode == 0, again.stderr[-2000:]
-    print(ledger(repo)[["experiment", "status", "reason"]].to_string())
+    rows = ledger(repo)
     # claimed: after each run, tracked files go back to the experiment's commit, sandbox or not
     assert (repo / "program.md").read_text() == original
+    # the experiment in flight was resumed, not lost or asked for again: one row, the tampering commit's
+    assert rows["experiment"].tolist() == [0, 1] and rows["status"].tolist() == ["baseline", "discard"], rows.to_string()
+    assert rows.iloc[1]["description"] == "tamper, then the driver dies" and rows.iloc[1]["val_ppl"] > 1
+    assert check_invariants(repo) == []

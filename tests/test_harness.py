@@ -18,6 +18,7 @@ import torch.nn as nn
 import prepare
 import train
 from conftest import patch_constants
+from driver_helpers import TAG, ledger, make_research_repo, run_agent
 
 
 # ---------------------------------------------------------------- BitLinear
@@ -459,6 +460,7 @@ def run_train(workdir, env, deadline_s, **constants):
 
 
 FAST = dict(BATCH_SIZE=2, SEQ_LEN=128, EXPORT_RESERVE_S=3.0, LOG_EVERY_S=1.0, LAMBDA_WARMUP_STEPS=5)
+FAKE_SCORE = "val_ppl:        1.0000  (protocol v1)"  # what the stock train.py prints after its own evaluation
 
 
 def test_train_py_end_to_end_before_the_deadline(tiny_env, workdir):
@@ -486,14 +488,22 @@ def test_train_py_exits_before_deadline_when_scored_externally(tiny_env, workdir
     assert not (workdir / "results.tsv").exists()
 
 
-def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, workdir):
-    """The trust boundary: train.py prints a fake number; the evaluator gives the honest one."""
-    env = {**tiny_env, "AR_EVAL": "external"}
-    path = workdir / "train.py"
-    path.write_text(path.read_text().replace('print(f"submitted', 'print("val_ppl: 1.0000")\n    print(f"submitted'))
-    done, _, _ = run_train(workdir, env, deadline_s=20, **FAST)
-    assert "val_ppl: 1.0000" in done.stdout
-    scored = subprocess.run([sys.executable, "prepare.py", "eval", env["AR_SUBMISSION"], "--json"], cwd=workdir,
-                            env={**os.environ, **env}, capture_output=True, text=True)
+def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, tmp_path, llm):
+    """The trust boundary, through the driver: train.py prints a fake val_ppl; the ledger holds the score a
+    fresh evaluator gives its submission."""
+    repo = make_research_repo(tmp_path / "research", real=True)
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace('print(f"submitted', f'print("{FAKE_SCORE}")\n    print(f"submitted'))
+    patch_constants(path, **{**FAST, "EXPORT_RESERVE_S": 57.0})  # a few steps at most, however slow the start-up
+    subprocess.run(["git", "commit", "-qam", "train.py prints a fake score"], cwd=repo, check=True)
+    env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
+    done = run_agent(repo, llm.url, "--max-experiments", "0", "--timeout", "60", "--eval-windows", "1", timeout=300,
+                     **env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert FAKE_SCORE in (repo / "runs" / TAG / "0" / "train.log").read_text()
+    scored = subprocess.run([sys.executable, "prepare.py", "eval", str(repo / "runs" / TAG / "0" / "submission.pt"),
+                             "--max-windows", "1", "--json"], cwd=repo, env={**os.environ, **env}, capture_output=True,
+                            text=True)
     assert scored.returncode == 0, scored.stderr
-    assert json.loads(scored.stdout)["ppl"] > 10
+    honest = json.loads(scored.stdout.strip().splitlines()[-1])["ppl"]
+    assert honest > 10 and ledger(repo)["val_ppl"].tolist() == [pytest.approx(honest, rel=1e-6)]

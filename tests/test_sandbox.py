@@ -6,6 +6,7 @@ AR_REQUIRE_ASSETS=1, where that is a failure instead."""
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -162,21 +163,37 @@ print(json.dumps({{"link_readonly": attempt(os.link, a + "/file.txt", r + "/l1")
     assert set(outside.values()) == {"allowed"}
 
 
+# Device nodes root may open by its ownership alone (no capability needed), harmless to open read-only
+# in the unsandboxed control; one of them exists on any Linux, with or without block devices.
+ROOT_CHAR_DEVICES = ("/dev/kmsg", "/dev/ptmx", "/dev/loop-control", "/dev/cpu_dma_latency")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="checks what root could do; a non-root user cannot anyway")
 def test_root_loses_capabilities_raw_disk_and_device_nodes(needs_landlock, folders):
-    disks = sorted(str(p) for p in Path("/dev").iterdir() if p.is_block_device())
+    """As root without capabilities, file ownership still opens root's 0600 device nodes: only the sandbox's
+    rules keep them shut. The targets always exist: a block node this test makes (a stand-in raw disk,
+    for machines without block devices), the real ones in /dev, and root's character devices."""
+    disk = folders["outside"] / "disk"
+    os.mknod(disk, stat.S_IFBLK | 0o600, os.makedev(7, 0))  # loop0: ENXIO, not a denial, where it is missing
+    disks = [str(disk)] + sorted(str(p) for p in Path("/dev").iterdir() if p.is_block_device())[:2]
+    chars = [d for d in ROOT_CHAR_DEVICES if Path(d).is_char_device()]
+    assert chars, f"none of {ROOT_CHAR_DEVICES} on this machine: nothing to check the /dev rule with"
     code = f"""import stat
 status = read("/proc/self/status").decode()
+flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
 print(json.dumps({{"cap_eff": status.split("CapEff:")[1].split()[0], "cap_prm": status.split("CapPrm:")[1].split()[0],
     "mknod": attempt(os.mknod, {str(folders['run'] / 'disk')!r}, stat.S_IFBLK | 0o600, os.makedev(7, 0)),
-    "disks": [attempt(os.open, d, os.O_RDONLY) for d in {disks[:2]!r}]}}))"""
+    "disks": [attempt(os.open, d, flags) for d in {disks!r}], "chars": [attempt(os.open, d, flags) for d in {chars!r}],
+    "null": attempt(write, "/dev/null"), "urandom": attempt(os.open, "/dev/urandom", flags)}}))"""
     inside, stderr = probe(code, write=[folders["run"]])
     assert int(inside["cap_eff"], 16) == 0 and int(inside["cap_prm"], 16) == 0 and "root without capabilities" in stderr
     assert inside["mknod"] == "EACCES", inside  # Landlock (EACCES) checks before the capability (EPERM)
-    assert all(result in DENIED for result in inside["disks"])
+    opened = dict(zip(disks + chars, inside["disks"] + inside["chars"]))
+    assert set(opened.values()) <= DENIED, opened
+    assert inside["null"] == "allowed" and inside["urandom"] == "allowed", inside  # the nodes the policy opens
     outside, _ = probe(code, sandboxed=False)
     assert int(outside["cap_eff"], 16) != 0 and outside["mknod"] == "allowed"
-    assert set(outside["disks"]) <= {"allowed"}
+    assert not set(outside["disks"] + outside["chars"]) & DENIED, outside  # the control: only the sandbox denies
 
 
 # Sets the inheritable capabilities to the effective ones, then execs argv: for root, the

@@ -1,11 +1,14 @@
 """Stand-in harness for fast driver tests: same CLI and submit() contract as the real prepare.py,
-no model. A "submission" is JSON; the score is the ppl train.py put in it (the real evaluator's
-honesty is tested in test_harness.py). Its `meta`, `meta_dropped` and `bits_per_weight` reach the eval JSON as
-they are: unlike the real evaluator's, unsanitised, so tests can feed hostile values to the driver."""
+no model. A "submission" is JSON; the score is the ppl train.py put in it, times TEST_SPLIT_FACTOR on the test
+split (the real evaluator's honesty is tested in test_harness.py). Its `meta`, `meta_dropped` and `bits_per_weight`
+reach the eval JSON as they are: unlike the real evaluator's, unsanitised, so tests can feed hostile values to the
+driver."""
 import json
 import os
 import sys
 import time
+
+TEST_SPLIT_FACTOR = 1.25  # the test split scores this much worse than validation, so the two never agree
 
 
 def submit(payload: dict) -> str:
@@ -47,11 +50,14 @@ def main() -> int:
         if offsets:
             ppl += float(offsets[0])
             open("jitter.txt", "w").write(" ".join(offsets[1:]))
+    split = args[args.index("--split") + 1] if "--split" in args else "validation"
+    if split == "test":  # the report's test-split score must visibly come from the test split
+        ppl *= TEST_SPLIT_FACTOR
     smoke = int(args[args.index("--max-windows") + 1]) if "--max-windows" in args else None
     windows = smoke or 4
     if smoke:  # a smoke score is not comparable with a full one: make that visible
         ppl *= 0.5
-    print(json.dumps({"ppl": ppl, "mean_loss": 0.0, "tokens": windows * 2047, "windows": windows, "split": "validation",
+    print(json.dumps({"ppl": ppl, "mean_loss": 0.0, "tokens": windows * 2047, "windows": windows, "split": split,
                       "zero_frac": 0.3, "eval_s": 0.01, "max_windows": smoke, "protocol": 1,
                       "bits_per_weight": sub.get("bits_per_weight", 1.6), "meta": sub.get("meta", {}),
                       "meta_dropped": sub.get("meta_dropped", [])}))
