@@ -82,6 +82,19 @@ def tiny_assets(tmp_path_factory) -> dict:
     return {"model": model, "data": data, "cache": base / "cache", "data_sha256": data_sha256(data)}
 
 
+@pytest.fixture(scope="session")
+def honest_submission(tiny_assets, tmp_path_factory) -> Path:
+    """The honest submission every hostile train.py copies (test_hostile.py), built once: it alone loads the
+    model."""
+    import subprocess
+    path = tmp_path_factory.mktemp("honest") / "honest.pt"
+    env = {**os.environ, "AR_MODEL": str(tiny_assets["model"]), "AR_SUBMISSION": str(path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "hostile" / "honest.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return path
+
+
 @pytest.fixture
 def tiny_env(tiny_assets, monkeypatch, tmp_path) -> dict:
     """Environment pointing prepare.py at the tiny model and data, writing into tmp_path."""
@@ -147,3 +160,27 @@ def llm():
 def repo(tmp_path):
     from driver_helpers import make_research_repo
     return make_research_repo(tmp_path / "research")
+
+
+@pytest.fixture(scope="session")
+def baseline_template(tmp_path_factory) -> Path:
+    """A research repo after a night that ran its baseline alone (the helpers' default arguments, the
+    stand-in files), its ledger and state included. Not to be changed: tests copy it (baseline_repo)."""
+    from driver_helpers import make_research_repo, run_agent
+    from fake_llm import FakeLLM
+    repo = make_research_repo(tmp_path_factory.mktemp("template") / "research")
+    server = FakeLLM()
+    try:
+        done = run_agent(repo, server.url, "--max-experiments", "0")
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    return repo
+
+
+@pytest.fixture
+def baseline_repo(baseline_template, tmp_path) -> Path:
+    """`repo` after `run_agent(repo, url, "--max-experiments", "0")`: a copy, not a second baseline run."""
+    path = tmp_path / "research"
+    shutil.copytree(baseline_template, path, symlinks=True)
+    return path
