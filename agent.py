@@ -47,7 +47,8 @@ import sandbox
 # ---------------------------------------------------------------- configuration
 TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
-KILL_GRACE_S = 10              # SIGTERM → this long → SIGKILL
+KILL_GRACE_S = float(os.environ.get("AR_TEST_KILL_GRACE_S", 10))  # SIGTERM → this long → SIGKILL;
+# tests whose children ignore SIGTERM shorten it: the escalation is the same, 1 s or 10
 MAX_REPAIR_TURNS = 2           # extra LLM turns to fix a reply that does not apply or compile
 MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments before stopping
 CONFIRM_SIGMAS = 2.0           # a gain within this many noise widths is re-run once before it is kept
