@@ -84,15 +84,18 @@ def tiny_assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def honest_submission(tiny_assets, tmp_path_factory) -> Path:
-    """The honest submission every hostile train.py copies (test_hostile.py), built once: it alone loads the
-    model."""
+    """The honest submission every hostile train.py copies (test_hostile.py), built once by the hostile
+    template itself, with no attack and no honest.pt to copy: it alone loads the model."""
     import subprocess
-    path = tmp_path_factory.mktemp("honest") / "honest.pt"
-    env = {**os.environ, "AR_MODEL": str(tiny_assets["model"]), "AR_SUBMISSION": str(path), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "hostile" / "honest.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    folder = tmp_path_factory.mktemp("honest")
+    template = (ROOT / "tests" / "hostile" / "template.py").read_text()
+    (folder / "train.py").write_text(template.replace("# ATTACKS\n", "ATTACKS = {}\n"))
+    env = {**os.environ, "AR_MODEL": str(tiny_assets["model"]), "AR_SUBMISSION": str(folder / "honest.pt"),
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "train.py"], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return path
+    return folder / "honest.pt"
 
 
 @pytest.fixture
