@@ -5,6 +5,7 @@ import importlib.util
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,7 +87,6 @@ def tiny_assets(tmp_path_factory) -> dict:
 def honest_submission(tiny_assets, tmp_path_factory) -> Path:
     """The honest submission every hostile train.py copies (test_hostile.py), built once by the hostile
     template itself, with no attack and no honest.pt to copy: it alone loads the model."""
-    import subprocess
     folder = tmp_path_factory.mktemp("honest")
     template = (ROOT / "tests" / "hostile" / "template.py").read_text()
     (folder / "train.py").write_text(template.replace("# ATTACKS\n", "ATTACKS = {}\n"))
