@@ -36,8 +36,8 @@ while Path("/proc/{parent}").exists():
     time.sleep(0.01)
 sub = torch.load(run / "submission.pt", weights_only=True)
 sub["fp"] = {{k: v * 1.5 for k, v in sub["fp"].items()}}
+(run / "swapping").write_text("")  # a kill may land while the file is half written
 torch.save(sub, run / "submission.pt")
-(run / "swapped").write_text("swapped")
 '''
 
 
@@ -381,11 +381,7 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
         folder = repo / "runs" / TAG / str(int(row["experiment"]))
         log = (folder / "train.log").read_text()
         assert "sandbox: Landlock ABI" in log, (attempted, log[-2000:])
-        if (folder / "work" / "swapped").exists():  # the daemon won the race against the driver's kill: no score
-            assert row["status"] == "crash" and "after train.py exited" in row["reason"], (attempted, row.to_dict())
-        else:
-            assert row["status"] == "discard" and row["val_ppl"] == pytest.approx(honest, rel=1e-9), \
-                (attempted, row.to_dict())
+        assert honest_or_caught(row, folder, honest), (attempted, row.to_dict())
     # nothing outside the run folders changed, nothing reached the listeners, no secret left the driver
     assert digests(world["assets"] / "model") == before["model"] and digests(world["assets"] / "data") == before["data"]
     assert not world["ctx"]["marker"].exists()
@@ -408,6 +404,14 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
     check_the_known_limit(world, done.stdout, experiment_of(runs, LIMIT))
 
 
+def honest_or_caught(row, folder: Path, honest: float) -> bool:
+    """A discard with the honest score or, once the daemon began to swap the submission after train.py
+    exited (the driver's kill may land in the middle of its write), a crash saying so. Never another score."""
+    scored_honestly = row["status"] == "discard" and row["val_ppl"] == pytest.approx(honest, rel=1e-9)
+    caught = row["status"] == "crash" and "after train.py exited" in row["reason"]
+    return scored_honestly or (caught and (folder / "work" / "swapping").exists())
+
+
 def check_the_known_limit(world: dict, driver_output: str, experiment: int) -> None:
     """README, Known limits: with Landlock, a pathname unix socket (an ssh-agent's) can be connected to when
     train.py finds its path, and /proc/net/unix lists it; an abstract one cannot (scoped, ABI 6+). The
@@ -421,7 +425,8 @@ def check_the_known_limit(world: dict, driver_output: str, experiment: int) -> N
     assert "SSH_AUTH_SOCK is set" in driver_output, driver_output[-3000:]
 
 
-UNSANDBOXED = [  # one run per line: attack -> words its run's reason must hold; the run's status
+UNSANDBOXED = [  # one run per line: attack -> words its run's reason must hold; the run's status (None: the
+    # daemon's run, honest_or_caught)
     ({"token cache overwrite": "", "program.md and the ledger": "program.md",
       "a leftover file the next experiments would see": "sitecustomize.py", "git hooks": ".git/config"}, "discard"),
     ({"a child that outlives train.py and swaps the submission": ""}, None),
@@ -442,9 +447,9 @@ def test_without_landlock_the_checks_catch_what_the_evaluator_depends_on(hostile
     for (expected, status), (_, row) in zip(UNSANDBOXED, rows.iloc[1:].iterrows()):
         assert "unsandboxed" in row["reason"], row["reason"]
         folder = repo / "runs" / TAG / str(int(row["experiment"]))
-        if status is None:  # the daemon: killed before it swapped, or its swap is refused
-            status = "crash" if (folder / "work" / "swapped").exists() else "discard"
-            expected = {name: "after train.py exited" if status == "crash" else "" for name in expected}
+        if status is None:
+            assert honest_or_caught(row, folder, honest), (list(expected), row.to_dict())
+            continue
         for name, words in expected.items():
             assert row["status"] == status and words in row["reason"], (name, row.to_dict())
         if status == "discard":
