@@ -48,7 +48,8 @@ import sandbox
 # ---------------------------------------------------------------- configuration
 TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
-KILL_GRACE_S = 10              # SIGTERM → this long → SIGKILL
+KILL_GRACE_S = float(os.environ.get("AR_TEST_KILL_GRACE_S", 10))  # SIGTERM → this long → SIGKILL;
+# tests whose children ignore SIGTERM shorten it: the escalation is the same, 1 s or 10
 # What one run (train.py or the evaluator, and all they start) may take of the machine: the driver's watchdog
 # reads them every WATCH_INTERVAL_S and kills the whole tree at once past one of them (a fork bomb, a run that
 # eats the memory or fills the disk), a `crash` row naming which. Set in the environment to tune a machine.

@@ -114,6 +114,21 @@ def tiny_assets(tmp_path_factory) -> dict:
     return {"model": model, "data": data, "cache": base / "cache", "data_sha256": data_sha256(data)}
 
 
+@pytest.fixture(scope="session")
+def honest_submission(tiny_assets, tmp_path_factory) -> Path:
+    """The honest submission every hostile train.py copies (test_hostile.py), built once by the hostile
+    template itself, with no attack and no honest.pt to copy: it alone loads the model."""
+    folder = tmp_path_factory.mktemp("honest")
+    template = (ROOT / "tests" / "hostile" / "template.py").read_text()
+    (folder / "train.py").write_text(template.replace("# ATTACKS\n", "ATTACKS = {}\n"))
+    env = {**os.environ, "AR_MODEL": str(tiny_assets["model"]), "AR_SUBMISSION": str(folder / "honest.pt"),
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "train.py"], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "honest.pt"
+
+
 @pytest.fixture
 def tiny_env(tiny_assets, monkeypatch, tmp_path) -> dict:
     """Environment pointing prepare.py at the tiny model and data, writing into tmp_path."""
@@ -234,3 +249,27 @@ def ray_cluster(tmp_path_factory):
     finally:
         end_cluster(temp, host_dir)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def baseline_template(tmp_path_factory) -> Path:
+    """A research repo after a night that ran its baseline alone (the helpers' default arguments, the
+    stand-in files), its ledger and state included. Not to be changed: tests copy it (baseline_repo)."""
+    from driver_helpers import make_research_repo, run_agent
+    from fake_llm import FakeLLM
+    repo = make_research_repo(tmp_path_factory.mktemp("template") / "research")
+    server = FakeLLM()
+    try:
+        done = run_agent(repo, server.url, "--max-experiments", "0")
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    return repo
+
+
+@pytest.fixture
+def baseline_repo(baseline_template, tmp_path) -> Path:
+    """`repo` after `run_agent(repo, url, "--max-experiments", "0")`: a copy, not a second baseline run."""
+    path = tmp_path / "research"
+    shutil.copytree(baseline_template, path, symlinks=True)
+    return path

@@ -73,7 +73,8 @@ def test_train_py_faults_get_the_right_status(repo, llm, sandboxed):
               "env": ("discard", "not lower")}  # after rmruns: unsandboxed, its dump must survive to be read
     llm.push(*[mode(m) for m in faults])
     done = run_agent(repo, llm.url, "--max-experiments", str(len(faults)), "--timeout", "3", "--max-failures", "99",
-                     "--sandbox", "auto" if sandboxed else "off", timeout=300)
+                     "--sandbox", "auto" if sandboxed else "off", timeout=300,
+                     AR_TEST_KILL_GRACE_S="1")  # the orphan ignores SIGTERM: 1 s, then SIGKILL
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = ledger(repo)
     assert len(rows) == len(faults) + 1
@@ -239,10 +240,10 @@ def test_ctrl_c_once_finishes_twice_stops_now(repo, llm):
 
 
 @pytest.mark.parametrize("phase", ["llm", "applying", "committed", "training", "training-live", "scoring", "recorded"])
-def test_killed_in_any_phase_resumes_without_loss(repo, llm, phase):
+def test_killed_in_any_phase_resumes_without_loss(baseline_repo, llm, phase):
     """SIGKILL the driver in each phase (held there by AR_TEST_PAUSE; 'training-live' kills it while
     a real train.py runs), restart it: one row per experiment, no LLM call wasted, nothing left running."""
-    run_agent(repo, llm.url, "--max-experiments", "0")  # the baseline
+    repo = baseline_repo
     idea = slow_and_better(3.0 if phase == "training-live" else 0.5, 19.0, "the idea")
     llm.push({"hang": 30} if phase == "llm" else idea)
     pause = {} if phase == "training-live" else {"AR_TEST_PAUSE": f"{phase}:30"}
@@ -334,10 +335,10 @@ def test_an_outage_ends_at_max_hours(repo):
     assert "LLM endpoint unavailable" in done.stdout and "--max-hours 0.005 reached while the LLM endpoint" in done.stdout
 
 
-def test_an_outage_ends_at_a_stop_request(repo):
+def test_an_outage_ends_at_a_stop_request(baseline_repo):
+    repo = baseline_repo
     llm = FakeLLM([{"status": 503}] * 1000)
     try:
-        run_agent(repo, llm.url, "--max-experiments", "0")
         proc = start_agent(repo, llm.url)
         wait_for_phase(repo, "llm", experiment=1)
         while len(llm.requests) < 2:  # the outage is under way

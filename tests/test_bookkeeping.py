@@ -96,8 +96,8 @@ def test_smoke_scores_are_never_compared_with_full_ones(repo, llm):
 
 # ---------------------------------------------------------------- item 4: a kill inside discard()
 @pytest.mark.parametrize("phase", ["recorded", "discarding"])
-def test_a_kill_while_discarding_resumes_cleanly(repo, llm, phase):
-    run_agent(repo, llm.url, "--max-experiments", "0")
+def test_a_kill_while_discarding_resumes_cleanly(baseline_repo, llm, phase):
+    repo = baseline_repo
     parent = git.Repo(repo).head.commit.hexsha
     llm.push(ppl("20.0", "21.0", "worse"))
     proc = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE=f"{phase}:30")

@@ -128,8 +128,8 @@ def test_sigterm_or_sighup_stops_now_and_takes_the_run_along(repo, llm, sig):
 
 
 # ---------------------------------------------------------------- git failures
-def test_a_stale_index_lock_stops_cleanly_with_train_py_at_head(repo, llm):
-    run_agent(repo, llm.url, "--max-experiments", "0")
+def test_a_stale_index_lock_stops_cleanly_with_train_py_at_head(baseline_repo, llm):
+    repo = baseline_repo
     (repo / ".git" / "index.lock").write_text("")
     llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower"))
     done = run_agent(repo, llm.url, "--max-experiments", "1")
@@ -156,11 +156,11 @@ def test_git_without_an_identity_gets_the_fallback(repo, llm, tmp_path):
     assert g.head.commit.author.name == "autoresearch" and ledger(repo)["status"].tolist() == ["baseline", "keep"]
 
 
-def test_a_manual_run_during_the_night_is_not_blamed_on_the_experiment(repo, llm):
+def test_a_manual_run_during_the_night_is_not_blamed_on_the_experiment(baseline_repo, llm):
     """A `python train.py` by hand appends a `manual` row while an experiment trains: the row stays, and
     the experiment is not reported as having changed results.tsv."""
     import prepare
-    run_agent(repo, llm.url, "--max-experiments", "0")
+    repo = baseline_repo
     llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower"))
     proc = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE="training:4")
     wait_for_phase(repo, "training", experiment=1)

@@ -1,45 +1,60 @@
-"""A hostile train.py for the sandbox tests: it tries one attack, then submits an honest, deterministic
-round-to-nearest ternary model (no training), so that every run of the corpus has the same honest score."""
-import json  # noqa: F401 (for the attacks)
+"""A hostile train.py for the sandbox tests: it tries its attacks one after another, records each one's
+outcome in probes.jsonl beside its submission (the test checks every attack by name), then submits honestly:
+a copy of honest.pt, the deterministic ternary model the test built once by running this file where no
+honest.pt lies beside it. So every run of the corpus has the same honest score, and no run loads a model."""
+import json
 import os
+import shutil
+import time
 from pathlib import Path
-
-import torch
 
 import prepare
 
 REPO = Path(__file__).resolve().parent
 RUN = Path(os.environ.get("AR_SUBMISSION", REPO / "runs" / "manual" / "submission.pt")).parent
+HONEST = REPO / "honest.pt"
 
 
-class Ternary(torch.nn.Module):
+def wait_for(path: Path, timeout: float = 60) -> None:
+    """A process an attack started is under way (it wrote `path`): train.py no longer takes the seconds a
+    model load took, and must not exit before its leftovers are running."""
+    end = time.time() + timeout
+    while not path.exists() and time.time() < end:
+        time.sleep(0.01)
+
+
+def round_to_nearest(weight) -> dict:
     """Per-row absmean round-to-nearest: codes in {-1, 0, 1}, the same every run."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.weight = linear.weight
-
-    def export_ternary(self) -> dict:
-        w = self.weight.detach().float()
-        scale = w.abs().mean(dim=1).clamp(min=1e-8)
-        return {"codes": (w / scale[:, None]).round().clamp(-1, 1).to(torch.int8), "scales": scale}
+    w = weight.detach().float()
+    scale = w.abs().mean(dim=1).clamp(min=1e-8)
+    return {"codes": (w / scale[:, None]).round().clamp(-1, 1).to(prepare.torch.int8), "scales": scale}
 
 
-def attack() -> None:
-    pass  # ATTACK
+def submit_honestly() -> None:
+    if HONEST.exists():
+        shutil.copyfile(HONEST, prepare.submission_path())
+        return
+    model = prepare.load_model()
+    for name in prepare.targeted_linears(model):
+        linear = model.get_submodule(name)
+        linear.export_ternary = lambda weight=linear.weight: round_to_nearest(weight)
+    prepare.submit(model, {"steps": 0, "tokens": 0})
+
+
+# ATTACKS
 
 
 def main() -> None:
-    try:
-        attack()
-        print("ATTACK finished without an error", flush=True)
-    except Exception as exc:  # the sandbox said no: carry on and submit honestly
-        print(f"ATTACK blocked: {type(exc).__name__}: {exc}", flush=True)
-    model = prepare.load_model()
-    for name in prepare.targeted_linears(model):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Ternary(model.get_submodule(name)))
-    prepare.submit(model, {"steps": 0, "tokens": 0})
+    for name, attack in ATTACKS.items():  # noqa: F821 (written in by the test)
+        try:
+            attack()
+            outcome = "ATTACK finished without an error"
+        except Exception as exc:  # the sandbox said no: carry on with the next attack, then submit honestly
+            outcome = f"ATTACK blocked: {type(exc).__name__}: {exc}"
+        print(f"{outcome} [{name}]", flush=True)
+        with open(RUN / "probes.jsonl", "a") as f:
+            f.write(json.dumps({"attack": name, "outcome": outcome}) + "\n")
+    submit_honestly()
 
 
 if __name__ == "__main__":
