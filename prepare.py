@@ -630,7 +630,7 @@ def _check_ternary_entry(name: str, entry: dict, shape: tuple[int, int]) -> None
     allowed = grid_group_counts(shape)
     if scales.numel() not in allowed:
         n, numel = scales.numel(), math.prod(shape)
-        bits = (numel * CODE_BITS + n * SCALE_BITS) / numel
+        bits = _layer_bits({"codes": codes, "scales": scales})[0] / numel
         raise SubmissionError(
             f"layer {name}: {n} scales for its {list(shape)} weight" + (f", one per {numel / n:.4g} weights" if n else "")
             + f", would be {bits:.3f} bits per weight: off the quantization grid, which allows only {QUANT_GRID} "

@@ -60,8 +60,8 @@ def one_scale_per_weight(path: Path) -> Path:
     return path
 
 
-def eval_json(path: Path, *extra: str, capsys) -> dict:
-    code = prepare.main(["eval", str(path), "--json", "--max-windows", "1", *extra])
+def eval_json(path: Path, capsys) -> dict:
+    code = prepare.main(["eval", str(path), "--json", "--max-windows", "1"])
     out = capsys.readouterr()
     assert code == 0, out.err
     lines = out.out.strip().splitlines()
