@@ -585,12 +585,12 @@ def knob_literal(name: str, knob: dict, text) -> tuple[object, str]:
             raise ReplyError(f"{name}: {one_line(text, 60)!r} is not a Python literal"
                              + (f" (one of: {', '.join(map(repr, knob['options']))})" if knob["options"] else "")) from None
         value = text  # a bare word for a string constant: the small model's spelling of "cosine"
-    options = knob["options"] or []
-    if value in options and type(value) in {type(o) for o in options}:
-        pass
-    elif isinstance(value, str) and options:
-        raise ReplyError(f"{name} = {value!r} is not one of its options: {', '.join(map(repr, options))}")
-    elif not (same_kind(value, knob["value"]) or any(same_kind(value, o) for o in options)):
+    options = knob["options"]
+    if options:  # closed: GROUP_SIZE = 1 (one scale per weight) is no option, whatever its type
+        if not any(value == o and type(value) is type(o) for o in options):
+            raise ReplyError(f"{name} = {one_line(repr(value), 60)} is not one of its options: "
+                             f"{', '.join(map(repr, options))}")
+    elif not same_kind(value, knob["value"]):
         raise ReplyError(f"{name} = {one_line(text, 60)} is of type {type(value).__name__}, but {name} is of type "
                          f"{type(knob['value']).__name__} (now {knob['text']})")
     if "\n" in text or "#" in text or text.isidentifier() and value == text:

@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +58,17 @@ SPLIT_SHA256 = {"validation": "b44fb967f92b525731216a507d1fbc44b97446b7ef0a2b4d1
 # sha256 of the WikiText-2 .raw files themselves (the official zip's members), for a precise error
 RAW_FILE_SHA256 = {"wiki.valid.raw": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
                    "wiki.test.raw": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"}
+# The quantization grid, closed: each quantized linear has one scale per group of GROUP_SIZES consecutive
+# weights of its row-major flattened weight, one per output row, or one for the whole tensor. Nothing finer:
+# one scale per weight (codes = sign(w), scales = |w|) is the full-precision weight in disguise. The grid left
+# PROTOCOL_VERSION at 1: every submission it accepts scores exactly as before; one it refuses has no score.
+GROUP_SIZES = (32, 64, 128, 256)
+QUANT_GRID = ("groups of 32, 64, 128 or 256 consecutive weights of the row-major flattened weight, "
+              "one scale per output row, or one per tensor")
+# bits_per_weight in the eval JSON: (every code at log2(3) bits + every scale and bias at 16 bits) / the
+# number of quantized weights, over all quantized linears. 16 bits, not the float32 stored: a bf16/fp16
+# scale loses nothing that matters, and the figure should not change with the container's dtype.
+CODE_BITS, SCALE_BITS = math.log2(3), 16
 
 # ---------------------------------------------------------------- configuration (not protocol)
 ROOT = Path(__file__).resolve().parent
@@ -66,6 +78,13 @@ EVAL_BATCH_GPU, EVAL_BATCH_CPU = 8, 2   # windows per forward; does not change t
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special", "added_tokens")
 EVAL_CACHE, TRAIN_CACHE = "eval-tokens", "train-tokens"  # apart: train.py may read only the second
+# A submission is opened as a zip before torch.load: its members must be stored uncompressed and together hold
+# no more than the model's shapes need (int8 codes, the grid's most scales, biases and the full-precision
+# parameters, all float32) plus this slack for the pickle, the zip's headers and meta.
+SUBMISSION_SLACK_BYTES = 1 << 20
+SUBMISSION_SLACK_MEMBERS = 64   # beyond one member per tensor: torch's own records, tensors in meta
+META_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # meta keys that reach the eval JSON
+META_MAX_KEYS, META_MAX_DROPPED = 64, 20
 
 LEDGER_COLUMNS = [
     "experiment", "timestamp", "branch", "commit", "parent", "status", "reason",
@@ -513,7 +532,8 @@ def submit(model: torch.nn.Module, meta: dict | None = None) -> Path:
     """Write the submission: ternary codes + scales (+ bias) of every targeted linear, the base
     model's remaining parameters in full precision, and informative meta.
 
-    Each targeted module must have `export_ternary() -> {"codes", "scales"[, "bias"]}`."""
+    Each targeted module must have `export_ternary() -> {"codes", "scales"[, "bias"]}`, its scales on
+    the quantization grid (QUANT_GRID)."""
     skeleton = _base_skeleton()
     targets = targeted_linears(skeleton)
     modules = dict(model.named_modules())
@@ -524,15 +544,15 @@ def submit(model: torch.nn.Module, meta: dict | None = None) -> Path:
             kind = "missing" if module is None else f"a {type(module).__name__} without export_ternary()"
             raise SubmissionError(f"layer {name} is {kind}: every decoder linear must be quantized "
                                   "(replace it with BitLinear) before prepare.submit")
-        entry = {k: v.detach().cpu().contiguous() for k, v in module.export_ternary().items() if v is not None}
-        _check_ternary_entry(name, entry, tuple(modules[name].weight.shape))
+        entry = {k: _own_copy(v) for k, v in module.export_ternary().items() if v is not None}
+        _check_ternary_entry(name, entry, tuple(skeleton.get_submodule(name).weight.shape))
         ternary[name] = entry
     state = model.state_dict()
     missing = [n for n in _fp_names(skeleton, targets) if n not in state]
     if missing:
         raise SubmissionError(f"the model lacks full-precision parameters {missing[:3]}: submit the "
                               "base architecture with its linears replaced, nothing removed")
-    fp = {n: state[n].detach().cpu().contiguous() for n in _fp_names(skeleton, targets)}
+    fp = {n: _own_copy(state[n]) for n in _fp_names(skeleton, targets)}
     info = {"model": os.environ.get("AR_MODEL", DEFAULT_MODEL), "protocol": PROTOCOL_VERSION,
             **(meta or {})}
     path = submission_path()
@@ -540,10 +560,68 @@ def submit(model: torch.nn.Module, meta: dict | None = None) -> Path:
     return path
 
 
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor with a storage of its own: torch.save writes a view's whole storage, which would count
+    against the submission's size limit."""
+    return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
+def _plain_tensor(value) -> bool:
+    """A dense CPU tensor (or Parameter): what torch.save writes for a tensor of the submission."""
+    return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided \
+        and value.device.type == "cpu"
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def _names(keys) -> str:
+    """Up to three untrusted keys, each short and on one line, for a message."""
+    keys = list(keys)
+    shown = [repr(k)[:80] if isinstance(k, (str, int)) else f"<{type(k).__name__}>" for k in keys[:3]]
+    return ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def grid_group_counts(shape: tuple[int, int]) -> set[int]:
+    """The scale counts QUANT_GRID allows for a weight of this shape: one per tensor, one per output row,
+    one per group of g consecutive weights for each g of GROUP_SIZES that divides the element count."""
+    numel = math.prod(shape)
+    return {1, shape[0]} | {numel // g for g in GROUP_SIZES if numel % g == 0}
+
+
+def _layer_bits(entry: dict) -> tuple[float, int]:
+    """(bits, quantized weights) of one checked entry, by the accounting of CODE_BITS and SCALE_BITS."""
+    n_codes = entry["codes"].numel()
+    n_floats = entry["scales"].numel() + (entry["bias"].numel() if entry.get("bias") is not None else 0)
+    return n_codes * CODE_BITS + n_floats * SCALE_BITS, n_codes
+
+
+def bits_per_weight(entries) -> float:
+    """(codes at log2(3) bits + scales and biases at 16 bits) / quantized weights, over checked entries."""
+    bits, weights = map(sum, zip(*(_layer_bits(e) for e in entries)))
+    return bits / weights
+
+
 def _check_ternary_entry(name: str, entry: dict, shape: tuple[int, int]) -> None:
+    """One quantized linear, checked before any value of it is used: types and dtypes first, then shapes,
+    then values (cast to float32, the evaluator's dtype, before their finiteness is checked)."""
+    if not isinstance(entry, dict):
+        raise SubmissionError(f"layer {name}: entry must be a dict of codes/scales/bias, not {_kind(entry)}")
+    unknown = [k for k in entry if k not in ("codes", "scales", "bias")]
+    if unknown:
+        raise SubmissionError(f"layer {name}: unknown keys {_names(unknown)}: an entry holds 'codes', "
+                              "'scales' and optionally 'bias'")
     codes, scales, bias = entry.get("codes"), entry.get("scales"), entry.get("bias")
-    if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor):
-        raise SubmissionError(f"layer {name}: needs tensors 'codes' and 'scales'")
+    if not _plain_tensor(codes) or not _plain_tensor(scales):
+        raise SubmissionError(f"layer {name}: needs tensors 'codes' and 'scales', got {_kind(codes)} and "
+                              f"{_kind(scales)}")
     if codes.dtype != torch.int8:
         raise SubmissionError(f"layer {name}: codes are {codes.dtype}, must be torch.int8")
     if tuple(codes.shape) != shape:
@@ -552,56 +630,152 @@ def _check_ternary_entry(name: str, entry: dict, shape: tuple[int, int]) -> None
     bad = ((codes != -1) & (codes != 0) & (codes != 1)).sum().item()
     if bad:
         raise SubmissionError(f"layer {name}: {bad} codes are not in {{-1, 0, 1}}: not ternary")
-    if scales.dim() != 1 or scales.numel() == 0 or codes.numel() % scales.numel():
-        raise SubmissionError(f"layer {name}: scales must be 1-D with a group count dividing "
-                              f"{codes.numel()}, got shape {list(scales.shape)}")
-    if not scales.is_floating_point() or not torch.isfinite(scales).all():
-        raise SubmissionError(f"layer {name}: scales must be finite floats")
-    if bias is not None and (tuple(bias.shape) != (shape[0],) or not torch.isfinite(bias).all()):
-        raise SubmissionError(f"layer {name}: bias must be finite with shape [{shape[0]}], "
-                              f"got {list(bias.shape)}")
+    if scales.dim() != 1 or not scales.is_floating_point():
+        raise SubmissionError(f"layer {name}: scales must be a 1-D float tensor, got {_kind(scales)}")
+    allowed = grid_group_counts(shape)
+    if scales.numel() not in allowed:
+        n, numel = scales.numel(), math.prod(shape)
+        bits = _layer_bits({"codes": codes, "scales": scales})[0] / numel
+        raise SubmissionError(
+            f"layer {name}: {n} scales for its {list(shape)} weight" + (f", one per {numel / n:.4g} weights" if n else "")
+            + f", would be {bits:.3f} bits per weight: off the quantization grid, which allows only {QUANT_GRID} "
+            f"({', '.join(map(str, sorted(allowed)))} scales for this layer; in train.py GROUP_SIZE = 32 | 64 | 128 "
+            '| 256 | "row" | "tensor")')
+    if not torch.isfinite(scales.float()).all():
+        raise SubmissionError(f"layer {name}: scales must be finite floats (as float32, the evaluator's dtype)")
+    if bias is not None:
+        if not _plain_tensor(bias) or not bias.is_floating_point() or tuple(bias.shape) != (shape[0],):
+            raise SubmissionError(f"layer {name}: bias must be a float tensor of shape [{shape[0]}], got {_kind(bias)}")
+        if not torch.isfinite(bias.float()).all():
+            raise SubmissionError(f"layer {name}: bias must be finite (as float32, the evaluator's dtype)")
 
 
 def dequantize(entry: dict) -> torch.Tensor:
-    """W = (codes viewed as [n_groups, -1] * scales[:, None]) viewed as [out, in]."""
-    codes, scales = entry["codes"], entry["scales"]
-    grouped = codes.float().view(scales.numel(), -1) * scales.float()[:, None]
-    return grouped.view(codes.shape)
+    """W = (codes viewed as [n_groups, -1] * scales[:, None]) viewed as [out, in], in float32.
+    Only the shapes are checked here; _check_ternary_entry checks the rest against the base model."""
+    codes = entry.get("codes") if isinstance(entry, dict) else None
+    scales = entry.get("scales") if isinstance(entry, dict) else None
+    if not (_plain_tensor(codes) and codes.dtype == torch.int8 and codes.dim() == 2 and _plain_tensor(scales)
+            and scales.is_floating_point() and scales.dim() == 1 and scales.numel()
+            and codes.numel() % scales.numel() == 0):
+        raise SubmissionError(f"cannot dequantize {_kind(codes)} codes with {_kind(scales)} scales: codes must be "
+                              "int8 [out, in], scales a 1-D float tensor whose length divides the codes' count")
+    grouped = codes.float().reshape(scales.numel(), -1) * scales.float()[:, None]
+    return grouped.reshape(codes.shape)
+
+
+def submission_limits() -> tuple[int, int]:
+    """(bytes, zip members): the most a submission for AR_MODEL's shapes can hold uncompressed: int8 codes,
+    the grid's most scales and a bias per linear, the full-precision parameters, all float32, plus the slack."""
+    skeleton = _base_skeleton()
+    targets = targeted_linears(skeleton)
+    nbytes = 0
+    for name in targets:
+        shape = tuple(skeleton.get_submodule(name).weight.shape)
+        nbytes += math.prod(shape) + 4 * (max(grid_group_counts(shape)) + shape[0])
+    params = dict(skeleton.named_parameters())
+    fp = _fp_names(skeleton, targets)
+    nbytes += sum(4 * params[n].numel() for n in fp)
+    return nbytes + SUBMISSION_SLACK_BYTES, 3 * len(targets) + len(fp) + SUBMISSION_SLACK_MEMBERS
+
+
+def _check_submission_zip(file, path: Path, max_bytes: int, max_members: int) -> None:
+    """Refuse, before torch.load reads a byte of it, an archive that is cut or damaged, has a compressed
+    member (it could inflate without bound: 2 MB on disk became 2.2 GB) or holds more than max_bytes."""
+    how = "write it with prepare.submit"
+    size = os.fstat(file.fileno()).st_size
+    if size > max_bytes:
+        raise SubmissionError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a submission for this model "
+                              f"can need (int8 codes, float32 scales, biases and parameters): {how}")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            members = archive.infolist()
+    except Exception as exc:  # zipfile raises several types for a cut or damaged archive
+        raise SubmissionError(f"{path} is not a torch submission file (not a complete zip archive: "
+                              f"{type(exc).__name__}: {_one_line(exc)}): {how}") from None
+    if len(members) > max_members:
+        raise SubmissionError(f"{path} has {len(members):,} zip members, more than the {max_members} a submission "
+                              f"for this model can need: {how}")
+    total = 0
+    for member in members:
+        label = repr(member.filename[:100])
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise SubmissionError(f"{path}: zip member {label} is compressed (method {member.compress_type}): "
+                                  "torch.save stores every member as is, and a compressed one can inflate far "
+                                  f"beyond its size on disk: {how}")
+        if member.file_size != member.compress_size:
+            raise SubmissionError(f"{path}: zip member {label} declares {member.file_size:,} bytes but stores "
+                                  f"{member.compress_size:,}: a damaged or forged archive: {how}")
+        total += member.file_size
+    if total > max_bytes:
+        raise SubmissionError(f"{path}: its zip members hold {total:,} bytes, more than the {max_bytes:,} a "
+                              f"submission for this model can need: {how}")
 
 
 def load_submission(path: str | Path) -> dict:
+    """The submission at path, loaded with weights_only=True after its zip passed _check_submission_zip
+    (the same open file: a rename in between changes nothing). SubmissionError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"no submission at {path}")
+    max_bytes, max_members = submission_limits()
     try:
-        sub = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:
-        raise SubmissionError(f"{path} is not a torch submission file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+        file = open(path, "rb")
+    except OSError as exc:
+        raise SubmissionError(f"cannot read the submission {path}: {exc}") from None
+    with file:
+        _check_submission_zip(file, path, max_bytes, max_members)
+        file.seek(0)
+        try:
+            sub = torch.load(file, weights_only=True, map_location="cpu")
+        except Exception as exc:  # torch.load raises many types for a damaged file
+            raise SubmissionError(f"{path} is not a torch submission file ({type(exc).__name__}: "
+                                  f"{_one_line(exc)})") from None
     if not isinstance(sub, dict) or not {"ternary", "fp"} <= set(sub) \
             or not isinstance(sub["ternary"], dict) or not isinstance(sub["fp"], dict):
         raise SubmissionError(f"{path} is not a submission: expected a dict with 'ternary' and 'fp'")
+    unknown = [k for k in sub if k not in ("ternary", "fp", "meta")]
+    if unknown:
+        raise SubmissionError(f"{path}: unknown keys {_names(unknown)}: a submission holds 'ternary', 'fp' "
+                              "and 'meta' (write it with prepare.submit)")
     return sub
 
 
-def build_submitted_model(sub: dict) -> tuple[torch.nn.Module, float]:
+def build_submitted_model(sub: dict) -> tuple[torch.nn.Module, dict]:
     """The base architecture from AR_MODEL's config with the submission's weights; returns the model
-    and the zero fraction of its ternary codes. Raises SubmissionError on anything not ternary."""
+    and {"zero_frac" (of its ternary codes), "bits_per_weight"}. Raises SubmissionError on anything
+    not ternary, off the grid, of the wrong type or shape, or not finite."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(load_config(), dtype=torch.float32)
     targets = targeted_linears(model)
     modules = dict(model.named_modules())
-    extra = sorted(set(sub["ternary"]) - set(targets))
+    ternary, fp = sub["ternary"], sub["fp"]
+    extra = [k for k in ternary if k not in modules or k not in targets]
     if extra:
-        raise SubmissionError(f"ternary entries {extra[:3]} are not linears of the base model")
-    zeros = total = 0
+        raise SubmissionError(f"ternary entries {_names(extra)} are not linears of the base model")
+    absent = [name for name in targets if name not in ternary]
+    if absent:
+        raise SubmissionError(f"layer {absent[0]} is missing from the submission's ternary weights")
+    params = dict(model.named_parameters())
+    expected = _fp_names(model, targets)
+    missing = [n for n in expected if n not in fp]
+    unexpected = [n for n in fp if n not in params or n not in expected]
+    if missing or unexpected:
+        raise SubmissionError(f"full-precision parameters do not match the base model: missing "
+                              f"{_names(missing) or 'none'}, unexpected {_names(unexpected) or 'none'}")
+    zeros = 0
     with torch.no_grad():
+        for name in expected:  # first: a linear's own bias among them must not overwrite its ternary bias
+            value = fp[name]
+            if not _plain_tensor(value) or not value.is_floating_point() or value.shape != params[name].shape:
+                raise SubmissionError(f"full-precision parameter {name}: expected a float tensor of shape "
+                                      f"{list(params[name].shape)}, got {_kind(value)}")
+            value = value.float()
+            if not torch.isfinite(value).all():
+                raise SubmissionError(f"full-precision parameter {name} has NaN or inf values (as float32)")
+            params[name].copy_(value)
         for name in targets:
-            if name not in sub["ternary"]:
-                raise SubmissionError(f"layer {name} is missing from the submission's ternary weights")
-            entry, linear = sub["ternary"][name], modules[name]
-            if not isinstance(entry, dict):
-                raise SubmissionError(f"layer {name}: entry must be a dict of codes/scales/bias")
+            entry, linear = ternary[name], modules[name]
             _check_ternary_entry(name, entry, tuple(linear.weight.shape))
             linear.weight.copy_(dequantize(entry))
             if entry.get("bias") is not None:
@@ -610,24 +784,50 @@ def build_submitted_model(sub: dict) -> tuple[torch.nn.Module, float]:
                     linear.bias = torch.nn.Parameter(bias.clone())
                 else:
                     linear.bias.add_(bias)
+                    if not torch.isfinite(linear.bias).all():
+                        raise SubmissionError(f"layer {name}: bias plus the parameter {name}.bias overflows float32")
             zeros += (entry["codes"] == 0).sum().item()
-            total += entry["codes"].numel()
-        params = dict(model.named_parameters())
-        expected = _fp_names(model, targets)
-        missing = [n for n in expected if n not in sub["fp"]]
-        unexpected = [n for n in sub["fp"] if n not in expected]
-        if missing or unexpected:
-            raise SubmissionError(f"full-precision parameters do not match the base model: missing "
-                                  f"{missing[:3]}, unexpected {unexpected[:3]}")
-        for name in expected:
-            value = sub["fp"][name]
-            if not isinstance(value, torch.Tensor) or value.shape != params[name].shape:
-                raise SubmissionError(f"full-precision parameter {name}: expected shape "
-                                      f"{list(params[name].shape)}")
-            if not torch.isfinite(value).all():
-                raise SubmissionError(f"full-precision parameter {name} has NaN or inf values")
-            params[name].copy_(value.float())
-    return model, zeros / max(total, 1)
+    codes = sum(ternary[name]["codes"].numel() for name in targets)
+    return model, {"zero_frac": zeros / max(codes, 1),
+                   "bits_per_weight": bits_per_weight(ternary[name] for name in targets)}
+
+
+def safe_meta(meta) -> tuple[dict, list[str]]:
+    """The submission's meta as the eval JSON carries it: ({name: finite int or float}, [names dropped]).
+    A name is kept when it is a str matching META_NAME (at most META_MAX_KEYS of them) and its value a finite
+    int (|n| < 2**63) or float, or a 0-d tensor holding one; everything else is dropped and named (cut to 64
+    characters, at most META_MAX_DROPPED). The keys prepare.submit adds itself (model, protocol) are left out:
+    the eval JSON has the evaluator's own."""
+    if meta is None:
+        return {}, []
+    if not isinstance(meta, dict):
+        return {}, ["meta"]
+    kept, dropped = {}, []
+    for key, value in meta.items():
+        if key in ("model", "protocol"):
+            continue
+        number = _finite_number(value)
+        if isinstance(key, str) and META_NAME.fullmatch(key) and number is not None and len(kept) < META_MAX_KEYS:
+            kept[key] = number
+        elif len(dropped) < META_MAX_DROPPED:
+            name = key if isinstance(key, str) else f"<{type(key).__name__}>"
+            dropped.append(re.sub(r"[^\x20-\x7e]", "?", name[:64]))
+    return kept, dropped
+
+
+def _finite_number(value) -> int | float | None:
+    if isinstance(value, torch.Tensor):
+        if not _plain_tensor(value) or value.dim() != 0:
+            return None
+        try:
+            value = value.item()
+        except Exception:  # a dtype without a Python number
+            return None
+    if type(value) is int:
+        return value if abs(value) < 2**63 else None
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    return None
 
 
 # ---------------------------------------------------------------- evaluation
@@ -660,13 +860,15 @@ def evaluate(path: str | Path | None, split: str = "validation", max_windows: in
     """Score a submission (or, with path None, the unquantized base model) by the protocol."""
     start = time.time()
     if path is None:
-        model, zero_frac = load_model(), None
+        model, stats, (meta, dropped) = load_model(), {"zero_frac": None, "bits_per_weight": None}, ({}, [])
     else:
-        model, zero_frac = build_submitted_model(load_submission(path))
+        sub = load_submission(path)
+        model, stats = build_submitted_model(sub)
+        meta, dropped = safe_meta(sub.get("meta"))
     result = perplexity(model, load_tokens(split, expect_tokens), max_windows)
-    return {**result, "split": split, "zero_frac": zero_frac, "eval_s": round(time.time() - start, 3),
+    return {**result, "split": split, **stats, "eval_s": round(time.time() - start, 3),
             "max_windows": max_windows, "protocol": PROTOCOL_VERSION, "device": device().type,
-            "submission": str(path) if path else None}
+            "submission": str(path) if path else None, "meta": meta, "meta_dropped": dropped}
 
 
 # ---------------------------------------------------------------- ledger
@@ -857,8 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         label = "val_ppl" if args.split == "validation" else "test_ppl"
+        bits = f", {result['bits_per_weight']:.3f} bits per weight" if result["bits_per_weight"] else ""
         print(f"{label}: {result['ppl']:.4f}  ({result['windows']} windows, {result['tokens']} tokens, "
-              f"{result['eval_s']:.1f} s, protocol {protocol_label(result)})")
+              f"{result['eval_s']:.1f} s, protocol {protocol_label(result)}{bits})")
     return 0
 
 

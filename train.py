@@ -28,7 +28,7 @@ TWO_PHASE_LEVEL = 0.8           # ... which brings λ to this level; the slow ph
 EXP_SHARPNESS = 5.0             # exponential: λ = (1 − e^(−k·t)) / (1 − e^(−k))
 
 # ---------------------------------------------------------------- ternary quantizer
-GROUP_SIZE = "row"              # 32 | 64 | 128 | 256 | "row" (per output row) | "tensor"
+GROUP_SIZE = "row"              # 32 | 64 | 128 | 256 | "row" (per output row) | "tensor"; nothing else scores
 SCALE_RULE = "mean"             # mean: s = mean|w| (BitNet b1.58) | absmax: s = max|w|
 THRESHOLD = 0.5                 # |w|/s below this → 0; 0.5 is round(clamp(w/s, −1, 1))
 
@@ -103,6 +103,8 @@ def n_groups(weight: torch.Tensor) -> int:
         return 1
     if GROUP_SIZE == "row":
         return weight.shape[0]
+    if type(GROUP_SIZE) is not int or GROUP_SIZE not in prepare.GROUP_SIZES:
+        raise ValueError(f"GROUP_SIZE {GROUP_SIZE!r} is off the evaluator's grid: {prepare.QUANT_GRID}")
     if weight.numel() % GROUP_SIZE:
         raise ValueError(f"GROUP_SIZE {GROUP_SIZE} does not divide a {list(weight.shape)} weight")
     return weight.numel() // GROUP_SIZE
