@@ -2,7 +2,10 @@
 attack must be blocked by the sandbox (Landlock) or detected by a check, and every recorded score must be
 honest: each hostile train.py submits a copy of the same deterministic ternary model, so an honest score
 equals the baseline's, which is re-scored here from pristine inputs. Attacks the sandbox must refuse share
-a train.py (a few runs, not one per attack); each records its own outcome, checked by name."""
+a train.py (a few runs, not one per attack); each records its own outcome, checked by name. The driver removes
+each run's folder (work/) after the run: what a test needs of a run leaves it through train.py's output, which
+the driver keeps in runs/<tag>/<n>/train.log, and processes that outlive train.py write there too (they keep its
+stdout): the evidence of a leftover that escaped the driver's kill."""
 import json
 import os
 import shutil
@@ -10,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -17,13 +21,18 @@ import pytest
 
 import sandbox
 from conftest import REQUIRE_ASSETS
-from driver_helpers import AGENT, ROOT, TAG, agent_env, ledger, make_research_repo
+from driver_helpers import AGENT, ROOT, TAG, agent_env, ledger, make_research_repo, processes_in
 from fake_llm import FakeLLM
 
 HOSTILE = Path(__file__).resolve().parent / "hostile"
 TEMPLATE = (HOSTILE / "template.py").read_text()
 SECRET = "sk-test-secret-key"
 DENIALS = ("Permission denied", "Operation not permitted", "no environ with a key was readable")
+PROBE = "PROBE "  # an attack's outcome in train.log (tests/hostile/template.py)
+UNIX_SOCKETS = "UNIX-SOCKETS "  # what the known limit's attack saw, in train.log
+SWAPPING = "daemon: swapping the submission"  # the daemon began its swap (train.log: its stdout is train.py's)
+LEFTOVER_WROTE = ("the submission was written after train.py exited, by a process it left behind",  # agent.py
+                  "a process train.py left behind held the submission open for writing or mapped shared")
 
 
 # started by the last attack: waits for train.py to exit, then makes the submission score differently
@@ -31,28 +40,35 @@ DAEMON = '''import os, time
 from pathlib import Path
 import torch
 run = Path({run!r})
-(run / "daemon.pid").write_text(str(os.getpid()))  # ready: train.py waits for this, then exits
+(run / "daemon.ready").write_text("")  # train.py waits for this, then exits
 while Path("/proc/{parent}").exists():
     time.sleep(0.01)
 sub = torch.load(run / "submission.pt", weights_only=True)
 sub["fp"] = {{k: v * 1.5 for k, v in sub["fp"].items()}}
-(run / "swapping").write_text("")  # a kill may land while the file is half written
+print({swapping!r}, flush=True)  # a kill may land while the file is half written
 torch.save(sub, run / "submission.pt")
 '''
 
 
 # ignores SIGTERM and forks away every 20 ms (a new pid each generation): a list of pids taken once misses it.
-# It tries to replace the driver's eval log (beside its own folder) with a forged score. Bounded: 60 s or a
-# stop file.
+# Each generation says its pid in train.log (it keeps train.py's stdout, and lives on when that breaks). It
+# tries to replace the driver's eval log (beside its own folder) with a forged score. Bounded: 60 s or the
+# test's stop file (outside the repository: Landlock lets it see whether the file exists, not read it).
 HOPPER = r'''import json, os, signal, sys, time
 from pathlib import Path
-work = Path(sys.argv[1])
+work, stop = Path(sys.argv[1]), Path(sys.argv[2])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-end = time.time() + 60
-while time.time() < end and not (work / "stop").exists():
+end, first = time.time() + 60, True
+while time.time() < end and not stop.exists():
     if os.fork():
         os._exit(0)
-    (work / "hopper.pid").write_text(str(os.getpid()))
+    try:
+        print("hopper pid", os.getpid(), flush=True)
+    except OSError:
+        pass
+    if first:  # train.py may exit now (later generations write nothing in work/: the driver removes it)
+        (work / "hopper.ready").write_text("")
+        first = False
     for log in work.parent.glob("eval*.log"):
         try:
             log.write_text(json.dumps({"ppl": 1.0, "windows": 2, "protocol": 1, "max_windows": 2}) + "\n")
@@ -153,7 +169,7 @@ def attacks(ctx: dict) -> dict[str, str]:
         except OSError as exc:
             stolen.append(f"{pid}: {exc}")
         pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    (RUN / "stolen.txt").write_text("\\n".join(stolen))
+    print("\\n".join(stolen))
     if any("KEY" in s for s in stolen):
         raise RuntimeError("no error, and a key was read")
     raise PermissionError("no environ with a key was readable")""",
@@ -175,7 +191,7 @@ def attacks(ctx: dict) -> dict[str, str]:
                 reached.append(name)
             except OSError as exc:
                 refused[name] = str(exc)
-    (RUN / "unix-sockets.json").write_text(json.dumps({{"listed": found, "reached": reached, "refused": refused}}))""",
+    print({UNIX_SOCKETS!r} + json.dumps({{"listed": found, "reached": reached, "refused": refused}}), flush=True)""",
         # the network, signals, the home folder, processes that outlive the run
         "a network connection to a local listener": f"""
     import socket
@@ -211,14 +227,15 @@ def attacks(ctx: dict) -> dict[str, str]:
         "a leftover that keeps changing its pid": f"""
     import subprocess, sys
     (RUN / "hopper.py").write_text({HOPPER!r})
-    subprocess.Popen([sys.executable, str(RUN / "hopper.py"), str(RUN)], stdout=subprocess.DEVNULL,
+    subprocess.Popen([sys.executable, str(RUN / "hopper.py"), str(RUN), {str(ctx['stop'])!r}],
                      stderr=subprocess.DEVNULL)
-    wait_for(RUN / "hopper.pid")""",
+    wait_for(RUN / "hopper.ready")""",
         "a child that outlives train.py and swaps the submission": f"""
     import subprocess, sys
-    (RUN / "daemon.py").write_text({DAEMON!r}.format(parent=os.getpid(), run=str(RUN)))
-    subprocess.Popen([sys.executable, str(RUN / "daemon.py")], start_new_session=True)
-    wait_for(RUN / "daemon.pid")""",
+    (RUN / "daemon.py").write_text({DAEMON!r}.format(parent=os.getpid(), run=str(RUN), swapping={SWAPPING!r}))
+    daemon = subprocess.Popen([sys.executable, str(RUN / "daemon.py")], start_new_session=True)
+    print("daemon pid", daemon.pid, flush=True)
+    wait_for(RUN / "daemon.ready")""",
     }
 
 
@@ -299,11 +316,11 @@ def hostile_world(tmp_path, tiny_assets, honest_submission):
     env = {"AR_MODEL": str(assets / "model"), "AR_DATA": str(assets / "data"), "AR_CACHE": str(assets / "cache"),
            "AR_DATA_SHA256": tiny_assets["data_sha256"], "HOME": str(home),
            "SSH_AUTH_SOCK": str(tmp_path / f"{agent_name}.sock")}
-    ctx = {"marker": tmp_path / "hook-ran", "port": tcp.sock.getsockname()[1], "agent": agent_name}
+    ctx = {"marker": tmp_path / "hook-ran", "port": tcp.sock.getsockname()[1], "agent": agent_name,
+           "stop": tmp_path / "stop-leftovers"}
     yield {"repo": repo, "env": env, "ctx": ctx, "home": home, "tcp": tcp, "agent_sock": agent_sock,
            "abstract": abstract, "assets": assets, "tmp": tmp_path}
-    for work in (repo / "runs" / TAG).glob("*/work"):  # a hopper that escaped ends itself at this file
-        (work / "stop").write_text("")
+    ctx["stop"].write_text("")  # a hopper that escaped ends itself at this file
     subprocess.run(["rm", "-rf", str(repo / "runs")], check=False)  # a deep tree defeats pytest's own cleanup
     for listener in (tcp, agent_sock, abstract):
         listener.close()
@@ -344,14 +361,33 @@ def digests(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def train_log(repo: Path, experiment: int) -> str:
+    return (repo / "runs" / TAG / str(experiment) / "train.log").read_text()
+
+
+def logged(log: str, prefix: str) -> list[str]:
+    """The rest of each line of `log` that starts with `prefix`."""
+    return [line.removeprefix(prefix) for line in log.splitlines() if line.startswith(prefix)]
+
+
 def probes(repo: Path) -> dict[str, str]:
-    """attack -> its outcome, as each run's train.py recorded it (read before anything else is asserted:
+    """attack -> its outcome, as each run's train.py printed it (read before anything else is asserted:
     a driver killed by an attack still names the attack)."""
     found = {}
-    for path in (repo / "runs" / TAG).glob("*/work/probes.jsonl"):
-        for line in path.read_text().splitlines():
+    for path in (repo / "runs" / TAG).glob("*/train.log"):
+        for line in logged(path.read_text(), PROBE):
             record = json.loads(line)
             found[record["attack"]] = record["outcome"]
+    return found
+
+
+def leftovers(repo: Path, looks: int = 10) -> list:
+    """Processes whose folder is in the repository (a run's work/, removed or not), over several looks: a
+    process that forks away every 20 ms can slip past one list of the machine's processes."""
+    found = []
+    for _ in range(looks):
+        found += processes_in(repo)
+        time.sleep(0.05)
     return found
 
 
@@ -396,28 +432,32 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
     for path in (repo / "runs").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    for name, leftover in (("a child that outlives train.py and swaps the submission", "daemon.pid"),
-                           ("a leftover that keeps changing its pid", "hopper.pid")):
-        pid = repo / "runs" / TAG / str(experiment_of(runs, name)) / "work" / leftover
-        assert pid.exists() and not Path(f"/proc/{pid.read_text()}").exists(), f"{leftover}: outlived the run"
-    assert len(list((repo / "runs" / TAG).glob("*/work/tmp"))) == 0  # even the deep tree was removed
-    check_the_known_limit(world, done.stdout, experiment_of(runs, LIMIT))
+    for name, leftover in (("a child that outlives train.py and swaps the submission", "daemon pid "),
+                           ("a leftover that keeps changing its pid", "hopper pid ")):
+        pids = logged(train_log(repo, experiment_of(runs, name)), leftover)  # the hopper's last generation last
+        assert pids and not Path(f"/proc/{pids[-1]}").exists(), f"{name}: outlived the run ({leftover}{pids[-1:]})"
+    assert leftovers(repo) == [], "processes of the runs outlived them"
+    assert list((repo / "runs" / TAG).glob("*/work*")) == []  # every run's folder was removed, the deep tree too
+    check_the_known_limit(world, done.stdout, train_log(repo, experiment_of(runs, LIMIT)))
 
 
 def honest_or_caught(row, folder: Path, honest: float) -> bool:
     """A discard with the honest score or, once the daemon began to swap the submission after train.py
-    exited (the driver's kill may land in the middle of its write), a crash saying so. Never another score."""
+    exited (train.log says so: the driver's stop may land in the middle of its write), a crash saying that a
+    leftover wrote the submission after the exit, or held it open for writing at the exit. Never another score."""
     scored_honestly = row["status"] == "discard" and row["val_ppl"] == pytest.approx(honest, rel=1e-9)
-    caught = row["status"] == "crash" and "after train.py exited" in row["reason"]
-    return scored_honestly or (caught and (folder / "work" / "swapping").exists())
+    caught = row["status"] == "crash" and any(why in row["reason"] for why in LEFTOVER_WROTE)
+    return scored_honestly or (caught and SWAPPING in (folder / "train.log").read_text().splitlines())
 
 
-def check_the_known_limit(world: dict, driver_output: str, experiment: int) -> None:
+def check_the_known_limit(world: dict, driver_output: str, log: str) -> None:
     """README, Known limits: with Landlock, a pathname unix socket (an ssh-agent's) can be connected to when
     train.py finds its path, and /proc/net/unix lists it; an abstract one cannot (scoped, ABI 6+). The
     driver warns when SSH_AUTH_SOCK is set. Exactly that, no more and no less, is what the attack saw."""
     agent_path, abstract = world["env"]["SSH_AUTH_SOCK"], "@" + world["ctx"]["agent"]
-    seen = json.loads((world["repo"] / "runs" / TAG / str(experiment) / "work" / "unix-sockets.json").read_text())
+    seen = logged(log, UNIX_SOCKETS)
+    assert len(seen) == 1, f"the attack printed no {UNIX_SOCKETS}line (or several): {log[-2000:]}"
+    seen = json.loads(seen[0])
     assert sorted(seen["listed"]) == sorted([agent_path, abstract]), f"/proc/net/unix did not list both: {seen}"
     assert seen["reached"] == [agent_path] and world["agent_sock"].connections == [b"stolen"], \
         f"README says a pathname socket is reachable under Landlock ABI <= 7; update it if that changed: {seen}"
@@ -458,3 +498,4 @@ def test_without_landlock_the_checks_catch_what_the_evaluator_depends_on(hostile
     assert (repo / "program.md").read_text() == (ROOT / "program.md").read_text()
     assert (repo / "prepare.py").read_bytes() == (ROOT / "prepare.py").read_bytes()
     assert not (repo / "sitecustomize.py").exists()
+    assert leftovers(repo) == [], "processes of the runs outlived them"

@@ -88,13 +88,14 @@ def test_a_child_rewriting_the_submission_the_instant_train_py_exits_is_not_scor
     assert check_invariants(repo) == []
 
 
-# a stray that holds nothing of the submission and ignores SIGTERM: it says every 50 ms that it still lives
+# a stray that holds nothing of the submission and ignores SIGTERM: it says every 50 ms that it still lives, in
+# train.log (it keeps train.py's stdout; the driver removes work/ after the run)
 HARMLESS_STRAY = """
 main()
-stray = "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True:\\n    open('alive', 'w').write(repr(time.time()))\\n    time.sleep(0.05)"
-subprocess.Popen([sys.executable, "-c", stray], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+stray = "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True:\\n    print('alive', repr(time.time()), flush=True)\\n    time.sleep(0.05)"
+subprocess.Popen([sys.executable, "-c", stray], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 time.sleep(0.5)
-open("exited", "w").write(repr(time.time()))
+print("exited", repr(time.time()), flush=True)
 """
 
 
@@ -107,8 +108,12 @@ def test_a_stray_after_a_clean_exit_is_killed_at_once_and_the_run_is_scored(repo
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     row = ledger(repo).iloc[1]
     assert row["status"] == "keep" and row["val_ppl"] == 19.0, row.to_dict()
-    work = repo / "runs" / TAG / "1" / "work"
-    outlived = float((work / "alive").read_text()) - float((work / "exited").read_text())
+    said = {}  # the last time each said it: the stray, alive; train.py, that it exits
+    for line in (repo / "runs" / TAG / "1" / "train.log").read_text().splitlines():
+        if line.split(" ")[0] in ("alive", "exited"):
+            said[line.split(" ")[0]] = float(line.split(" ")[1])
+    assert said.keys() == {"alive", "exited"}, said
+    outlived = said["alive"] - said["exited"]
     assert outlived < 1.0, f"the stray lived {outlived:.1f} s past train.py's exit"
     assert processes_in(repo) == []
 
@@ -219,11 +224,20 @@ def test_a_machine_short_of_memory_stops_the_run_and_says_so(repo, llm):
 
 @pytest.mark.parametrize("landlock", [True, False], ids=["landlock", "unsandboxed"])
 def test_out_of_memory_the_kernel_kills_the_run_first(tmp_path, landlock):
-    probe = [sys.executable, "-c", "import os; print('oom', open('/proc/self/oom_score_adj').read().strip(), "
-                                   "'child', os.popen('cat /proc/self/oom_score_adj').read().strip())"]
+    """The command and its children. A child's value is read here, from outside: under Landlock a child of the
+    command reads no /proc/<pid>, not even its own."""
+    probe = [sys.executable, "-c", "import subprocess, sys; child = subprocess.Popen(['sleep', '60']); "
+                                   "print('oom', open('/proc/self/oom_score_adj').read().strip(), 'child', child.pid, "
+                                   "flush=True); sys.stdin.readline(); child.kill()"]
     cmd = sandbox.wrap(probe, read=[], write=[tmp_path]) if landlock else sandbox.wrap_unconfined(probe)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout.split() == ["oom", "1000", "child", "1000"], done.stdout + done.stderr
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        said = proc.stdout.readline().split()  # the child lives until the probe reads a line
+        child = Path(f"/proc/{said[-1]}/oom_score_adj").read_text().strip() if len(said) == 4 else ""
+    finally:
+        _, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and said[:3] == ["oom", "1000", "child"] and child == "1000", (said, child, err)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""A hostile train.py for the sandbox tests: it tries its attacks one after another, records each one's
-outcome in probes.jsonl beside its submission (the test checks every attack by name), then submits honestly:
-a copy of honest.pt, the deterministic ternary model the test built once by running this file where no
-honest.pt lies beside it. So every run of the corpus has the same honest score, and no run loads a model."""
+"""A hostile train.py for the sandbox tests: it tries its attacks one after another, prints each one's
+outcome, a line `PROBE {json}` (the driver keeps the output in train.log and removes the run's folder; the
+test checks every attack by name), then submits honestly: a copy of honest.pt, the deterministic ternary
+model the test built once by running this file where no honest.pt lies beside it. So every run of the
+corpus has the same honest score, and no run loads a model."""
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import prepare
 REPO = Path(__file__).resolve().parent
 RUN = Path(os.environ.get("AR_SUBMISSION", REPO / "runs" / "manual" / "submission.pt")).parent
 HONEST = REPO / "honest.pt"
+PROBE = "PROBE "  # an attack's outcome in the output: train.log outlives the run's folder
 
 
 def wait_for(path: Path, timeout: float = 60) -> None:
@@ -51,9 +53,7 @@ def main() -> None:
             outcome = "ATTACK finished without an error"
         except Exception as exc:  # the sandbox said no: carry on with the next attack, then submit honestly
             outcome = f"ATTACK blocked: {type(exc).__name__}: {exc}"
-        print(f"{outcome} [{name}]", flush=True)
-        with open(RUN / "probes.jsonl", "a") as f:
-            f.write(json.dumps({"attack": name, "outcome": outcome}) + "\n")
+        print(PROBE + json.dumps({"attack": name, "outcome": outcome}), flush=True)
     submit_honestly()
 
 
