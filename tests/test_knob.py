@@ -156,6 +156,6 @@ def test_knob_night_sends_the_schema_and_records_bad_values_as_invalid(tmp_path)
     assert rows["reason"][2] == 'PPL = "low" is of type str, but PPL is of type float (now 18.0)'
     request = llm.requests[0]
     schema = request["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["set"]["propertyNames"]["enum"] == ["PPL", "PPL_SCALE", "MODE", "SLEEP_S"]
+    assert schema["properties"]["set"]["propertyNames"]["enum"] == ["PPL", "PPL_SCALE", "MODE", "SLEEP_S", "GO_FILE", "META"]
     assert request["max_tokens"] == agent.KNOB_REPLY_TOKENS and "PPL = 20.0" in request["messages"][1]["content"]
     assert check_invariants(repo) == []

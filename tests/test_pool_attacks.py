@@ -24,6 +24,9 @@ def cross_attack() -> None:
     a file in its own folder and waits for its neighbour's before it attacks, and for the neighbour's attack to end
     before it exits: a target that is not there (ENOENT) would say nothing about the sandbox."""
     import errno
+
+    def run_folder() -> Path:  # this run's work/, the one folder it may write
+        return Path(os.environ["AR_SUBMISSION"]).parent
     me = Path(__file__).resolve().parent  # runs/<tag>/<n>/tree
     runs, root = me.parent.parent, me.parents[3]
     if me.parent.name == "0":  # the baseline: alone

@@ -288,8 +288,9 @@ def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path
 def test_a_driver_that_meets_a_full_disk_while_deciding_stops_and_writes_the_rows_at_its_restart(tmp_path, llm):
     with small_disk(tmp_path / "disk", "16m") as disk:
         repo = make_research_repo(disk / "research")
-        assert run_agent(repo, llm.url, "--max-experiments", "0").returncode == 0
-        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--no-pipeline", AR_TEST_PAUSE="deciding:4")
+        small = {"AR_DISK_RESERVE_MB": "1"}  # the run's watchdog keeps 1 GB free by default: more than this disk
+        assert run_agent(repo, llm.url, "--max-experiments", "0", **small).returncode == 0
+        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--no-pipeline", AR_TEST_PAUSE="deciding:4", **small)
         try:
             wait_for_phase(repo, "deciding", experiment=1, timeout=120)
             filler = fill(disk)
@@ -301,7 +302,7 @@ def test_a_driver_that_meets_a_full_disk_while_deciding_stops_and_writes_the_row
         assert "could not write experiment 1's ledger rows: No space left on device" in out and "Traceback" not in out
         assert agent.read_ledger(repo / "results.tsv")["experiment"].tolist() in ([0], [0, 1])  # whole rows only
         filler.unlink()
-        done = run_agent(repo, llm.url, "--max-experiments", "0")
+        done = run_agent(repo, llm.url, "--max-experiments", "0", **small)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "resuming experiment 1: writing its decision" in done.stdout
         rows = ledger(repo)

@@ -75,7 +75,7 @@ def hostile() -> dict:
     sys.stdout.flush()
     sys.stdout.buffer.write(b"\xff\xfe\x00\ttab\r\x1c\x85 \xe2\x80\xa8 line\n" * 50 + b"z" * 100_000 + b"\n")
     sys.stdout.buffer.flush()
-    folder = run_folder()
+    folder = Path(os.environ["AR_SUBMISSION"]).parent  # its work/, the one folder it may write
     (folder / "eval.json").write_text('{"ppl": 0.001}')  # a fake result where the driver keeps its own
     (folder / "new\nline\tname").write_bytes(b"\xff\x00")
     os.mkfifo(folder / "fifo")
