@@ -816,6 +816,7 @@ def safe_meta(meta) -> tuple[dict, list[str]]:
 
 
 def _finite_number(value) -> int | float | None:
+    """finite_number for meta: a 0-d tensor's number too; a plain int or float for the JSON (not numpy's)."""
     if isinstance(value, torch.Tensor):
         if not _plain_tensor(value) or value.dim() != 0:
             return None
@@ -823,11 +824,10 @@ def _finite_number(value) -> int | float | None:
             value = value.item()
         except Exception:  # a dtype without a Python number
             return None
-    if type(value) is int:
-        return value if abs(value) < 2**63 else None
-    if type(value) is float:
-        return value if math.isfinite(value) else None
-    return None
+    if type(value) not in (int, float):
+        return None
+    number = finite_number(value)
+    return None if number is None or abs(number) >= 2**63 else number
 
 
 # ---------------------------------------------------------------- evaluation
