@@ -48,7 +48,6 @@ import sandbox
 # ---------------------------------------------------------------- configuration
 TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
-CTIME_TICK_S = 0.05            # more than a tick of the kernel's coarse clock, which stamps a file's ctime
 KILL_GRACE_S = float(os.environ.get("AR_TEST_KILL_GRACE_S", 10))  # SIGTERM → this long → SIGKILL;
 # tests whose children ignore SIGTERM shorten it: the escalation is the same, 1 s or 10
 # What one run (train.py or the evaluator, and all they start) may take of the machine: the driver's watchdog
@@ -990,7 +989,6 @@ class Session:
     child_exited: float = 0.0        # when the last run's main process ended
     child_killed_for: str = ""       # why the watchdog stopped the last run ('' if it did not)
     stray_files: set = field(default_factory=set)  # (device, inode) its leftovers held at its clean exit
-    strays_at_exit: int = 0          # how many processes outlived its clean exit (stopped, then killed)
 
     @property
     def ledger(self) -> Path:
@@ -1587,9 +1585,9 @@ def held_files(pid: int) -> set[tuple[int, int]]:
     return held
 
 
-def freeze_strays(root: int, known: set[int]) -> tuple[int, set[tuple[int, int]]]:
-    """SIGSTOP what outlived root's clean exit (nothing of the run moves any more) and return how many and the
-    files those processes can change: a submission among them could have changed after the exit, through pages a shared
+def freeze_strays(root: int, known: set[int]) -> set[tuple[int, int]]:
+    """SIGSTOP what outlived root's clean exit (nothing of the run moves any more) and return the files those
+    processes can change: a submission among them could have changed after the exit, through pages a shared
     mapping had already dirtied (no ctime moves) or in the instant before this stop."""
     with contextlib.suppress(OSError):
         os.killpg(root, signal.SIGSTOP)  # the group at once
@@ -1602,7 +1600,7 @@ def freeze_strays(root: int, known: set[int]) -> tuple[int, set[tuple[int, int]]
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGSTOP)
         stopped |= new
-    return len(stopped), set().union(*map(held_files, stopped))
+    return set().union(*map(held_files, stopped))
 
 
 def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict,
@@ -1624,8 +1622,7 @@ def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float
         code, session.child_killed_for = watch_run(proc, timeout, session.known_children, log_path.parent)
     finally:
         session.child_exited = time.time()
-        session.strays_at_exit, session.stray_files = (freeze_strays(proc.pid, session.known_children) if code == 0
-                                                       else (0, set()))
+        session.stray_files = freeze_strays(proc.pid, session.known_children) if code == 0 else set()
         # a grace period only for the main process at its limit; strays after a clean exit, a run the watchdog
         # stopped: SIGKILL now
         at_limit = code is None and not session.child_killed_for
@@ -1651,11 +1648,10 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
         return f.read(limit).decode("utf-8", errors="replace")
 
 
-def take_submission(written: Path, kept: Path, exited: float, stray_files: set, strays: int = 0) -> tuple[str, str]:
+def take_submission(written: Path, kept: Path, exited: float, stray_files: set) -> tuple[str, str]:
     """Copy the submission out of train.py's folder as train.py left it (its leftovers are dead by now) into a
     new file of the driver's: a process that kept the old file open or mapped cannot reach the copy. Returns
-    ('' or why it cannot be scored, the copy's sha256). stray_files: what the leftovers held at the exit; strays:
-    how many there were."""
+    ('' or why it cannot be scored, the copy's sha256). stray_files: what the leftovers held at the exit."""
     try:
         fd = os.open(written, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the driver
     except FileNotFoundError:
@@ -1673,11 +1669,6 @@ def take_submission(written: Path, kept: Path, exited: float, stray_files: set, 
         if (info.st_dev, info.st_ino) in stray_files:
             return ("a process train.py left behind held the submission open for writing or mapped shared when train.py "
                     "exited: it could change it after the exit; not scored"), ""
-        # ctime comes from the kernel's coarse clock, a tick behind: a leftover that wrote and closed the file in
-        # the instant between the exit and its stop can leave a ctime just before `exited`
-        if strays and info.st_ctime > exited - CTIME_TICK_S:
-            return ("the submission was written in the instant train.py exited while processes it left behind were "
-                    "running: it may be theirs; not scored"), ""
         with open_new(tmp) as out:
             for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
                 digest.update(chunk)
@@ -1837,7 +1828,7 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
         return {"status": "crash", "reason": f"train.py exited with {code}: {one_line(last[-1] if last else '', 160)}"}
     submission = folder / "submission.pt"
     problem, digest = take_submission(folder / f"work{label}" / "submission.pt", submission, runner.child_exited,
-                                      runner.stray_files, runner.strays_at_exit)
+                                      runner.stray_files)
     if problem:
         return {"status": "crash", "reason": problem}
     # -I: the evaluator must not import modules that train.py may have dropped next to it

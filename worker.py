@@ -41,7 +41,6 @@ class Runner:
     child_exited: float = 0.0
     child_killed_for: str = ""
     stray_files: set = field(default_factory=set)
-    strays_at_exit: int = 0
 
 
 def watch_parent() -> None:
