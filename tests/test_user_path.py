@@ -196,7 +196,7 @@ def test_grammar_replies_from_the_real_llama_cpp_server(llama_server, tmp_path):
     recorder = Recorder(llama_server["url"].removesuffix("/v1"))
     try:
         done = run_agent(repo, recorder.url, "--max-experiments", "1", "--reply-format", "grammar", "--repair-turns", "0",
-                         "--max-tokens", "400", "--llm-timeout", "300", "--no-pipeline", timeout=600)
+                         "--max-tokens", "1000", "--llm-timeout", "300", "--no-pipeline", timeout=600)
     finally:
         recorder.close()
     assert done.returncode == 0, done.stdout[-4000:]
@@ -204,7 +204,11 @@ def test_grammar_replies_from_the_real_llama_cpp_server(llama_server, tmp_path):
     assert request["grammar"] == agent.REPLY_GRAMMAR
     row = ledger(repo).iloc[-1]
     reply = (repo / "runs" / "t" / "1" / "response0.md").read_text()
-    description, blocks, _ = agent.parse_reply(reply, "stop", "grammar")  # the grammar's shape: always parses
+    try:
+        description, blocks, _ = agent.parse_reply(reply, "stop", "grammar")  # the grammar's shape: parses when whole
+    except agent.ReplyError:  # cut at --max-tokens before its block closed (a 135M model's lines can be long)
+        assert row["status"] == "invalid" and row["reason"], (reply, row.to_dict())
+        return
     assert description and blocks, reply
     if row["status"] == "invalid":
         assert isinstance(row["reason"], str) and row["reason"], row.to_dict()
