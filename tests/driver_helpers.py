@@ -131,13 +131,15 @@ def processes_in(repo: Path) -> list:
 
 def wait_for_train_py(repo: Path, timeout: float = 60) -> list:
     """train.py running in the repository (its phase file is written before it starts: a fixed sleep after the
-    phase raced a loaded machine)."""
+    phase raced a loaded machine), past sandbox.py's exec: the wrapper before it still writes its policy line to
+    the driver's pipe, and dies of it when the driver has been killed meanwhile."""
     end = time.time() + timeout
     while time.time() < end:
         found = []
         for p in processes_in(repo):
             with contextlib.suppress(psutil.Error):
-                if any(arg.endswith("train.py") for arg in p.cmdline()):
+                args = p.cmdline()
+                if any(arg.endswith("train.py") for arg in args) and not any(arg.endswith("sandbox.py") for arg in args):
                     found.append(p)
         if found:
             return found
