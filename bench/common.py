@@ -33,6 +33,23 @@ def use_real_assets(cache: str | None = None) -> None:
         os.environ["AR_CACHE"] = cache
 
 
+def tiny_world(out: Path) -> tuple[Path, dict]:
+    """A research repository with the real prepare.py and train.py on the tests' tiny Llama and WikiText-shaped
+    data under `out`: (the repository, the environment that points prepare.py at them)."""
+    from conftest import build_tiny_model, data_sha256, write_text
+    from driver_helpers import make_research_repo
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("wiki.train.raw", 150, 1), ("wiki.valid.raw", 60, 2), ("wiki.test.raw", 60, 3)):
+        write_text(data / name, n, seed)
+    build_tiny_model(out / "model", data / "wiki.train.raw")
+    repo = make_research_repo(out / "research", real=True)
+    # one thread: on a shared 2-core machine two threads stall on each other, and a time-budgeted run's step
+    # count (so its score) then swings with the other users' load
+    return repo, {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
+                  "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
+
+
 def header(title: str) -> str:
     import torch
     return (f"## {title}\n\n{datetime.now(timezone.utc).strftime('%Y-%m-%d')}, {platform.node() or 'host'}: "

@@ -12,10 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT  # noqa: F401  (puts the repo and tests on sys.path)
-from conftest import build_tiny_model, data_sha256, write_text
+from common import tiny_world  # puts the repo and tests on sys.path
 import git
-from driver_helpers import AGENT, agent_env, make_research_repo
+from driver_helpers import AGENT, agent_env
 from fake_llm import FakeLLM
 
 
@@ -71,16 +70,7 @@ def main() -> None:
     parser.add_argument("--experiments", type=int, default=5)
     args = parser.parse_args()
     out = Path(args.out)
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, n, seed in (("wiki.train.raw", 150, 1), ("wiki.valid.raw", 60, 2), ("wiki.test.raw", 60, 3)):
-        write_text(data / name, n, seed)
-    build_tiny_model(out / "model", data / "wiki.train.raw")
-    repo = make_research_repo(out / "research", real=True)
-    # one thread: on a shared 2-core machine two threads stall on each other, and a time-budgeted run's step
-    # count (so its score) then swings with the other users' load
-    env = {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
-           "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
+    repo, env = tiny_world(out)
     llm = FakeLLM(CHANGES * 3)  # a rejected reply is followed by repair turns
     try:
         tags = []

@@ -16,10 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import header, use_real_assets  # puts the repo and tests on sys.path
-from conftest import build_tiny_model, data_sha256, write_text
+from common import header, tiny_world, use_real_assets  # puts the repo and tests on sys.path
 from demo_night import CHANGES, NIGHT, agent
-from driver_helpers import make_research_repo
 from fake_llm import FakeLLM
 
 NIGHT_EXPERIMENTS = 50
@@ -77,14 +75,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=120, help="train.py's limit (a loaded machine needs more than 30 s)")
     args = parser.parse_args()
     out = Path(args.out)
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, n, seed in (("wiki.train.raw", 150, 1), ("wiki.valid.raw", 60, 2), ("wiki.test.raw", 60, 3)):
-        write_text(data / name, n, seed)
-    build_tiny_model(out / "model", data / "wiki.train.raw")
-    repo = make_research_repo(out / "research", real=True)
-    env = {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
-           "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
+    repo, env = tiny_world(out)
     git_before, shm_before = size(repo / ".git"), set(os.listdir(SHM))
     llm = FakeLLM(CHANGES * 3)
     peak = PeakWork(repo / "runs")
