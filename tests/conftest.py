@@ -149,6 +149,16 @@ def workdir(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def restore_train_constants():
+    """train.py's constants as they were before the test (tests that set them on the imported module)."""
+    import train
+    saved = {k: getattr(train, k) for k in dir(train) if k.isupper()}
+    yield
+    for k, v in saved.items():
+        setattr(train, k, v)
+
+
 def patch_constants(path: Path, **values) -> None:
     """Set train.py constants the way an edit would: rewrite `NAME = ...` lines."""
     lines = path.read_text().splitlines(keepends=True)

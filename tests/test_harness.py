@@ -30,12 +30,7 @@ def make_bitlinear(out_f=576, in_f=576, lam=1.0, **constants):
     return linear, train.BitLinear(linear, torch.tensor(lam))
 
 
-@pytest.fixture(autouse=True)
-def restore_train_constants():
-    saved = {k: getattr(train, k) for k in dir(train) if k.isupper()}
-    yield
-    for k, v in saved.items():
-        setattr(train, k, v)
+pytestmark = pytest.mark.usefixtures("restore_train_constants")  # tests set train.py's constants in place
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 256, "row", "tensor"])

@@ -26,12 +26,7 @@ TRAIN_PY = (ROOT / "train.py").read_text()
 GRID = [32, 64, 128, 256, "row", "tensor"]
 
 
-@pytest.fixture(autouse=True)
-def restore_train_constants():
-    saved = {k: getattr(train, k) for k in dir(train) if k.isupper()}
-    yield
-    for k, v in saved.items():
-        setattr(train, k, v)
+pytestmark = pytest.mark.usefixtures("restore_train_constants")  # tests set train.py's constants in place
 
 
 # ---------------------------------------------------------------- helpers
