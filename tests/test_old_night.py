@@ -14,12 +14,12 @@ from driver_helpers import TAG, check_invariants, edit, ledger, run_agent
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "old_night"
 MANIFEST = json.loads((FIXTURE / "manifest.json").read_text())
-ARGS = MANIFEST["args"]  # the old night's command line (its protocol): the one it resumes with
 
 
 def restore(case: str, repo: Path) -> dict:
     """The case's repository at `repo`: every ref from the bundle, its branch checked out, the files git does not
-    hold (results.tsv, runs/, the user's uncommitted and untracked files, .git/autoresearch/) back in place."""
+    hold (results.tsv, runs/, the user's uncommitted and untracked files, .git/autoresearch/) back in place. Returns
+    the case's manifest entry: its refs, HEAD, and the arguments it ran with (its protocol): the ones it resumes with."""
     saved = MANIFEST["cases"][case]
     repo.mkdir(parents=True)
     g = git.Repo.init(repo)
@@ -69,7 +69,7 @@ def test_a_night_killed_while_an_experiment_trained_runs_it_again_and_goes_on(tm
     n = killed["experiment"]
     llm.push(edit("PPL = 17.0", "PPL = 16.0", "lower still"))
 
-    done = run_agent(repo, llm.url, "--max-experiments", "2", *ARGS)
+    done = run_agent(repo, llm.url, "--max-experiments", "2", *saved["args"])
 
     check_the_old_night_went_on(repo, old, done)
     assert f"resuming experiment {n}: committed but never scored, running it again" in done.stdout, done.stdout
@@ -97,7 +97,7 @@ def test_a_night_stopped_between_experiments_goes_on_without_a_new_baseline(tmp_
     before = ledger(repo)
     llm.push(edit("PPL = 18.0", "PPL = 17.0", "lower again"))
 
-    done = run_agent(repo, llm.url, "--max-experiments", "1", *ARGS)
+    done = run_agent(repo, llm.url, "--max-experiments", "1", *saved["args"])
 
     check_the_old_night_went_on(repo, old, done)
     assert "resuming experiment" not in done.stdout, done.stdout
@@ -108,3 +108,52 @@ def test_a_night_stopped_between_experiments_goes_on_without_a_new_baseline(tmp_
     assert last["parent"] == saved["head"] and git.Repo(repo).head.commit.hexsha == last["commit"]
     assert git.Repo(repo).git.rev_parse(f"refs/autoresearch/{TAG}/discarded/2") == \
         saved["refs"][f"refs/autoresearch/{TAG}/discarded/2"]
+
+
+def asked(repo: Path, experiments) -> dict[str, bytes]:
+    """The LLM conversations of these experiments, as their run folders keep them."""
+    return {str(p.relative_to(repo)): p.read_bytes() for n in experiments
+            for p in (repo / "runs" / TAG / str(n)).glob("*") if p.name.startswith(("prompt", "response"))}
+
+
+def test_a_pool_night_killed_with_two_in_flight_runs_both_again_and_goes_on(tmp_path, llm):
+    """`--workers 2`: each experiment in flight has its state file (inflight/<n>.json) and its ref; the restart runs
+    both again from them, without asking the LLM again (their worktrees are not in the fixture: checked out anew)."""
+    repo = tmp_path / "research"
+    saved = restore("pool_killed", repo)
+    old = (repo / "results.tsv").read_bytes()
+    folder = private(repo, "inflight")
+    flying = {int(p.stem): json.loads(p.read_text()) for p in folder.glob("*.json")}
+    assert len(flying) == 2 and all(f"refs/autoresearch/{TAG}/inflight/{n}" in saved["refs"] for n in flying)
+    conversations = asked(repo, flying)
+
+    done = run_agent(repo, llm.url, "--max-experiments", "1", *saved["args"], timeout=300)
+
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in out, out[-3000:]
+    for n in flying:
+        assert f"resuming experiment {n}: in flight when the driver stopped, running it again" in out, out
+    now = (repo / "results.tsv").read_bytes()
+    assert now.startswith(old) and all(len(line.split(b"\t")) == len(header(old)) for line in now.splitlines())
+    assert (repo / ".git" / "autoresearch" / "results.tsv").read_bytes() == now
+    rows = ledger(repo)
+    assert list(rows.columns) == header(old)
+    for n, st in flying.items():  # each run again as itself: its commit, its description, scored
+        mine = rows[(rows["experiment"] == n) & (rows["commit"] == st["commit"])]
+        assert len(mine) == 1 and mine.iloc[0]["status"] in ("keep", "discard"), rows
+        assert mine.iloc[0]["description"] == st["description"] and mine.iloc[0]["val_ppl"] > 0
+    assert asked(repo, flying) == conversations, "an experiment in flight was asked for again instead of run again"
+    numbers = sorted(set(rows["experiment"].astype(int)))  # in the order they finished; a confirmation repeats one
+    assert numbers == list(range(len(numbers))), f"experiment numbers with gaps: {numbers}"
+    g = git.Repo(repo)
+    kept = rows[rows["status"].isin(["baseline", "keep"])]
+    assert g.head.commit.hexsha == kept.iloc[-1]["commit"] and g.active_branch.name == f"autoresearch/{TAG}"
+    assert (repo / "train.py").read_text() == g.head.commit.tree["train.py"].data_stream.read().decode()
+    assert not list(folder.glob("*.json")), "state files left in flight"
+    assert not g.git.for_each_ref(f"refs/autoresearch/{TAG}/inflight/"), "in-flight refs left"
+    assert len([line for line in g.git.worktree("list", "--porcelain").splitlines() if line.startswith("worktree ")]) == 1
+    for n in flying:
+        if rows[rows["experiment"] == n].iloc[0]["status"] == "discard":
+            assert g.git.rev_parse(f"refs/autoresearch/{TAG}/discarded/{n}") == flying[n]["commit"]
+    assert (repo / "README.md").read_text() == "committed readme\nthe user's uncommitted line\n"
+    assert (repo / "notes.txt").read_text() == "the user's untracked notes\n"
