@@ -5,12 +5,14 @@ on with it: the in-flight experiment run again and recorded, the old rows untouc
 the same columns, the branch and refs consistent. Drives the CLI only, so a reorganised driver meets the same test."""
 import json
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import git
+import pytest
 
-from driver_helpers import TAG, check_invariants, edit, ledger, run_agent
+from driver_helpers import AGENT, TAG, agent_env, check_invariants, edit, ledger, run_agent
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "old_night"
 MANIFEST = json.loads((FIXTURE / "manifest.json").read_text())
@@ -157,3 +159,14 @@ def test_a_pool_night_killed_with_two_in_flight_runs_both_again_and_goes_on(tmp_
             assert g.git.rev_parse(f"refs/autoresearch/{TAG}/discarded/{n}") == flying[n]["commit"]
     assert (repo / "README.md").read_text() == "committed readme\nthe user's uncommitted line\n"
     assert (repo / "notes.txt").read_text() == "the user's untracked notes\n"
+
+
+@pytest.mark.parametrize("case", sorted(c for c in MANIFEST["cases"] if (FIXTURE / c / "status.txt").exists()))
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_status_and_report_print_an_old_night_as_they_did(tmp_path, case, command):
+    repo = tmp_path / "research"
+    restore(case, repo)
+    done = subprocess.run([sys.executable, str(AGENT), command, "--repo", str(repo), "--tag", TAG], env=agent_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == (FIXTURE / case / f"{command}.txt").read_text()

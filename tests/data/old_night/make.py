@@ -18,10 +18,13 @@ Three cases, each a folder here:
 Each holds repo.bundle (every ref: the branch, main, refs/autoresearch/<tag>/discarded/*), files.tar.gz (the working
 tree files git does not hold: results.tsv, runs/, the user's uncommitted README.md and untracked notes.txt, and all
 of .git/autoresearch/: state.json, the ledger's copy, the lock, the snapshots) and, in manifest.json, HEAD, the
-checked-out branch and the arguments the night ran with besides driver_helpers.agent_cmd's (the same one must resume it: the protocol is in it).
+checked-out branch and the arguments the night ran with besides driver_helpers.agent_cmd's (the same ones must
+resume it: the protocol is in them). stopped/ and pool_killed/ also keep what `agent.py status` and `agent.py report`
+printed of them (status.txt, report.txt): the same ledger must read the same.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 TESTS = HERE.parents[1]
 sys.path.insert(0, str(TESTS))
 
-from driver_helpers import (TAG, edit, kill_agent, make_research_repo, processes_in, run_agent,  # noqa: E402
+from driver_helpers import (AGENT, TAG, agent_env, edit, kill_agent, make_research_repo, processes_in, run_agent,  # noqa: E402
                             start_agent, wait_for_phase, wait_for_train_py)
 from fake_llm import FakeLLM  # noqa: E402
 
@@ -45,6 +48,7 @@ POOL_ARGS = ["--workers", "2", "--timeout", "20"]
 POOL_SLEEP_S = 6.0              # each pool run: both still training when the driver is killed
 IN_FLIGHT_SLEEP_S = 3.0         # the killed experiment's run: long enough to kill it mid-run, short to redo
 USER_FILES = ["README.md", "notes.txt", "results.tsv", "runs"]
+CLI_READERS = ["status", "report"]  # their output of the stopped and the pool night is kept, to be printed the same
 DRIVER_FILES = ["agent.py", "driver", "pool.py", "worker.py", "prepare.py", "sandbox.py", "train.py", "program.md"]
 
 
@@ -68,6 +72,18 @@ def capture(repo: Path, case: str, args: list[str]) -> dict:
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     branch = subprocess.run([*git, "symbolic-ref", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     return {"head": head, "branch": branch, "refs": dict(line.split() for line in refs if line), "args": args}
+
+
+def read_back(repo: Path, case: str) -> None:
+    """What `agent.py status` and `agent.py report` print of the night, into HERE/case/<command>.txt (run on a copy:
+    the report writes runs/<tag>/report.md)."""
+    copy = repo.parent / f"read-back-{case}"
+    shutil.copytree(repo, copy, symlinks=True)
+    for command in CLI_READERS:
+        done = subprocess.run([sys.executable, str(AGENT), command, "--repo", str(copy), "--tag", TAG], env=agent_env(),
+                              capture_output=True, text=True, timeout=120, check=True)
+        (HERE / case / f"{command}.txt").write_text(done.stdout)
+    shutil.rmtree(copy)
 
 
 def end_orphans(repo: Path) -> None:
@@ -139,6 +155,7 @@ def main() -> None:
             done = run_agent(repo, llm.url, "--max-experiments", "2", *NIGHT_ARGS)
             assert done.returncode == 0, done.stdout[-3000:]
             manifest["cases"]["stopped"] = capture(repo, "stopped", NIGHT_ARGS)
+            read_back(repo, "stopped")
 
             llm.push(f"DESCRIPTION: lower again, slowly\n<<<<<<< SEARCH\nPPL = 18.0\n=======\nPPL = 17.0\n>>>>>>> REPLACE\n"
                      f"<<<<<<< SEARCH\nSLEEP_S = 0.0\n=======\nSLEEP_S = {IN_FLIGHT_SLEEP_S}\n>>>>>>> REPLACE\n")
@@ -156,6 +173,7 @@ def main() -> None:
             pool_repo = make_research_repo(Path(tmp) / "pool" / "research")
             kill_pool_night(pool_repo, llm)
             manifest["cases"]["pool_killed"] = capture(pool_repo, "pool_killed", POOL_ARGS)
+            read_back(pool_repo, "pool_killed")
         finally:
             llm.close()
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
