@@ -1,8 +1,9 @@
 """An old night resumes under today's driver: the fixture in tests/data/old_night/ (made by make.py there, with the
-driver of the commit its manifest names) is a research repository as a night left it, stopped cleanly or SIGKILLed
-with an experiment training. Restored into a tmp dir, `python agent.py` with the same tag and command line must go
-on with it: the in-flight experiment run again and recorded, the old rows untouched byte for byte, the new ones in
-the same columns, the branch and refs consistent. Drives the CLI only, so a reorganised driver meets the same test."""
+driver of the commit its manifest names) is a research repository as a night left it: stopped cleanly, SIGKILLed with
+an experiment training, or a `--workers 2` night SIGKILLed with two in flight. Restored into a tmp dir, `python
+agent.py` with the same tag and arguments must go on with it: the in-flight experiments run again and recorded, the
+old rows untouched byte for byte, the new ones in the same columns, the branch and refs consistent; `status` and
+`report` print it as they did. Drives the CLI only, so a reorganised driver meets the same test and the same fixture."""
 import json
 import subprocess
 import sys
