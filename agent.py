@@ -210,6 +210,41 @@ def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, 
     return Decision("discard", f"val_ppl not lower than the best kept: {why} ({under})", best)
 
 
+def confirmation_needed(rows: pd.DataFrame, result: dict, *, baseline: bool = False, strict: bool = False,
+                        protocol: str | None = None) -> bool:
+    """A first run's marginal gain over the best (keep_rule's confirm): it is run once more before the decision.
+    Never a baseline run, nor a run without a score."""
+    if baseline or result.get("status") or result.get("val_ppl") is None:
+        return False
+    return keep_rule(rows, result, strict=strict, protocol=protocol).confirm
+
+
+def scored_baselines(rows: pd.DataFrame, protocol: str) -> int:
+    """How many baseline runs scored under `protocol`."""
+    return int((same_protocol(rows, protocol)["status"] == "baseline").sum())
+
+
+def baseline_complete(rows: pd.DataFrame, protocol: str, runs: int) -> bool:
+    """The reference under `protocol` is done: `runs` scored baseline runs, or its experiments have begun (a keep)."""
+    return scored_baselines(rows, protocol) >= runs or bool((same_protocol(rows, protocol)["status"] == "keep").any())
+
+
+def baseline_description(rows: pd.DataFrame, protocol: str, run: int) -> str:
+    """A baseline run's description: the branch's train.py as it started, or as kept when a new protocol needs
+    its own reference."""
+    what = "unmodified train.py" if not (rows["status"] == "keep").any() else f"train.py as kept, under {protocol}"
+    return f"baseline: {what}" + (f" (run {run})" if run > 1 else "")
+
+
+def baseline_failure(rows: pd.DataFrame, protocol: str, tag: str) -> str:
+    """Why the night stops after BASELINE_TRIES baseline runs that did not score: the last run's reason and folder."""
+    last = rows.iloc[-1]
+    why = last["reason"] if last["status"] != "baseline" else f"scored under protocol {last['protocol']}"
+    return (f"train.py as committed did not score under protocol {protocol} in {BASELINE_TRIES} tries "
+            f"(last: {one_line(why, 200)}); see runs/{tag}/{int(last['experiment'])}/: fix train.py (or the harness) "
+            "and start again")
+
+
 def same_protocol(rows: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
     """The rows scored under `protocol` (default: the latest scored row's): only these are compared."""
     labels = rows["protocol"].astype(object).fillna("").astype(str)
@@ -2316,8 +2351,8 @@ def run_committed(session: Session, st: dict) -> str:
         log(f"experiment {st['experiment']}: training ({st['description']})")
         result = checked_ledger(session, guarded_run(session, st))
     confirm = None
-    if st["kind"] != "baseline" and keep_rule(session.rows(), result, strict=session.args.strict,
-                                              protocol=night_protocol(session.args)).confirm:
+    if confirmation_needed(session.rows(), result, baseline=st["kind"] == "baseline", strict=session.args.strict,
+                           protocol=night_protocol(session.args)):
         st = {**st, "first": result}
         session.save_state(**{**st, "phase": "confirming"})
         log(f"experiment {st['experiment']}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
@@ -2340,19 +2375,12 @@ def run_baselines(session: Session) -> None:
     protocol, failures = night_protocol(session.args), 0
     while not stop_reason(session):
         rows = session.rows()
-        same = same_protocol(rows, protocol)
-        scored = same[same["status"] == "baseline"]
-        if len(scored) >= session.args.baseline_runs or (same["status"] == "keep").any():
-            return  # enough runs, or this protocol's experiments have begun: its baseline is done
+        if baseline_complete(rows, protocol, session.args.baseline_runs):
+            return  # enough runs, or this protocol's experiments have begun
         if failures >= BASELINE_TRIES:
-            last = rows.iloc[-1]
-            why = last["reason"] if last["status"] != "baseline" else f"scored under protocol {last['protocol']}"
-            raise FatalError(f"train.py as committed did not score under protocol {protocol} in {BASELINE_TRIES} tries "
-                             f"(last: {one_line(why, 200)}); see runs/{session.args.tag}/{int(last['experiment'])}/: "
-                             "fix train.py (or the harness) and start again")
+            raise FatalError(baseline_failure(rows, protocol, session.args.tag))
         head = session.repo.head.commit.hexsha
-        what = "unmodified train.py" if not (rows["status"] == "keep").any() else f"train.py as kept, under {protocol}"
-        description = f"baseline: {what}" + (f" (run {len(scored) + 1})" if len(scored) else "")
+        description = baseline_description(rows, protocol, scored_baselines(rows, protocol) + 1)
         status = run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
                                          "parent": head, "description": description})
         failures = failures + 1 if status != "baseline" or session.rows().iloc[-1]["protocol"] != protocol else 0

@@ -300,8 +300,9 @@ class Pool:
             if restored:
                 log(f"experiment {n}: a run changed {', '.join(restored)}; restored")
                 result["note"] = (result.get("note") or "") + f"a run changed {', '.join(restored[:5])}: restored; "
-        if st["kind"] != "baseline" and "first" not in st and "val_ppl" in result and agent.keep_rule(
-                self.session.rows(), result, strict=self.args.strict, protocol=agent.night_protocol(self.args)).confirm:
+        if "first" not in st and agent.confirmation_needed(self.session.rows(), result, baseline=st["kind"] == "baseline",
+                                                           strict=self.args.strict,
+                                                           protocol=agent.night_protocol(self.args)):
             log(f"experiment {n}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
             self.submit({**st, "first": clean(result), "label": "-confirm"})
             return
@@ -452,19 +453,17 @@ class Pool:
         """The reference before any experiment: --baseline-runs runs of the branch's train.py, at once."""
         protocol, failures = agent.night_protocol(self.args), 0
         while not agent.stop_reason(self.session):
-            same = agent.same_protocol(self.session.rows(), protocol)
-            scored = int((same["status"] == "baseline").sum())
+            rows = self.session.rows()
+            scored = agent.scored_baselines(rows, protocol)
             running = sum(st["kind"] == "baseline" for st in self.flights.values())
-            if not running and (scored >= self.args.baseline_runs or (same["status"] == "keep").any()):
+            if not running and agent.baseline_complete(rows, protocol, self.args.baseline_runs):
                 return
             if failures >= agent.BASELINE_TRIES:
-                raise FatalError(f"train.py as committed did not score under protocol {protocol} in "
-                                 f"{agent.BASELINE_TRIES} tries; see runs/{self.args.tag}/ and the reasons in results.tsv")
+                raise FatalError(agent.baseline_failure(rows, protocol, self.args.tag))
             head = self.head()
             for _ in range(min(self.args.baseline_runs - scored - running, self.slots - len(self.flights))):
-                k = scored + running + 1
                 self.submit({"experiment": self.allocate(), "kind": "baseline", "commit": head, "parent": head,
-                             "description": "baseline: unmodified train.py" + (f" (run {k})" if k > 1 else "")})
+                             "description": agent.baseline_description(rows, protocol, scored + running + 1)})
                 running += 1
             for ref in self.wait():
                 baseline, n = self.flights[ref]["kind"] == "baseline", self.flights[ref]["experiment"]
