@@ -322,13 +322,7 @@ class Pool:
             self.save(st)  # before the row: a restart then starts the rerun the row announces
         reason = f"worker {self.lost_worker(n, exc)} lost ({type(exc).__name__}: {one_line(exc, 160)})" + (
             f"; runs again as experiment {st['rerun_as']}" if "rerun_as" in st else "")
-        agent.append_row(self.session, {"experiment": n, "timestamp": agent.utc_now(), "branch": self.session.branch,
-                                        "commit": st["commit"], "parent": st["parent"], "status": "crash",
-                                        "reason": reason, "best_val_ppl": agent.best_kept(self.session.rows()),
-                                        "description": st["description"], "seen": st.get("seen"),
-                                        "prompt_tokens": st.get("prompt_tokens"),
-                                        "completion_tokens": st.get("completion_tokens")})
-        self.finish(st, {"reason": reason})
+        self.finish(st, {"status": "crash", "reason": reason})  # its row as every decision's: tokens, cost
 
     def lost_worker(self, n: int, exc: Exception) -> str:
         """Which worker died: as it wrote itself into the run folder (this host), else the node Ray names."""

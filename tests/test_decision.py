@@ -181,6 +181,28 @@ def row(repo: Path, n: int) -> dict:
     return mine.iloc[0].to_dict()
 
 
+def test_a_lost_workers_crash_row_carries_the_cost_of_its_proposal(repo, night):
+    night.ray.jitter = {0: 0.5, 1: -0.5}
+    night.baselines()
+    train_py = (repo / "train.py").read_text()
+    st = propose(night, train_py.replace("PPL = 20.0", "PPL = 16.0"), "lower")
+    night.ray.outcome[st["experiment"]] = night.ray.exceptions.WorkerCrashedError()
+    collect(night, st["experiment"])
+    crash = row(repo, st["experiment"])
+    assert crash["status"] == "crash" and "lost" in crash["reason"] and "runs again as experiment" in crash["reason"]
+    assert crash["prompt_tokens"] == P_TOKENS and crash["completion_tokens"] == C_TOKENS
+    assert crash["cost_usd"] == pytest.approx(COST), crash
+    m = int(crash["reason"].rsplit("runs again as experiment ", 1)[1])
+    collect(night, m)
+    rerun = row(repo, m)
+    assert rerun["status"] == "keep" and rerun["val_ppl"] == pytest.approx(16.0)
+    # what --max-cost counts: the proposal's tokens, once (its rerun asked the LLM nothing)
+    assert ledger(repo)["cost_usd"].fillna(0).sum() == pytest.approx(COST)
+    assert agent.budget_left(night.session, 0) == ""
+    night.args.max_cost = COST
+    assert agent.budget_left(night.session, 0) == f"--max-cost {COST} reached"
+
+
 def test_the_pools_baselines_are_worded_as_the_one_gpu_nights(repo, night):
     night.ray.jitter = {0: 0.5, 1: -0.5}
     night.baselines()
