@@ -173,6 +173,7 @@ class Decision:
     reason: str            # why, naming the protocol whose scores were compared
     best: float | None     # the best kept val_ppl after this decision (the rows' best_val_ppl)
     confirm: bool = False  # a marginal gain: run it once more, then ask again with the confirmation
+    reapply: bool = False  # measured on a stale parent that it beat: re-apply the change on the best (stale_parent)
 
 
 def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, baseline: bool = False,
@@ -217,6 +218,34 @@ def confirmation_needed(rows: pd.DataFrame, result: dict, *, baseline: bool = Fa
     if baseline or result.get("status") or result.get("val_ppl") is None:
         return False
     return keep_rule(rows, result, strict=strict, protocol=protocol).confirm
+
+
+def stale_parent(rows: pd.DataFrame, result: dict, decision: Decision, parent: str, head: str,
+                 confirm: dict | None = None, *, strict: bool = False, protocol: str | None = None) -> Decision:
+    """keep_rule's `decision` on a result measured on `parent` while another experiment moved the best to `head`.
+    A change that beat the best, or beat its own parent beyond the noise (as keep_rule judges a gain: more than
+    CONFIRM_SIGMAS noise widths, or any gain with --strict, without a noise estimate, or by the mean of a
+    confirmation), is not kept on a parent that is no longer the branch's: discarded here, and re-applied on the
+    best (reapply), where its own run decides. Any other decision stands as keep_rule made it."""
+    if parent == head or decision.status not in ("keep", "discard"):
+        return decision
+    stale = f"stale parent: {decision.reason}, but measured on {parent[:8]}, which is no longer the best ({head[:8]})"
+    if decision.status == "keep":
+        return Decision("discard", stale, decision.best, reapply=True)
+    same = same_protocol(rows, result.get("protocol") or protocol)
+    means = kept_means(same)
+    if parent not in means.index:  # no score of its own parent to compare with
+        return decision
+    own, value = float(means[parent]), result["val_ppl"]
+    confirmed = confirm is not None and confirm.get("val_ppl") is not None
+    if confirmed:
+        value = (value + confirm["val_ppl"]) / 2
+    sigma = noise(same)
+    margin = 0.0 if strict or confirmed or not sigma else CONFIRM_SIGMAS * sigma
+    if own - value <= margin:
+        return decision
+    return Decision("discard", f"{stale}; it beat that parent's {own:.4g} with {value:.4g} (a gain of "
+                               f"{own - value:.4g}, beyond the noise margin {margin:.4g})", decision.best, reapply=True)
 
 
 def scored_baselines(rows: pd.DataFrame, protocol: str) -> int:
@@ -2291,8 +2320,10 @@ def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | 
 
 def decision_rows(session: Session, st: dict, result: dict, confirm: dict | None, status: str, reason: str,
                   best: float | None, prefix: str = "") -> list[dict]:
-    """The ledger rows of one decision: the experiment's (its reason after `prefix`, what the driver restored),
-    and its confirmation run's when there was one."""
+    """The ledger rows of one decision: the experiment's (its reason after `prefix`, what the driver restored, and
+    the experiment it re-applies), and its confirmation run's when there was one."""
+    if st.get("reapplied_from") is not None:  # --workers: a stale win made again on the best
+        prefix += f"re-application of experiment {st['reapplied_from']}; "
     common = {"experiment": st["experiment"], "branch": session.branch, "commit": st["commit"], "parent": st["parent"],
               "status": status, "best_val_ppl": best, "timestamp": utc_now()}
     fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol",

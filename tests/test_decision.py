@@ -5,6 +5,7 @@ real (the session, the branch, worktrees, commits, refs, state files, the ledger
 import re
 from pathlib import Path
 
+import git
 import pandas as pd
 import pytest
 
@@ -28,6 +29,9 @@ def scored(ppl: float, protocol: str = FULL) -> dict:
 
 NOISY = rows_of(("a", "baseline", 20.5, FULL), ("a", "baseline", 19.5, FULL))  # mean 20, σ 0.707: 2σ = 1.41
 ONE = rows_of(("a", "baseline", 20.0, FULL))
+# the KD_WEIGHT night: a (308) is the parent of the slow experiment; b (126), kept meanwhile, is the best
+MOVED = rows_of(("a", "baseline", 309.0, FULL), ("a", "baseline", 307.0, FULL), ("b", "keep", 126.0, FULL))
+MOVED_NOISY = rows_of(("a", "baseline", 20.5, FULL), ("a", "baseline", 19.5, FULL), ("b", "keep", 15.0, FULL))
 
 
 # ---------------------------------------------------------------- the confirmation trigger
@@ -98,6 +102,47 @@ def test_baseline_failure_names_the_last_runs_reason_and_folder():
                        "and start again")
     other = rows_of(("a", "baseline", 20.0, SMOKE))  # scored, but not under the night's protocol
     assert f"(last: scored under protocol {SMOKE})" in agent.baseline_failure(other, FULL, TAG)
+
+
+# ---------------------------------------------------------------- a result measured on a stale parent
+STALE_CASES = {
+    # name: (rows, result, confirm, parent, head, strict, → status, re-applied, reason contains)
+    "on the best: decided as keep_rule decided": (MOVED, scored(100.0), None, "b", "b", False, "keep", False,
+                                                  "val_ppl improved"),
+    "beat the best on a stale parent": (MOVED, scored(100.0), None, "a", "b", False, "discard", True,
+                                        "stale parent: val_ppl improved"),
+    "beat its own parent, not the best (KD_WEIGHT 1.0 -> 0.0)": (MOVED, scored(260.0), None, "a", "b", False, "discard",
+                                                                 True, "it beat that parent's 308"),
+    "worse than its own parent": (MOVED, scored(320.0), None, "a", "b", False, "discard", False, "not lower"),
+    "equal to its own parent": (MOVED_NOISY, scored(20.0), None, "a", "b", False, "discard", False, "not lower"),
+    "a gain on its own parent within the noise": (MOVED_NOISY, scored(19.0), None, "a", "b", False, "discard", False,
+                                                  "not lower"),
+    "a gain on its own parent beyond the noise": (MOVED_NOISY, scored(18.0), None, "a", "b", False, "discard", True,
+                                                  "it beat that parent's 20"),
+    "strict: any gain on its own parent": (MOVED_NOISY, scored(19.9), None, "a", "b", True, "discard", True,
+                                           "it beat that parent's 20"),
+    "confirmed: the mean of both runs": (MOVED_NOISY, scored(19.0), scored(19.4), "a", "b", False, "discard", True,
+                                         "19.2"),
+    "confirmed, and not lower": (MOVED_NOISY, scored(19.0), scored(21.4), "a", "b", False, "discard", False, "20.2"),
+    "a crash stays a crash": (MOVED, {"status": "crash", "reason": "oom"}, None, "a", "b", False, "crash", False, "oom"),
+    "a parent with no score under this protocol": (MOVED, scored(260.0), None, "z", "b", False, "discard", False,
+                                                   "not lower"),
+}
+
+
+@pytest.mark.parametrize("name", STALE_CASES)
+def test_stale_parent(name):
+    rows, result, confirm, parent, head, strict, status, reapply, says = STALE_CASES[name]
+    decision = agent.keep_rule(rows, result, confirm, strict=strict, protocol=FULL)
+    verdict = agent.stale_parent(rows, result, decision, parent, head, confirm, strict=strict, protocol=FULL)
+    assert (verdict.status, verdict.reapply) == (status, reapply), verdict
+    assert says in verdict.reason, verdict
+    assert verdict.best == decision.best
+    if reapply:  # what it was measured on, and why it was not kept there
+        assert verdict.reason.startswith(f"stale parent: {decision.reason}, but measured on {parent}, which is no "
+                                         f"longer the best ({head})"), verdict
+    else:
+        assert verdict == decision
 
 
 # ---------------------------------------------------------------- pool.Pool, its runs scripted (no Ray)
@@ -228,3 +273,38 @@ def test_the_pools_baseline_failure_names_the_last_runs_reason(repo, night):
     assert str(stop.value) == (f"train.py as committed did not score under protocol {FULL} in {agent.BASELINE_TRIES} "
                                f"tries (last: train.py exited with 1: scripted failure {last}); see "
                                f"runs/{TAG}/{last}/: fix train.py (or the harness) and start again")
+
+
+@pytest.mark.parametrize("slow_ppl, reapplied", [(16.0, True), (19.0, False)])
+def test_a_result_on_a_stale_parent_is_judged_against_its_own_parent(repo, night, slow_ppl, reapplied):
+    """Two proposals on the baseline (mean 20, 2σ 1.41). The quick one (PPL_SCALE 0.5: 10) is kept first; the slow one
+    (PPL 20 -> slow_ppl) ends on a parent that is no longer the best. 16 beats its own parent beyond the noise, not the
+    best: re-applied on the best, where both changes score 8 and are kept. 19 is within the noise: discarded."""
+    night.ray.jitter = {0: 0.5, 1: -0.5}
+    night.baselines()
+    baseline = night.head()
+    train_py = (repo / "train.py").read_text()
+    slow = propose(night, train_py.replace("PPL = 20.0", f"PPL = {slow_ppl}"), "slow: lower PPL")
+    quick = propose(night, train_py.replace("PPL_SCALE = 1.0", "PPL_SCALE = 0.5"), "quick: halve the scale")
+    collect(night, quick["experiment"])
+    assert row(repo, quick["experiment"])["status"] == "keep" and night.head() == quick["commit"]
+    collect(night, slow["experiment"])
+    measured = row(repo, slow["experiment"])
+    assert measured["status"] == "discard" and measured["val_ppl"] == pytest.approx(slow_ppl)
+    assert measured["parent"] == baseline
+    if not reapplied:
+        assert "stale parent" not in measured["reason"] and not night.flights, measured
+        assert night.head() == quick["commit"]
+        return
+    assert "stale parent" in measured["reason"], measured
+    m = int(measured["reason"].split("re-applied on it as experiment ")[1])
+    (again,) = night.flights.values()
+    assert again["experiment"] == m and again["parent"] == quick["commit"]
+    collect(night, m)
+    redo = row(repo, m)
+    assert redo["status"] == "keep" and redo["val_ppl"] == pytest.approx(8.0), redo
+    assert redo["parent"] == quick["commit"] and f"re-application of experiment {slow['experiment']}" in redo["reason"]
+    assert redo["description"] == f"re-applied on {quick['commit'][:8]}: slow: lower PPL"
+    assert night.head() == redo["commit"] and git.Repo(repo).commit(redo["commit"]).parents[0].hexsha == quick["commit"]
+    text = (repo / "train.py").read_text()
+    assert f"PPL = {slow_ppl}" in text and "PPL_SCALE = 0.5" in text
