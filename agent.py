@@ -244,8 +244,9 @@ def stale_parent(rows: pd.DataFrame, result: dict, decision: Decision, parent: s
     margin = 0.0 if strict or confirmed or not sigma else CONFIRM_SIGMAS * sigma
     if own - value <= margin:
         return decision
-    return Decision("discard", f"{stale}; it beat that parent's {own:.4g} with {value:.4g} (a gain of "
-                               f"{own - value:.4g}, beyond the noise margin {margin:.4g})", decision.best, reapply=True)
+    beyond = f", beyond the noise margin {margin:.4g}" if margin else ""
+    return Decision("discard", f"{stale}; it beat that parent's {own:.4g} with {value:.4g} (a gain of {own - value:.4g}"
+                               f"{beyond})", decision.best, reapply=True)
 
 
 def scored_baselines(rows: pd.DataFrame, protocol: str) -> int:
