@@ -173,6 +173,7 @@ class Decision:
     reason: str            # why, naming the protocol whose scores were compared
     best: float | None     # the best kept val_ppl after this decision (the rows' best_val_ppl)
     confirm: bool = False  # a marginal gain: run it once more, then ask again with the confirmation
+    reapply: bool = False  # measured on a stale parent that it beat: re-apply the change on the best (stale_parent)
 
 
 def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, baseline: bool = False,
@@ -208,6 +209,70 @@ def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, 
     if value < best:
         return Decision("keep", f"val_ppl improved: {why} ({under})", value)
     return Decision("discard", f"val_ppl not lower than the best kept: {why} ({under})", best)
+
+
+def confirmation_needed(rows: pd.DataFrame, result: dict, *, baseline: bool = False, strict: bool = False,
+                        protocol: str | None = None) -> bool:
+    """A first run's marginal gain over the best (keep_rule's confirm): it is run once more before the decision.
+    Never a baseline run, nor a run without a score."""
+    if baseline or result.get("status") or result.get("val_ppl") is None:
+        return False
+    return keep_rule(rows, result, strict=strict, protocol=protocol).confirm
+
+
+def stale_parent(rows: pd.DataFrame, result: dict, decision: Decision, parent: str, head: str,
+                 confirm: dict | None = None, *, strict: bool = False, protocol: str | None = None) -> Decision:
+    """keep_rule's `decision` on a result measured on `parent` while another experiment moved the best to `head`.
+    A change that beat the best, or beat its own parent beyond the noise (as keep_rule judges a gain: more than
+    CONFIRM_SIGMAS noise widths, or any gain with --strict, without a noise estimate, or by the mean of a
+    confirmation), is not kept on a parent that is no longer the branch's: discarded here, and re-applied on the
+    best (reapply), where its own run decides. Any other decision stands as keep_rule made it."""
+    if parent == head or decision.status not in ("keep", "discard"):
+        return decision
+    stale = f"stale parent: {decision.reason}, but measured on {parent[:8]}, which is no longer the best ({head[:8]})"
+    if decision.status == "keep":
+        return Decision("discard", stale, decision.best, reapply=True)
+    same = same_protocol(rows, result.get("protocol") or protocol)
+    means = kept_means(same)
+    if parent not in means.index:  # no score of its own parent to compare with
+        return decision
+    own, value = float(means[parent]), result["val_ppl"]
+    confirmed = confirm is not None and confirm.get("val_ppl") is not None
+    if confirmed:
+        value = (value + confirm["val_ppl"]) / 2
+    sigma = noise(same)
+    margin = 0.0 if strict or confirmed or not sigma else CONFIRM_SIGMAS * sigma
+    if own - value <= margin:
+        return decision
+    beyond = f", beyond the noise margin {margin:.4g}" if margin else ""
+    return Decision("discard", f"{stale}; it beat that parent's {own:.4g} with {value:.4g} (a gain of {own - value:.4g}"
+                               f"{beyond})", decision.best, reapply=True)
+
+
+def scored_baselines(rows: pd.DataFrame, protocol: str) -> int:
+    """How many baseline runs scored under `protocol`."""
+    return int((same_protocol(rows, protocol)["status"] == "baseline").sum())
+
+
+def baseline_complete(rows: pd.DataFrame, protocol: str, runs: int) -> bool:
+    """The reference under `protocol` is done: `runs` scored baseline runs, or its experiments have begun (a keep)."""
+    return scored_baselines(rows, protocol) >= runs or bool((same_protocol(rows, protocol)["status"] == "keep").any())
+
+
+def baseline_description(rows: pd.DataFrame, protocol: str, run: int) -> str:
+    """A baseline run's description: the branch's train.py as it started, or as kept when a new protocol needs
+    its own reference."""
+    what = "unmodified train.py" if not (rows["status"] == "keep").any() else f"train.py as kept, under {protocol}"
+    return f"baseline: {what}" + (f" (run {run})" if run > 1 else "")
+
+
+def baseline_failure(rows: pd.DataFrame, protocol: str, tag: str) -> str:
+    """Why the night stops after BASELINE_TRIES baseline runs that did not score: the last run's reason and folder."""
+    last = rows.iloc[-1]
+    why = last["reason"] if last["status"] != "baseline" else f"scored under protocol {last['protocol']}"
+    return (f"train.py as committed did not score under protocol {protocol} in {BASELINE_TRIES} tries "
+            f"(last: {one_line(why, 200)}); see runs/{tag}/{int(last['experiment'])}/: fix train.py (or the harness) "
+            "and start again")
 
 
 def same_protocol(rows: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
@@ -2256,8 +2321,10 @@ def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | 
 
 def decision_rows(session: Session, st: dict, result: dict, confirm: dict | None, status: str, reason: str,
                   best: float | None, prefix: str = "") -> list[dict]:
-    """The ledger rows of one decision: the experiment's (its reason after `prefix`, what the driver restored),
-    and its confirmation run's when there was one."""
+    """The ledger rows of one decision: the experiment's (its reason after `prefix`, what the driver restored, and
+    the experiment it re-applies), and its confirmation run's when there was one."""
+    if st.get("reapplied_from") is not None:  # --workers: a stale win made again on the best
+        prefix += f"re-application of experiment {st['reapplied_from']}; "
     common = {"experiment": st["experiment"], "branch": session.branch, "commit": st["commit"], "parent": st["parent"],
               "status": status, "best_val_ppl": best, "timestamp": utc_now()}
     fields = ("val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps", "eval_windows", "protocol",
@@ -2316,8 +2383,8 @@ def run_committed(session: Session, st: dict) -> str:
         log(f"experiment {st['experiment']}: training ({st['description']})")
         result = checked_ledger(session, guarded_run(session, st))
     confirm = None
-    if st["kind"] != "baseline" and keep_rule(session.rows(), result, strict=session.args.strict,
-                                              protocol=night_protocol(session.args)).confirm:
+    if confirmation_needed(session.rows(), result, baseline=st["kind"] == "baseline", strict=session.args.strict,
+                           protocol=night_protocol(session.args)):
         st = {**st, "first": result}
         session.save_state(**{**st, "phase": "confirming"})
         log(f"experiment {st['experiment']}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
@@ -2340,19 +2407,12 @@ def run_baselines(session: Session) -> None:
     protocol, failures = night_protocol(session.args), 0
     while not stop_reason(session):
         rows = session.rows()
-        same = same_protocol(rows, protocol)
-        scored = same[same["status"] == "baseline"]
-        if len(scored) >= session.args.baseline_runs or (same["status"] == "keep").any():
-            return  # enough runs, or this protocol's experiments have begun: its baseline is done
+        if baseline_complete(rows, protocol, session.args.baseline_runs):
+            return  # enough runs, or this protocol's experiments have begun
         if failures >= BASELINE_TRIES:
-            last = rows.iloc[-1]
-            why = last["reason"] if last["status"] != "baseline" else f"scored under protocol {last['protocol']}"
-            raise FatalError(f"train.py as committed did not score under protocol {protocol} in {BASELINE_TRIES} tries "
-                             f"(last: {one_line(why, 200)}); see runs/{session.args.tag}/{int(last['experiment'])}/: "
-                             "fix train.py (or the harness) and start again")
+            raise FatalError(baseline_failure(rows, protocol, session.args.tag))
         head = session.repo.head.commit.hexsha
-        what = "unmodified train.py" if not (rows["status"] == "keep").any() else f"train.py as kept, under {protocol}"
-        description = f"baseline: {what}" + (f" (run {len(scored) + 1})" if len(scored) else "")
+        description = baseline_description(rows, protocol, scored_baselines(rows, protocol) + 1)
         status = run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
                                          "parent": head, "description": description})
         failures = failures + 1 if status != "baseline" or session.rows().iloc[-1]["protocol"] != protocol else 0

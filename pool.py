@@ -7,10 +7,10 @@ nothing else meanwhile (so killing one run's strays can never touch another run)
 and reports a lost worker, and the same code serves a cluster. The one-GPU path (agent.run_loop) needs no Ray.
 
 Stale parents: while an experiment trains, another may be kept. A result measured on the current best
-is decided as on one GPU. A result that beats the best on a parent that is no longer the best is
-recorded as a discard and re-applied on top of the best (git merge-file, three-way; re-proposed by the
-LLM when it conflicts), as a new experiment whose own run decides: the chain on the branch stays a chain
-of changes, each scored on its exact parent.
+is decided as on one GPU. A result on a parent that is no longer the best, that beats the best or its own
+parent beyond the noise (agent.stale_parent), is recorded as a discard and re-applied on top of the best
+(git merge-file, three-way; re-proposed by the LLM when it conflicts), as a new experiment whose own run
+decides: the chain on the branch stays a chain of changes, each scored on its exact parent.
 
 Kill and resume: before its task starts, each experiment in flight has a state file
 .git/autoresearch/<tag>/inflight/<n>.json; a restarted driver finishes the recorded ones and runs the
@@ -256,6 +256,8 @@ class Pool:
         description = proposal["description"] if redo is None else f"re-applied on {head[:8]}: {redo['description']}"
         st = {"experiment": n, "kind": "reapply" if redo else "proposal", "parent": head, "seen": proposal["seen"],
               "description": description, **tokens}
+        if redo and redo.get("reapplied_from") is not None:
+            st["reapplied_from"] = redo["reapplied_from"]
         st["commit"] = self.commit_change(n, head, new, description)
         self.submit(st)
 
@@ -268,8 +270,9 @@ class Pool:
             log(f"experiment {st['experiment']}: its change conflicts with the best ({head[:8]}); asking the LLM to "
                 f"make it again as experiment {m}")
             # on disk before the original's state goes: a restart asks again for the number its ledger row announced
-            self.save({"experiment": m, "kind": "redo", "description": st["description"], "seen": st.get("seen")})
-            self.ask(redo={"description": st["description"]}, n=m)
+            self.save({"experiment": m, "kind": "redo", "description": st["description"], "seen": st.get("seen"),
+                       "reapplied_from": st["experiment"]})
+            self.ask(redo={"description": st["description"], "reapplied_from": st["experiment"]}, n=m)
             return
         if new == best:
             log(f"experiment {st['experiment']}: its change is already in the best ({head[:8]}); nothing to re-apply")
@@ -300,8 +303,9 @@ class Pool:
             if restored:
                 log(f"experiment {n}: a run changed {', '.join(restored)}; restored")
                 result["note"] = (result.get("note") or "") + f"a run changed {', '.join(restored[:5])}: restored; "
-        if st["kind"] != "baseline" and "first" not in st and "val_ppl" in result and agent.keep_rule(
-                self.session.rows(), result, strict=self.args.strict, protocol=agent.night_protocol(self.args)).confirm:
+        if "first" not in st and agent.confirmation_needed(self.session.rows(), result, baseline=st["kind"] == "baseline",
+                                                           strict=self.args.strict,
+                                                           protocol=agent.night_protocol(self.args)):
             log(f"experiment {n}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
             self.submit({**st, "first": clean(result), "label": "-confirm"})
             return
@@ -321,13 +325,7 @@ class Pool:
             self.save(st)  # before the row: a restart then starts the rerun the row announces
         reason = f"worker {self.lost_worker(n, exc)} lost ({type(exc).__name__}: {one_line(exc, 160)})" + (
             f"; runs again as experiment {st['rerun_as']}" if "rerun_as" in st else "")
-        agent.append_row(self.session, {"experiment": n, "timestamp": agent.utc_now(), "branch": self.session.branch,
-                                        "commit": st["commit"], "parent": st["parent"], "status": "crash",
-                                        "reason": reason, "best_val_ppl": agent.best_kept(self.session.rows()),
-                                        "description": st["description"], "seen": st.get("seen"),
-                                        "prompt_tokens": st.get("prompt_tokens"),
-                                        "completion_tokens": st.get("completion_tokens")})
-        self.finish(st, {"reason": reason})
+        self.finish(st, {"status": "crash", "reason": reason})  # its row as every decision's: tokens, cost
 
     def lost_worker(self, n: int, exc: Exception) -> str:
         """Which worker died: as it wrote itself into the run folder (this host), else the node Ray names."""
@@ -379,15 +377,14 @@ class Pool:
         if len(already):
             status = already.iloc[-1]["status"]
         else:
-            decision = agent.keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline",
-                                       strict=self.args.strict, protocol=agent.night_protocol(self.args))
+            rule = {"strict": self.args.strict, "protocol": agent.night_protocol(self.args)}
+            decision = agent.keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", **rule)
+            decision = agent.stale_parent(rows, result, decision, parent, head, confirm, **rule)
             status, reason = decision.status, decision.reason
-            if status == "keep" and parent != head:  # won on a parent that is no longer the best
+            if decision.reapply:  # won on a parent that is no longer the best
                 st["reapply_as"] = st.get("reapply_as") or self.allocate()
                 self.save(st)
-                status = "discard"
-                reason = (f"stale parent: {reason}, but measured on {parent[:8]}, which is no longer the best "
-                          f"({head[:8]}): re-applied on it as experiment {st['reapply_as']}")
+                reason = f"{reason}: re-applied on it as experiment {st['reapply_as']}"
             agent.append_rows(session, agent.decision_rows(session, st, result, confirm, status, reason, decision.best,
                                                            tampered))
         if status == "keep":
@@ -436,7 +433,8 @@ class Pool:
                     self.forget(st)
                 else:
                     log(f"resuming experiment {st['experiment']}: asking again for its re-applied change")
-                    self.ask(redo={"description": st["description"]}, n=st["experiment"])
+                    self.ask(redo={"description": st["description"], "reapplied_from": st.get("reapplied_from")},
+                             n=st["experiment"])
                 continue
             label = st.get("label", "")
             agent.kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
@@ -452,19 +450,17 @@ class Pool:
         """The reference before any experiment: --baseline-runs runs of the branch's train.py, at once."""
         protocol, failures = agent.night_protocol(self.args), 0
         while not agent.stop_reason(self.session):
-            same = agent.same_protocol(self.session.rows(), protocol)
-            scored = int((same["status"] == "baseline").sum())
+            rows = self.session.rows()
+            scored = agent.scored_baselines(rows, protocol)
             running = sum(st["kind"] == "baseline" for st in self.flights.values())
-            if not running and (scored >= self.args.baseline_runs or (same["status"] == "keep").any()):
+            if not running and agent.baseline_complete(rows, protocol, self.args.baseline_runs):
                 return
             if failures >= agent.BASELINE_TRIES:
-                raise FatalError(f"train.py as committed did not score under protocol {protocol} in "
-                                 f"{agent.BASELINE_TRIES} tries; see runs/{self.args.tag}/ and the reasons in results.tsv")
+                raise FatalError(agent.baseline_failure(rows, protocol, self.args.tag))
             head = self.head()
             for _ in range(min(self.args.baseline_runs - scored - running, self.slots - len(self.flights))):
-                k = scored + running + 1
                 self.submit({"experiment": self.allocate(), "kind": "baseline", "commit": head, "parent": head,
-                             "description": "baseline: unmodified train.py" + (f" (run {k})" if k > 1 else "")})
+                             "description": agent.baseline_description(rows, protocol, scored + running + 1)})
                 running += 1
             for ref in self.wait():
                 baseline, n = self.flights[ref]["kind"] == "baseline", self.flights[ref]["experiment"]
