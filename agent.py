@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import git
 import openai
@@ -44,6 +45,9 @@ import psutil
 
 import prepare
 import sandbox
+from driver.common import (FatalError, ReplyError, StopNight, atomic_write, atomic_write_bytes, log, one_line, open_new,
+                           remove_tree, sha256_file, utc_now)
+
 
 # ---------------------------------------------------------------- configuration
 TRAIN_TIMEOUT_S = 300          # train.py's limit, start to exit (the research protocol's 5 minutes)
@@ -102,7 +106,6 @@ SANDBOX_MODES = ("auto", "require", "off")
 REPO_PRIVATE = ("runs", ".git")
 SHM_DIR = Path(sandbox.SHM)
 EVAL_DATA_REFERENCE = re.compile(r"wiki\.(valid|test)|[\"'](validation|test)[\"']|AR_TRAIN_SPLIT")
-
 SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
 training in train.py. Each reply proposes exactly ONE focused change to train.py; it is committed, \
 trained for 5 minutes and scored by a separate, read-only evaluator (WikiText-2 validation perplexity \
@@ -124,7 +127,6 @@ Use one or more SEARCH/REPLACE blocks. To rewrite the whole file instead, use on
 <the complete new train.py>
 >>>>>>> FILE
 No other text is needed."""
-
 # llama.cpp accepts a GBNF grammar: the reply then always has the text format's structure.
 # Bounded (at most 2 blocks of 6 lines) so that a rambling small model still ends its reply; one
 # focused change fits, and a strong model does not need this mode.
@@ -144,18 +146,6 @@ REPLY_SCHEMA = {
 }
 JSON_INSTRUCTIONS = ('\n\nReply with ONE JSON object instead: {"description": "<one line>", "edits": '
                      '[{"search": "<exact lines of train.py>", "replace": "<new lines>"}]}')
-
-
-class ReplyError(Exception):
-    """The reply cannot be applied; the message is sent back to the LLM as a repair request."""
-
-
-class FatalError(Exception):
-    """Stop the driver: the user must fix something (the message says what)."""
-
-
-class StopNight(Exception):
-    """Stop the driver cleanly (a budget ran out or a stop was asked for while waiting on the LLM)."""
 
 
 class ContextOverflow(Exception):
@@ -310,54 +300,6 @@ def night_protocol(args) -> str:
                                    "windows": args.eval_windows})
 
 
-# ---------------------------------------------------------------- small helpers
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
-
-
-def atomic_write(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8", errors="replace"))  # an LLM's reply may hold a lone surrogate
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open_new(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:  # a full disk: no temp file left behind
-        tmp.unlink(missing_ok=True)
-
-
-def open_new(path: Path):
-    """A fresh file for writing, never through a link someone left at `path` (a run folder is not ours alone
-    when train.py runs unsandboxed)."""
-    path.unlink(missing_ok=True)
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
-
-
-def remove_tree(path: Path) -> None:
-    """rm -rf without recursion in Python: a run may leave a tree deeper than the recursion limit."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        subprocess.run(["rm", "-rf", "--", str(path)], check=False)
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    """text on one line, without control characters or lone surrogates: safe in a row, a commit message, a file."""
-    return prepare.one_line_text(str(text))[:limit]
-
-
 # ---------------------------------------------------------------- the reply: parse, apply, validate
 BLOCK_RE = re.compile(r"^<{7} SEARCH[^\n]*\n(.*?)^={7}[ \t]*\n(.*?)^>{7} REPLACE[^\n]*$", re.S | re.M)
 FILE_RE = re.compile(r"^<{7} FILE[^\n]*\n(.*?)^>{7} FILE[^\n]*$", re.S | re.M)
@@ -393,8 +335,6 @@ def parse_reply(content: str | None, finish_reason: str | None, reply_format: st
     prose = [ln for ln in outside.splitlines() if ln.strip(" `#*") and not ln.startswith("```")]
     description = one_line(match.group(1) if match else (prose[0] if prose else "(no description)"))
     return description, blocks, (strip_fence(files[0]) if files else None)
-
-
 FENCE_RE = re.compile(r"^```[ \t]*([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 FENCE_LANGUAGES = ("python", "py", "python3", "")
 
@@ -579,8 +519,6 @@ def find_knobs(train_py: str) -> dict[str, dict]:
         knobs[node.targets[0].id] = {"value": value, "text": line[start:end], "comment": comment,
                                      "options": knob_options(comment), "line": node.lineno - 1, "start": start, "end": end}
     return knobs
-
-
 KNOB_INT_PATTERN = r"^[0-9]{1,7}$"
 KNOB_FLOAT_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?([eE]-?[0-9]{1,2})?$"
 
@@ -1668,34 +1606,44 @@ def freeze_strays(root: int, known: set[int]) -> set[tuple[int, int]]:
     return set().union(*map(held_files, stopped))
 
 
-def run_process(session: Session, cmd: list[str], log_path: Path, timeout: float, env: dict,
-                cwd: Path | None = None) -> tuple[int | None, float]:
+class ProcessOwner(Protocol):
+    """What run_process keeps of the one run it watches: the driver's Session or a Ray worker's Runner."""
+    pid_file: Path
+    known_children: set
+    child: subprocess.Popen | None
+    child_exited: float
+    child_killed_for: str
+    stray_files: set
+
+
+def run_process(runner: ProcessOwner, cmd: list[str], log_path: Path, timeout: float, env: dict,
+                cwd: Path) -> tuple[int | None, float]:
     """(exit code or None when killed: at its limit, or by the watchdog, which says why in
-    session.child_killed_for), seconds; the whole process tree is gone when this returns.
+    runner.child_killed_for), seconds; the whole process tree is gone when this returns.
     The child carries a marker (AR_RUN_ID) by which a restarted driver recognises its leftovers."""
     start = time.time()
-    session.known_children = {c.pid for c in psutil.Process().children()}
-    code, session.child_killed_for = None, ""
+    runner.known_children = {c.pid for c in psutil.Process().children()}
+    code, runner.child_killed_for = None, ""
     run_id = os.urandom(8).hex()
-    atomic_write(session.pid_file, json.dumps({"run_id": run_id, "boot": psutil.boot_time()}))
-    proc = subprocess.Popen(cmd, cwd=cwd or session.root, env={**env, "AR_RUN_ID": run_id}, stdout=subprocess.PIPE,
+    atomic_write(runner.pid_file, json.dumps({"run_id": run_id, "boot": psutil.boot_time()}))
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "AR_RUN_ID": run_id}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    session.child = proc
+    runner.child = proc
     pump = threading.Thread(target=pump_output, args=(proc.stdout, log_path), daemon=True)
     pump.start()
     try:
-        code, session.child_killed_for = watch_run(proc, timeout, session.known_children, log_path.parent)
+        code, runner.child_killed_for = watch_run(proc, timeout, runner.known_children, log_path.parent)
     finally:
-        session.child_exited = time.time()
-        session.stray_files = freeze_strays(proc.pid, session.known_children) if code == 0 else set()
+        runner.child_exited = time.time()
+        runner.stray_files = freeze_strays(proc.pid, runner.known_children) if code == 0 else set()
         # a grace period only for the main process at its limit; strays after a clean exit, a run the watchdog
         # stopped: SIGKILL now
-        at_limit = code is None and not session.child_killed_for
-        kill_tree(proc, session.known_children, KILL_GRACE_S if at_limit else 0)
+        at_limit = code is None and not runner.child_killed_for
+        kill_tree(proc, runner.known_children, KILL_GRACE_S if at_limit else 0)
         # a run that filled the disk between two looks, or ended on ENOSPC: its files go all the same
-        session.child_killed_for = session.child_killed_for or disk_problem(log_path.parent)
-        session.child = None
-        session.pid_file.unlink(missing_ok=True)
+        runner.child_killed_for = runner.child_killed_for or disk_problem(log_path.parent)
+        runner.child = None
+        runner.pid_file.unlink(missing_ok=True)
     pump.join(timeout=10)
     return code, time.time() - start
 
@@ -1930,8 +1878,6 @@ def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, 
     atomic_write(folder / f"eval{label}.json", json.dumps(score, indent=1))
     return {**result, "val_ppl": float(score["ppl"]), "protocol": protocol, "submission_sha256": digest,
             **reported_numbers(score)}
-
-
 # the eval JSON's numbers a row takes: (ledger column, where in the JSON); meta is what train.py says of itself
 SCORE_NUMBERS = (("eval_windows", ("windows",)), ("bits_per_weight", ("bits_per_weight",)),
                  ("steps", ("meta", "steps")), ("train_tokens", ("meta", "tokens")),
@@ -1996,8 +1942,6 @@ def build_prompt(session: Session, train_py: str, in_flight: str | list | None =
     parts.append("Propose ONE focused change to train.py in the reply format.")
     system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
-
-
 # How the prompt shrinks to fit the server's context, fullest first: (ledger rows shown, bytes of a crashed
 # run's log, repair history: every earlier reply / the last one / only the last error, without the reply)
 PROMPT_SIZES = ((LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "all"), (LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "last"),
@@ -3012,8 +2956,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("stopped now; restart with the same --tag to resume")
         return 130
-
-
 if __name__ == "__main__":
     sys.modules["agent"] = sys.modules[__name__]  # pool.py and worker.py import it: one module, one FatalError
     sys.exit(main())

@@ -30,8 +30,9 @@ from pathlib import Path
 import git
 
 import agent
+from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one_line
 import worker
-from agent import FatalError, Session, log, one_line
+from agent import Session
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
 MAX_RERUNS = 2                 # a lost worker's experiment runs again elsewhere at most this often
@@ -138,14 +139,14 @@ class Pool:
         """The change as a commit on `parent`, made in the experiment's worktree and held by a ref; its diff goes
         to runs/<tag>/<n>/diff.patch, as every experiment's."""
         tree = self.make_tree(n, parent)
-        agent.atomic_write(tree / "train.py", train_py)
+        atomic_write(tree / "train.py", train_py)
         wt = git.Repo(tree)
         wt.git.set_persistent_git_options(c=agent.GIT_SAFE_CONFIG)
         with wt.git.custom_environment(**agent.git_identity(self.session)):
             wt.git.commit("--no-verify", "-m", f"{description}\n\nautoresearch experiment {n}", "--", "train.py")
         commit = wt.head.commit.hexsha
         self.session.repo.git.update_ref(self.ref(n), commit)
-        agent.atomic_write(self.session.runs / str(n) / "diff.patch", self.session.repo.git.diff(parent, commit) + "\n")
+        atomic_write(self.session.runs / str(n) / "diff.patch", self.session.repo.git.diff(parent, commit) + "\n")
         return commit
 
     def ref(self, n: int, kind: str = "inflight") -> str:
@@ -162,7 +163,7 @@ class Pool:
 
     # -------- the state of each experiment in flight, on disk
     def save(self, st: dict) -> None:
-        agent.atomic_write(self.inflight_dir / f"{st['experiment']}.json", json.dumps(st))
+        atomic_write(self.inflight_dir / f"{st['experiment']}.json", json.dumps(st))
 
     def forget(self, st: dict) -> None:
         (self.inflight_dir / f"{st['experiment']}.json").unlink(missing_ok=True)
@@ -251,7 +252,7 @@ class Pool:
             agent.append_invalid(session, n, head, f"{why}: not run", tokens, proposal["seen"], proposal["description"])
             log(f"experiment {n}: {why}; not run")
             return
-        agent.atomic_write(session.runs / str(n) / "proposed_train.py", new)
+        atomic_write(session.runs / str(n) / "proposed_train.py", new)
         redo = pending.redo
         description = proposal["description"] if redo is None else f"re-applied on {head[:8]}: {redo['description']}"
         st = {"experiment": n, "kind": "reapply" if redo else "proposal", "parent": head, "seen": proposal["seen"],
@@ -347,7 +348,7 @@ class Pool:
         folder = self.session.runs / str(st["experiment"])
         for name, text in (result.get("logs") or {}).items():
             if text:
-                agent.atomic_write(folder / name, text)
+                atomic_write(folder / name, text)
 
     def fetch_submission(self, st: dict, result: dict) -> None:
         """A kept experiment's submission, copied from its host when that host has a disk of its own."""
@@ -364,7 +365,7 @@ class Pool:
         if hashlib.sha256(data).hexdigest() != result.get("submission_sha256"):
             log(f"experiment {st['experiment']}: the fetched submission's digest differs from the scored one; not kept")
             return
-        agent.atomic_write_bytes(local, data)
+        atomic_write_bytes(local, data)
 
     def finish(self, st: dict, result: dict, confirm: dict | None = None) -> str:
         """Decide (agent.keep_rule against the best now), write the rows in one write, then move the branch

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import agent
+from driver.common import FatalError, atomic_write, one_line, remove_tree, sha256_file
 
 HOST_DIR = Path(os.environ.get("AR_WORKER_DIR") or Path.home() / ".cache" / "ternary-autoresearch")
 LOG_RETURN_BYTES = 200_000     # of each log, sent back to the driver from a host that does not share its disk
@@ -87,7 +88,7 @@ def host_tree(spec: dict) -> Path:
     if spec["shared_disk"]:
         return Path(spec["tree"])
     tree = HOST_DIR / spec["key"] / str(spec["experiment"]) / "tree"
-    agent.remove_tree(tree)
+    remove_tree(tree)
     for name, text in spec["files"].items():
         path = (tree / name).resolve()
         if not path.is_relative_to(tree.resolve()):
@@ -100,7 +101,7 @@ def host_tree(spec: dict) -> Path:
 def harness(tree: Path) -> dict:
     """This host's sandbox-info (train.py's read paths, the model's digests), preparing the model and the
     data first when they are missing. One task per host prepares; the others wait on the lock."""
-    digest = agent.sha256_file(tree / "prepare.py")
+    digest = sha256_file(tree / "prepare.py")
     if digest in _HOST_INFO:
         return _HOST_INFO[digest]
     HOST_DIR.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def harness(tree: Path) -> dict:
             info, _ = agent.sandbox_info(tree)
             if info is None:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise HostError(f"`python prepare.py` failed on {socket.gethostname()}: {agent.one_line(last, 200)}; "
+                raise HostError(f"`python prepare.py` failed on {socket.gethostname()}: {one_line(last, 200)}; "
                                 "set AR_MODEL, AR_DATA and AR_CACHE on that host as on the driver's")
     _HOST_INFO[digest] = info
     return info
@@ -129,19 +130,19 @@ def run_experiment(spec: dict) -> dict:
     base = {"worker": name, "node": node_id(), "note": f"worker {name}; "}
     try:
         tree = host_tree(spec)
-        if agent.sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
+        if sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
             raise HostError(f"prepare.py on {socket.gethostname()} differs from the driver's: not run")
         info = harness(tree)
         abi, _ = agent.sandbox_plan(spec["sandbox"], info, tree)
-    except (HostError, agent.FatalError, OSError, ValueError, subprocess.SubprocessError) as exc:
-        return {**base, "status": "crash", "reason": f"worker {name}: {agent.one_line(exc, 200)}"}
+    except (HostError, FatalError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        return {**base, "status": "crash", "reason": f"worker {name}: {one_line(exc, 200)}"}
     folder = tree.parent
     # a run of this experiment that a killed driver left on this host (--ray: the restarted driver cannot reach
     # it) would write into the folder this run uses: end it by its marker first, as the driver does on its disk
     agent.kill_leftovers(folder / f"child{label}.pid")
-    agent.atomic_write(folder / "worker.txt", name)  # names the worker in a crash row if this process dies
+    atomic_write(folder / "worker.txt", name)  # names the worker in a crash row if this process dies
     work = folder / f"work{label}"
-    agent.remove_tree(work)
+    remove_tree(work)
     work.mkdir(parents=True)
     (folder / "submission.pt").unlink(missing_ok=True)
     runner = Runner(pid_file=folder / f"child{label}.pid")
@@ -154,11 +155,11 @@ def run_experiment(spec: dict) -> dict:
                                           agent.train_env(work, timeout), cwd=work)
         agent.clear_work(runner, work)
         result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
-        if agent.sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
+        if sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
             result.update(status="crash", reason="prepare.py was modified during the run; not scored")
         else:
             digests = folder / f"model{label}.sha256.json"  # from the driver's memory: the run has ended
-            agent.atomic_write(digests, spec["model_expected"])
+            atomic_write(digests, spec["model_expected"])
             result.update(agent.run_outcome(runner, tree, folder, label, code, timeout, digests,
                                             spec["tokens_expected"], spec["eval_windows"], spec["eval_timeout"]))
     finally:

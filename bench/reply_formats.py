@@ -16,6 +16,7 @@ from pathlib import Path
 from common import ROOT, header
 
 import agent  # noqa: E402
+from driver.common import ReplyError
 from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
 
@@ -70,7 +71,7 @@ def main() -> None:
                         new = whole if whole is not None else agent.apply_blocks(train_py, blocks)
                         agent.validate_train_py(train_py, new)
                     applied += 1
-                except agent.ReplyError as exc:
+                except ReplyError as exc:
                     key = str(exc).split(":")[0][:60]
                     reasons[key] = reasons.get(key, 0) + 1
             table.append((fmt, parsed, applied, (time.time() - start) / args.replies, reasons))

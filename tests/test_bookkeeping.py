@@ -9,6 +9,7 @@ import git
 import pytest
 
 import agent
+from driver.common import FatalError
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -178,7 +179,7 @@ def test_appending_after_a_missing_newline_never_glues_two_rows(tmp_path):
     prepare.append_ledger_row({"experiment": 3, "status": "keep", "val_ppl": 18.0}, path)
     assert path.read_text().splitlines()[3:] == ["2\t2026-11-27T01:00:00+00:00\tautoresearch/t", "3\t\t\t\t\tkeep\t\t18.0"
                                                  + "\t" * (len(prepare.LEDGER_COLUMNS) - 8)]
-    with pytest.raises(agent.FatalError, match="line 4 is malformed .3 fields where the header has"):
+    with pytest.raises(FatalError, match="line 4 is malformed .3 fields where the header has"):
         agent.read_ledger(path)  # never a row left out silently: test_trust_ledger.py
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import agent
+from driver.common import FatalError
 import prepare
 from conftest import REQUIRE_ASSETS
 from driver_helpers import TAG, ledger
@@ -268,7 +269,7 @@ def test_the_pools_baselines_are_worded_as_the_one_gpu_nights(repo, night):
 def test_the_pools_baseline_failure_names_the_last_runs_reason(repo, night):
     night.ray.outcome = {n: {"status": "crash", "reason": f"train.py exited with 1: scripted failure {n}"}
                          for n in range(2 * agent.BASELINE_TRIES)}
-    with pytest.raises(agent.FatalError) as stop:
+    with pytest.raises(FatalError) as stop:
         night.baselines()
     last = int(ledger(repo)["experiment"].iloc[-1])
     assert str(stop.value) == (f"train.py as committed did not score under protocol {FULL} in {agent.BASELINE_TRIES} "

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import agent
+from driver.common import ReplyError
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -124,7 +125,7 @@ def test_lenient_spellings_of_a_value():
     ({"LR": "1e-3", "SEED": "1", "BATCH_SIZE": "4"}, '"set" names 3 constants: at most 2 per experiment'),
 ])
 def test_bad_names_types_and_values_say_why(changes, reason):
-    with pytest.raises(agent.ReplyError) as err:
+    with pytest.raises(ReplyError) as err:
         agent.edit_train_py(TRAIN_PY, knob_reply("x", **changes), "stop", "knob")
     assert reason in str(err.value)
 
@@ -136,7 +137,7 @@ def test_bad_names_types_and_values_say_why(changes, reason):
     ("", "the reply was empty"),
 ])
 def test_replies_that_are_not_knob_objects(content, reason):
-    with pytest.raises(agent.ReplyError, match=reason):
+    with pytest.raises(ReplyError, match=reason):
         agent.edit_train_py(TRAIN_PY, content, "stop", "knob")
 
 

@@ -8,6 +8,7 @@ import git
 import pytest
 
 import agent
+from driver.common import ReplyError
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -32,7 +33,7 @@ def test_each_reply_is_rejected_precisely_or_applied(name):
         assert description == want["reason"] and new != TRAIN_PY and "prepare.submit(" in new
         compile(new, "train.py", "exec")
     else:
-        with pytest.raises(agent.ReplyError) as err:
+        with pytest.raises(ReplyError) as err:
             agent.edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
         assert want["reason"] in str(err.value)
 
@@ -41,7 +42,7 @@ def test_json_reply_format_parses_and_applies():
     reply = json.dumps({"description": "lower LR", "edits": [{"search": "LR = 3e-4", "replace": "LR = 2e-4"}]})
     description, new = agent.edit_train_py(TRAIN_PY, reply, "stop", "json")
     assert description == "lower LR" and "LR = 2e-4" in new
-    with pytest.raises(agent.ReplyError, match="not the JSON object"):
+    with pytest.raises(ReplyError, match="not the JSON object"):
         agent.edit_train_py(TRAIN_PY, '{"description": "x"}', "stop", "json")
 
 
@@ -119,7 +120,7 @@ def test_whole_file_in_one_fence_is_the_pinned_rule():
         "unclosed": f"Lower LR.\n```python\n{new}",
     }
     for case, reply in rejected.items():
-        with pytest.raises(agent.ReplyError, match="no SEARCH/REPLACE block|broken markers"):
+        with pytest.raises(ReplyError, match="no SEARCH/REPLACE block|broken markers"):
             agent.edit_train_py(TRAIN_PY, reply, "stop", "text")
             pytest.fail(case)
 
@@ -133,7 +134,7 @@ def test_whole_file_in_one_fence_is_the_pinned_rule():
     {"description": "x", "edits": [None]},
 ])
 def test_json_replies_with_wrong_types_are_rejected_not_crashed(reply):
-    with pytest.raises(agent.ReplyError):
+    with pytest.raises(ReplyError):
         agent.edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")
 
 

@@ -7,6 +7,7 @@ import git
 import pytest
 
 import agent
+from driver.common import FatalError
 from driver_helpers import AGENT, ROOT, TAG, agent_env, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -77,7 +78,7 @@ def test_search_space_is_read_from_the_real_program_md():
                                            ("```search-space\nLR = 1e-3\n```", "line 1: 'LR = 1e-3' is not"),
                                            ("```search-space\nLR = [x]\n```", "is not `NAME = [literal, ...]`")])
 def test_a_broken_search_space_says_what_to_fix(block, reason):
-    with pytest.raises(agent.FatalError) as err:
+    with pytest.raises(FatalError) as err:
         agent.search_space(block)
     assert reason in str(err.value)
 

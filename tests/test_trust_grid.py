@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import agent
+from driver.common import ReplyError
 import prepare
 import train
 
@@ -167,7 +168,7 @@ def test_submit_refuses_a_train_py_that_quantizes_off_the_grid(tiny_env, monkeyp
 @pytest.mark.parametrize("value", ["1", 1, "16", "512", "1.0", '"1"', "True"])
 def test_the_knob_format_refuses_group_sizes_off_the_grid(value):
     reply = json.dumps({"description": "finer groups", "set": {"GROUP_SIZE": value}})
-    with pytest.raises(agent.ReplyError) as err:
+    with pytest.raises(ReplyError) as err:
         agent.knob_edit(TRAIN_PY, reply, "stop")
     assert "is not one of its options: 32, 64, 128, 256, 'row', 'tensor'" in str(err.value)
 

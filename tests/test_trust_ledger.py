@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agent
+from driver.common import FatalError
 import prepare
 from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, kill_agent, ledger, make_research_repo,
                             run_agent, start_agent, state, wait_for_phase)
@@ -189,7 +190,7 @@ def test_a_malformed_line_the_drivers_copy_cannot_restore_stops_the_night_naming
         assert "results.tsv line 3 is malformed (3 fields where the header has 22): '[[0.1, 0.2], [0.3, 0.4]] by hand'" \
             in done.stdout and "join or delete the line" in done.stdout
     assert path.read_bytes() == before and llm.requests == []
-    with pytest.raises(agent.FatalError, match=r"line 3 is malformed \(3 fields"):
+    with pytest.raises(FatalError, match=r"line 3 is malformed \(3 fields"):
         agent.read_ledger(path)
 
 
@@ -269,7 +270,7 @@ def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path
         monkeypatch.setattr(os, "write", spy if how == "tmpfs" else short_then_full)
         filler = fill(disk) if how == "tmpfs" else None
         big = {"experiment": 1, "status": "keep", "val_ppl": 19.0, "description": "long " * 4000}  # beyond a page's slack
-        with pytest.raises(agent.FatalError, match="could not write experiment 1's ledger rows: No space left on device "
+        with pytest.raises(FatalError, match="could not write experiment 1's ledger rows: No space left on device "
                                                    r".*no row was lost or half written. Free disk space"):
             agent.append_row(session, big)
         if how == "tmpfs":
