@@ -8,7 +8,7 @@ and reports a lost worker, and the same code serves a cluster. The one-GPU path 
 
 Stale parents: while an experiment trains, another may be kept. A result measured on the current best
 is decided as on one GPU. A result on a parent that is no longer the best, that beats the best or its own
-parent beyond the noise (agent.stale_parent), is recorded as a discard and re-applied on top of the best
+parent beyond the noise (keep.stale_parent), is recorded as a discard and re-applied on top of the best
 (git merge-file, three-way; re-proposed by the LLM when it conflicts), as a new experiment whose own run
 decides: the chain on the branch stays a chain of changes, each scored on its exact parent.
 
@@ -31,6 +31,8 @@ import git
 
 import agent
 from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one_line
+from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
+                         keep_rule, night_protocol, scored_baselines, stale_parent)
 import worker
 from agent import Session
 
@@ -304,9 +306,9 @@ class Pool:
             if restored:
                 log(f"experiment {n}: a run changed {', '.join(restored)}; restored")
                 result["note"] = (result.get("note") or "") + f"a run changed {', '.join(restored[:5])}: restored; "
-        if "first" not in st and agent.confirmation_needed(self.session.rows(), result, baseline=st["kind"] == "baseline",
+        if "first" not in st and confirmation_needed(self.session.rows(), result, baseline=st["kind"] == "baseline",
                                                            strict=self.args.strict,
-                                                           protocol=agent.night_protocol(self.args)):
+                                                           protocol=night_protocol(self.args)):
             log(f"experiment {n}: val_ppl {result['val_ppl']:.4g} is a marginal gain; confirming")
             self.submit({**st, "first": clean(result), "label": "-confirm"})
             return
@@ -368,7 +370,7 @@ class Pool:
         atomic_write_bytes(local, data)
 
     def finish(self, st: dict, result: dict, confirm: dict | None = None) -> str:
-        """Decide (agent.keep_rule against the best now), write the rows in one write, then move the branch
+        """Decide (keep.keep_rule against the best now), write the rows in one write, then move the branch
         or keep the commit under a ref. Idempotent across a kill: a restart finds the row and does the rest."""
         session, n, commit, parent = self.session, st["experiment"], st["commit"], st["parent"]
         tampered = agent.protect_ledger(session)
@@ -378,9 +380,9 @@ class Pool:
         if len(already):
             status = already.iloc[-1]["status"]
         else:
-            rule = {"strict": self.args.strict, "protocol": agent.night_protocol(self.args)}
-            decision = agent.keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", **rule)
-            decision = agent.stale_parent(rows, result, decision, parent, head, confirm, **rule)
+            rule = {"strict": self.args.strict, "protocol": night_protocol(self.args)}
+            decision = keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", **rule)
+            decision = stale_parent(rows, result, decision, parent, head, confirm, **rule)
             status, reason = decision.status, decision.reason
             if decision.reapply:  # won on a parent that is no longer the best
                 st["reapply_as"] = st.get("reapply_as") or self.allocate()
@@ -449,19 +451,19 @@ class Pool:
 
     def baselines(self) -> None:
         """The reference before any experiment: --baseline-runs runs of the branch's train.py, at once."""
-        protocol, failures = agent.night_protocol(self.args), 0
+        protocol, failures = night_protocol(self.args), 0
         while not agent.stop_reason(self.session):
             rows = self.session.rows()
-            scored = agent.scored_baselines(rows, protocol)
+            scored = scored_baselines(rows, protocol)
             running = sum(st["kind"] == "baseline" for st in self.flights.values())
-            if not running and agent.baseline_complete(rows, protocol, self.args.baseline_runs):
+            if not running and baseline_complete(rows, protocol, self.args.baseline_runs):
                 return
-            if failures >= agent.BASELINE_TRIES:
-                raise FatalError(agent.baseline_failure(rows, protocol, self.args.tag))
+            if failures >= BASELINE_TRIES:
+                raise FatalError(baseline_failure(rows, protocol, self.args.tag))
             head = self.head()
             for _ in range(min(self.args.baseline_runs - scored - running, self.slots - len(self.flights))):
                 self.submit({"experiment": self.allocate(), "kind": "baseline", "commit": head, "parent": head,
-                             "description": agent.baseline_description(rows, protocol, scored + running + 1)})
+                             "description": baseline_description(rows, protocol, scored + running + 1)})
                 running += 1
             for ref in self.wait():
                 baseline, n = self.flights[ref]["kind"] == "baseline", self.flights[ref]["experiment"]

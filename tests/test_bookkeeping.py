@@ -10,6 +10,7 @@ import pytest
 
 import agent
 from driver.common import FatalError
+from driver.keep import best_kept
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -56,7 +57,7 @@ def test_a_kill_after_the_first_flush_leaves_both_rows_of_a_confirmed_decision_o
     agent.finish_experiment(session, st, lucky, unlucky)  # resume finishes the decision, once
     rows = agent.read_ledger(session.ledger)
     assert rows["status"].tolist() == ["baseline", "baseline", "discard", "discard"]
-    assert rows["best_val_ppl"].tolist()[-2:] == [20.0, 20.0] and agent.best_kept(rows) == 20.0
+    assert rows["best_val_ppl"].tolist()[-2:] == [20.0, 20.0] and best_kept(rows) == 20.0
 
 
 # ---------------------------------------------------------------- item 2: baselines that do not score

@@ -1,4 +1,4 @@
-"""The decision's siblings of agent.keep_rule (confirmation needed, stale parent, baseline complete, the baseline's
+"""The decision's siblings of keep.keep_rule (confirmation needed, stale parent, baseline complete, the baseline's
 wording), as tables; and pool.Pool deciding with them, without Ray: a scripted stand-in for the few calls of Ray the
 pool makes (a task's result is a score read from the experiment's own train.py, or a lost worker), everything else
 real (the session, the branch, worktrees, commits, refs, state files, the ledger)."""
@@ -11,6 +11,8 @@ import pytest
 
 import agent
 from driver.common import FatalError
+from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
+                         keep_rule, night_protocol, stale_parent)
 import prepare
 from conftest import REQUIRE_ASSETS
 from driver_helpers import TAG, ledger
@@ -54,7 +56,7 @@ CONFIRM_CASES = {
 @pytest.mark.parametrize("name", CONFIRM_CASES)
 def test_confirmation_needed(name):
     rows, result, baseline, strict, expected = CONFIRM_CASES[name]
-    assert agent.confirmation_needed(rows, result, baseline=baseline, strict=strict, protocol=FULL) is expected
+    assert confirmation_needed(rows, result, baseline=baseline, strict=strict, protocol=FULL) is expected
 
 
 # ---------------------------------------------------------------- is the baseline done
@@ -75,7 +77,7 @@ BASELINE_CASES = {
 @pytest.mark.parametrize("name", BASELINE_CASES)
 def test_baseline_complete(name):
     rows, protocol, runs, expected = BASELINE_CASES[name]
-    assert agent.baseline_complete(rows, protocol, runs) is expected
+    assert baseline_complete(rows, protocol, runs) is expected
 
 
 DESCRIPTION_CASES = {
@@ -92,18 +94,18 @@ DESCRIPTION_CASES = {
 @pytest.mark.parametrize("name", DESCRIPTION_CASES)
 def test_baseline_description(name):
     rows, protocol, run, expected = DESCRIPTION_CASES[name]
-    assert agent.baseline_description(rows, protocol, run) == expected
+    assert baseline_description(rows, protocol, run) == expected
 
 
 def test_baseline_failure_names_the_last_runs_reason_and_folder():
     rows = rows_of(("a", "crash", None, None), ("a", "timeout", None, None), ("a", "crash", None, None))
     rows["reason"] = ["boom", "ran past", "train.py exited with 1:\nTraceback"]
-    message = agent.baseline_failure(rows, FULL, TAG)
-    assert message == (f"train.py as committed did not score under protocol {FULL} in {agent.BASELINE_TRIES} tries "
+    message = baseline_failure(rows, FULL, TAG)
+    assert message == (f"train.py as committed did not score under protocol {FULL} in {BASELINE_TRIES} tries "
                        f"(last: train.py exited with 1: Traceback); see runs/{TAG}/2/: fix train.py (or the harness) "
                        "and start again")
     other = rows_of(("a", "baseline", 20.0, SMOKE))  # scored, but not under the night's protocol
-    assert f"(last: scored under protocol {SMOKE})" in agent.baseline_failure(other, FULL, TAG)
+    assert f"(last: scored under protocol {SMOKE})" in baseline_failure(other, FULL, TAG)
 
 
 # ---------------------------------------------------------------- a result measured on a stale parent
@@ -135,8 +137,8 @@ STALE_CASES = {
 @pytest.mark.parametrize("name", STALE_CASES)
 def test_stale_parent(name):
     rows, result, confirm, parent, head, strict, status, reapply, says = STALE_CASES[name]
-    decision = agent.keep_rule(rows, result, confirm, strict=strict, protocol=FULL)
-    verdict = agent.stale_parent(rows, result, decision, parent, head, confirm, strict=strict, protocol=FULL)
+    decision = keep_rule(rows, result, confirm, strict=strict, protocol=FULL)
+    verdict = stale_parent(rows, result, decision, parent, head, confirm, strict=strict, protocol=FULL)
     assert (verdict.status, verdict.reapply) == (status, reapply), verdict
     assert says in verdict.reason, verdict
     assert verdict.best == decision.best
@@ -188,7 +190,7 @@ class ScriptedRay:
             return dict(self.outcome[n])
         text = (Path(spec["tree"]) / "train.py").read_text()
         return {"val_ppl": constant(text, "PPL") * constant(text, "PPL_SCALE") + self.jitter.get(n, 0.0),
-                "protocol": agent.night_protocol(self.session.args), "note": "worker gpu0; "}
+                "protocol": night_protocol(self.session.args), "note": "worker gpu0; "}
 
     def wait(self, refs: list, num_returns: int = 1, timeout=None) -> tuple[list, list]:
         return refs[:num_returns], refs[num_returns:]
@@ -258,7 +260,7 @@ def test_the_pools_baselines_are_worded_as_the_one_gpu_nights(repo, night):
     collect(night, st["experiment"])
     assert row(repo, st["experiment"])["status"] == "keep"
     night.args.eval_windows = 2  # a new start under a smoke protocol: its own baselines, of the kept train.py
-    protocol = agent.night_protocol(night.args)
+    protocol = night_protocol(night.args)
     night.baselines()
     rows = ledger(repo)
     assert rows[rows["status"] == "baseline"]["description"].tolist() == [
@@ -268,11 +270,11 @@ def test_the_pools_baselines_are_worded_as_the_one_gpu_nights(repo, night):
 
 def test_the_pools_baseline_failure_names_the_last_runs_reason(repo, night):
     night.ray.outcome = {n: {"status": "crash", "reason": f"train.py exited with 1: scripted failure {n}"}
-                         for n in range(2 * agent.BASELINE_TRIES)}
+                         for n in range(2 * BASELINE_TRIES)}
     with pytest.raises(FatalError) as stop:
         night.baselines()
     last = int(ledger(repo)["experiment"].iloc[-1])
-    assert str(stop.value) == (f"train.py as committed did not score under protocol {FULL} in {agent.BASELINE_TRIES} "
+    assert str(stop.value) == (f"train.py as committed did not score under protocol {FULL} in {BASELINE_TRIES} "
                                f"tries (last: train.py exited with 1: scripted failure {last}); see "
                                f"runs/{TAG}/{last}/: fix train.py (or the harness) and start again")
 

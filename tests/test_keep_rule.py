@@ -1,8 +1,9 @@
-"""agent.keep_rule, the whole keep/discard decision, as a table: ledger rows so far + a run → status, new best."""
+"""keep.keep_rule, the whole keep/discard decision, as a table: ledger rows so far + a run → status, new best."""
 import pandas as pd
 import pytest
 
 import agent
+from driver.keep import keep_rule
 import prepare
 
 FULL, SMOKE = "v1", "v1-smoke2w"
@@ -63,7 +64,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_keep_rule(name):
     rows, result, confirm, baseline, strict, status, best, reason = CASES[name]
-    decision = agent.keep_rule(rows, result, confirm, baseline=baseline, strict=strict, protocol=FULL)
+    decision = keep_rule(rows, result, confirm, baseline=baseline, strict=strict, protocol=FULL)
     assert decision.status == status and decision.confirm == (status == "confirm"), decision
     assert decision.best == pytest.approx(best) if best is not None else decision.best is None, decision
     assert reason in decision.reason, decision
@@ -71,7 +72,7 @@ def test_keep_rule(name):
 
 def test_every_scored_decision_names_its_protocol():
     for name, (rows, result, confirm, baseline, strict, *_) in CASES.items():
-        decision = agent.keep_rule(rows, result, confirm, baseline=baseline, strict=strict, protocol=FULL)
+        decision = keep_rule(rows, result, confirm, baseline=baseline, strict=strict, protocol=FULL)
         if "val_ppl" in result:
             assert f"protocol {result['protocol']}" in decision.reason, name
 

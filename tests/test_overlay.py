@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 import agent
+from driver.keep import CONFIRM_SIGMAS
 import prepare
 
 PLANS = {"llm": [("baseline", 40.0), ("baseline", 41.0), ("keep", 35.0), ("discard", 36.5), ("crash", None),
@@ -27,7 +28,7 @@ def test_running_best_follows_the_keep_rule_with_its_noise_band(tmp_path):
     # the baselines count by their mean; the crash (no protocol) is still a step of the night
     assert curve["best"].tolist() == [40.0, 40.5, 35.0, 35.0, 35.0, 30.0]
     sigma = pd.Series([40.0, 41.0]).std()
-    assert curve["band"].tolist() == [0.0] + [pytest.approx(agent.CONFIRM_SIGMAS * sigma)] * 5
+    assert curve["band"].tolist() == [0.0] + [pytest.approx(CONFIRM_SIGMAS * sigma)] * 5
 
 
 def test_overlay_plot_is_written_for_several_tags(tmp_path):
