@@ -11,6 +11,7 @@ import pytest
 import agent
 from driver.common import FatalError
 from driver.keep import best_kept
+from driver.ledger import read_ledger
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -51,11 +52,11 @@ def test_a_kill_after_the_first_flush_leaves_both_rows_of_a_confirmed_decision_o
     with pytest.raises(KeyboardInterrupt):
         agent.finish_experiment(session, st, lucky, unlucky)
     monkeypatch.setattr(os, "close", close)
-    rows = agent.read_ledger(session.ledger)
+    rows = read_ledger(session.ledger)
     # the kill came after the one write of both rows (never the lucky run alone, never a kill before any row)
     assert rows[rows["experiment"] == 2]["val_ppl"].tolist() == [19.2, 20.9], rows
     agent.finish_experiment(session, st, lucky, unlucky)  # resume finishes the decision, once
-    rows = agent.read_ledger(session.ledger)
+    rows = read_ledger(session.ledger)
     assert rows["status"].tolist() == ["baseline", "baseline", "discard", "discard"]
     assert rows["best_val_ppl"].tolist()[-2:] == [20.0, 20.0] and best_kept(rows) == 20.0
 
@@ -175,13 +176,13 @@ def test_appending_after_a_missing_newline_never_glues_two_rows(tmp_path):
     prepare.append_ledger_row({"experiment": 0, "status": "baseline", "val_ppl": 20.0}, path)
     path.write_text(path.read_text().rstrip("\n"))
     prepare.append_ledger_row({"experiment": 1, "status": "keep", "val_ppl": 19.0}, path)
-    assert agent.read_ledger(path)["val_ppl"].tolist() == [20.0, 19.0]
+    assert read_ledger(path)["val_ppl"].tolist() == [20.0, 19.0]
     path.write_text(path.read_text() + "2\t2026-11-27T01:00:00+00:00\tautoresearch/t")  # a manual run cut by a kill
     prepare.append_ledger_row({"experiment": 3, "status": "keep", "val_ppl": 18.0}, path)
     assert path.read_text().splitlines()[3:] == ["2\t2026-11-27T01:00:00+00:00\tautoresearch/t", "3\t\t\t\t\tkeep\t\t18.0"
                                                  + "\t" * (len(prepare.LEDGER_COLUMNS) - 8)]
     with pytest.raises(FatalError, match="line 4 is malformed .3 fields where the header has"):
-        agent.read_ledger(path)  # never a row left out silently: test_trust_ledger.py
+        read_ledger(path)  # never a row left out silently: test_trust_ledger.py
 
 
 # ---------------------------------------------------------------- items 9, 10, 11: stopping and budgets

@@ -21,7 +21,7 @@ FULL, SMOKE = "v1", "v1-smoke2w"
 
 
 def rows_of(*rows) -> pd.DataFrame:
-    """Rows (commit, status, val_ppl, protocol), shaped as agent.read_ledger returns them."""
+    """Rows (commit, status, val_ppl, protocol), shaped as ledger.read_ledger returns them."""
     frame = pd.DataFrame([{"experiment": i, "commit": c, "status": s, "val_ppl": v, "protocol": p}
                           for i, (c, s, v, p) in enumerate(rows)])
     return frame.reindex(columns=prepare.LEDGER_COLUMNS)

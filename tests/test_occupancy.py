@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import agent
+from driver.ledger import read_ledger
 import prepare
 
 TAG = "occ"
@@ -30,7 +31,7 @@ def write_ledger(path, plan=PLAN) -> pd.DataFrame:
             "commit": f"{max(experiment, 1):040x}", "status": status, "reason": reason,
             "val_ppl": 40.0 - experiment if train_s else None, "train_s": train_s, "eval_s": eval_s,
             "protocol": "v1" if train_s else None, "description": description}, path)
-    return agent.read_ledger(path)
+    return read_ledger(path)
 
 
 def png_height(path) -> int:
@@ -48,7 +49,7 @@ def test_worker_occupancy_shares_of_the_night(tmp_path):
 
 
 def test_empty_ledger_gives_an_empty_frame(tmp_path):
-    occupancy = agent.worker_occupancy(agent.read_ledger(tmp_path / "missing.tsv"))
+    occupancy = agent.worker_occupancy(read_ledger(tmp_path / "missing.tsv"))
     assert occupancy.empty and list(occupancy.columns) == ["worker", "experiments", "train_s", "eval_s",
                                                            "busy_share", "train_share"]
 

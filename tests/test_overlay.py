@@ -4,6 +4,7 @@ import pytest
 
 import agent
 from driver.keep import CONFIRM_SIGMAS
+from driver.ledger import branch_ledger
 import prepare
 
 PLANS = {"llm": [("baseline", 40.0), ("baseline", 41.0), ("keep", 35.0), ("discard", 36.5), ("crash", None),
@@ -22,7 +23,7 @@ def write_nights(path):
 
 def test_running_best_follows_the_keep_rule_with_its_noise_band(tmp_path):
     write_nights(tmp_path / "results.tsv")
-    curve = agent.running_best(agent.branch_ledger(tmp_path / "results.tsv", "autoresearch/llm"))
+    curve = agent.running_best(branch_ledger(tmp_path / "results.tsv", "autoresearch/llm"))
     assert curve["experiment"].tolist() == [0, 1, 2, 3, 4, 5]
     assert curve["hours"].tolist() == [0, 1, 2, 3, 4, 5]
     # the baselines count by their mean; the crash (no protocol) is still a step of the night

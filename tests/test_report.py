@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 import agent
+from driver.ledger import read_ledger
 import prepare
 from driver_helpers import TAG, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
@@ -32,7 +33,7 @@ def night(tmp_path) -> pd.DataFrame:
             "cost_usd": 0.02 if i > 1 else None, "description": description}, path)
     prepare.append_ledger_row({"timestamp": "2026-11-26T03:00:00+00:00", "branch": BRANCH, "status": "manual",
                                "val_ppl": 1.0, "description": "manual run"}, path)
-    rows = agent.read_ledger(path)
+    rows = read_ledger(path)
     return rows[rows["status"] != "manual"]
 
 

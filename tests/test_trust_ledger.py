@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import agent
 from driver.common import FatalError
+from driver.ledger import read_ledger
 import prepare
 from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, kill_agent, ledger, make_research_repo,
                             run_agent, start_agent, state, wait_for_phase)
@@ -68,7 +69,7 @@ def test_a_driver_night_never_imports_torch_and_records_meta_and_bits_per_weight
     assert "left empty" not in " ".join(rows["reason"])
     status = bare_status(repo)
     assert status.returncode == 0 and "1.600 bits per weight" in status.stdout and "bits_per_weight" in status.stdout
-    report = agent.night_report(agent.read_ledger(repo / "results.tsv"), f"autoresearch/{TAG}", repo / "runs" / TAG,
+    report = agent.night_report(read_ledger(repo / "results.tsv"), f"autoresearch/{TAG}", repo / "runs" / TAG,
                                 repo, with_test=False)
     assert "1.600 bits per weight" in report and "| 1 | 1 | 18.0000 | 2.0000 |  | 1.600 | better, and says so |" in report
 
@@ -100,7 +101,7 @@ def test_hostile_run_output_never_reaches_a_row_or_a_state_file_and_never_ends_t
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming experiment 2: writing its decision" in done.stdout
     assert_one_line_per_row(repo / "results.tsv", 4)
-    rows = agent.read_ledger(repo / "results.tsv")
+    rows = read_ledger(repo / "results.tsv")
     assert rows["status"].tolist() == ["baseline", "baseline", "keep", "keep"], rows
     hostile = rows.iloc[2:]
     assert hostile[["steps", "train_tokens", "peak_mem_gb", "bits_per_weight"]].isna().all().all()
@@ -151,7 +152,7 @@ def test_the_ledger_writer_emits_one_well_formed_line_per_row_whatever_the_value
             prepare.append_ledger_rows(rows, path)
         written = [row for rows in batches for row in rows]
         assert_one_line_per_row(path, len(written))
-        read = agent.read_ledger(path)
+        read = read_ledger(path)
         assert len(read) == len(written)
         for (_, got), row in zip(read.iterrows(), written):
             for column in prepare.LEDGER_COLUMNS:
@@ -191,7 +192,7 @@ def test_a_malformed_line_the_drivers_copy_cannot_restore_stops_the_night_naming
             in done.stdout and "join or delete the line" in done.stdout
     assert path.read_bytes() == before and llm.requests == []
     with pytest.raises(FatalError, match=r"line 3 is malformed \(3 fields"):
-        agent.read_ledger(path)
+        read_ledger(path)
 
 
 # ---------------------------------------------------------------- a ledger of the previous version
@@ -213,7 +214,7 @@ def test_a_ledger_written_before_bits_per_weight_keeps_working(repo, llm):
         lines = path.read_text().splitlines()
         assert lines[0].split("\t") == prepare.LEDGER_COLUMNS
         assert lines[1:4] == [line + "\t" for line in old_lines[1:]]  # every old row, its new cell empty
-    rows = agent.read_ledger(repo / "results.tsv")
+    rows = read_ledger(repo / "results.tsv")
     assert rows["status"].tolist() == ["baseline", "keep", "manual", "manual", "baseline", "keep"]
     assert rows["bits_per_weight"].tolist()[3:] == [1.58, 1.6, 1.6] and rows["bits_per_weight"].iloc[:3].isna().all()
     assert rows["val_ppl"].tolist()[:3] == [20.0, 18.0, 21.5] and rows["steps"].iloc[2] == 8
@@ -281,7 +282,7 @@ def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path
         if filler:
             filler.unlink()
         agent.append_row(session, big)  # the restart's write
-        rows = agent.read_ledger(session.ledger)
+        rows = read_ledger(session.ledger)
         assert rows["experiment"].tolist() == [0, 1] and rows["description"].iloc[1] == ("long " * 4000).strip()
         assert session.ledger.read_bytes() == session.ledger_backup.read_bytes()
 
@@ -301,7 +302,7 @@ def test_a_driver_that_meets_a_full_disk_while_deciding_stops_and_writes_the_row
                 kill_agent(proc)
         assert proc.returncode == 2, out
         assert "could not write experiment 1's ledger rows: No space left on device" in out and "Traceback" not in out
-        assert agent.read_ledger(repo / "results.tsv")["experiment"].tolist() in ([0], [0, 1])  # whole rows only
+        assert read_ledger(repo / "results.tsv")["experiment"].tolist() in ([0], [0, 1])  # whole rows only
         filler.unlink()
         done = run_agent(repo, llm.url, "--max-experiments", "0", **small)
         assert done.returncode == 0, done.stdout + done.stderr
