@@ -33,6 +33,7 @@ import agent
 from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one_line
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, scored_baselines, stale_parent)
+from driver.runner import RAY_AUTH, kill_leftovers
 import worker
 from agent import Session
 
@@ -51,7 +52,7 @@ def gpu_count(args) -> int:
 def ray_auth(args) -> dict:
     """`ray start` turns token authentication on; a client sends the token (~/.ray/auth_token, RAY_AUTH_TOKEN or
     RAY_AUTH_TOKEN_PATH) only in token mode, which Ray reads when it is imported (`--ray auto` finds it alone)."""
-    auth = dict(agent.RAY_AUTH)  # the token settings that harden_process took out of the environment
+    auth = dict(RAY_AUTH)  # the token settings that harden_process took out of the environment
     if args.ray and "RAY_AUTH_MODE" not in os.environ and (auth or (Path.home() / ".ray" / "auth_token").exists()):
         auth["RAY_AUTH_MODE"] = "token"
     return auth
@@ -322,7 +323,7 @@ class Pool:
         n, reruns = st["experiment"], st.get("reruns", 0)
         # a worker killed on this host leaves its train.py running (own session; the worker was its subreaper):
         # end it by its marker, as a restart does, before Ray hands the GPU to the next task
-        agent.kill_leftovers(self.session.runs / str(n) / f"child{st.get('label', '')}.pid")
+        kill_leftovers(self.session.runs / str(n) / f"child{st.get('label', '')}.pid")
         if st["kind"] != "baseline" and reruns < MAX_RERUNS and not self.stopping:
             st["rerun_as"] = self.allocate()
             self.save(st)  # before the row: a restart then starts the rerun the row announces
@@ -440,7 +441,7 @@ class Pool:
                              n=st["experiment"])
                 continue
             label = st.get("label", "")
-            agent.kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
+            kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
             rows = self.session.rows()
             recorded = rows[(rows["experiment"] == st["experiment"]) & (rows["commit"].fillna("") == st["commit"])]
             if len(recorded):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import agent
 from driver.common import FatalError, atomic_write, one_line, remove_tree, sha256_file
+from driver.runner import clean_env, harden_process, kill_leftovers, kill_strays, log_tail, run_process
 
 HOST_DIR = Path(os.environ.get("AR_WORKER_DIR") or Path.home() / ".cache" / "ternary-autoresearch")
 LOG_RETURN_BYTES = 200_000     # of each log, sent back to the driver from a host that does not share its disk
@@ -35,7 +36,7 @@ class HostError(Exception):
 
 @dataclass
 class Runner:
-    """What agent.run_process needs of a driver session: one process at a time in this worker process."""
+    """What runner.run_process needs of a driver session: one process at a time in this worker process."""
     pid_file: Path
     known_children: set = field(default_factory=set)
     child: subprocess.Popen | None = None
@@ -58,7 +59,7 @@ def watch_parent() -> None:
         if runner.child is not None:
             with contextlib.suppress(OSError):
                 os.killpg(runner.child.pid, signal.SIGKILL)  # train.py or the evaluator: its own process group
-            agent.kill_strays(runner.known_children)  # what left the group, reparented to this subreaper
+            kill_strays(runner.known_children)  # what left the group, reparented to this subreaper
         os._exit(1)
     _RUNNING.append(None)
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()
@@ -109,7 +110,7 @@ def harness(tree: Path) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         info, _ = agent.sandbox_info(tree)
         if info is None:
-            done = subprocess.run([sys.executable, "-I", "prepare.py"], cwd=tree, env=agent.clean_env(),
+            done = subprocess.run([sys.executable, "-I", "prepare.py"], cwd=tree, env=clean_env(),
                                   capture_output=True, text=True, timeout=PREPARE_TIMEOUT_S)
             info, _ = agent.sandbox_info(tree)
             if info is None:
@@ -124,7 +125,7 @@ def run_experiment(spec: dict) -> dict:
     """Train and score one commit's train.py on this host's GPU (Ray sets CUDA_VISIBLE_DEVICES). Returns
     the ledger fields (a failure as status and reason), with `worker`, `node`, `folder`, `logs` and, when
     scored, `submission` and `submission_sha256`."""
-    agent.harden_process()  # a subreaper: what train.py double-forks is reparented here, where kill_tree finds it
+    harden_process()  # a subreaper: what train.py double-forks is reparented here, where kill_tree finds it
     watch_parent()
     name, label = worker_name(spec["driver_host"]), spec["label"]
     base = {"worker": name, "node": node_id(), "note": f"worker {name}; "}
@@ -139,7 +140,7 @@ def run_experiment(spec: dict) -> dict:
     folder = tree.parent
     # a run of this experiment that a killed driver left on this host (--ray: the restarted driver cannot reach
     # it) would write into the folder this run uses: end it by its marker first, as the driver does on its disk
-    agent.kill_leftovers(folder / f"child{label}.pid")
+    kill_leftovers(folder / f"child{label}.pid")
     atomic_write(folder / "worker.txt", name)  # names the worker in a crash row if this process dies
     work = folder / f"work{label}"
     remove_tree(work)
@@ -151,7 +152,7 @@ def run_experiment(spec: dict) -> dict:
     cmd = agent.train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
     shm_before = agent.shm_entries()
     try:
-        code, train_s = agent.run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
+        code, train_s = run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
                                           agent.train_env(work, timeout), cwd=work)
         agent.clear_work(runner, work)
         result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
@@ -167,7 +168,7 @@ def run_experiment(spec: dict) -> dict:
     if "val_ppl" in result:
         result["submission"] = str(folder / "submission.pt")  # its submission_sha256: the digest taken at exit
     logs = [f"train{label}.log", f"eval{label}.log", f"eval{label}.json"]
-    result["logs"] = {} if spec["shared_disk"] else {n: agent.log_tail(folder / n, LOG_RETURN_BYTES) for n in logs}
+    result["logs"] = {} if spec["shared_disk"] else {n: log_tail(folder / n, LOG_RETURN_BYTES) for n in logs}
     result["folder"] = str(folder)
     return result
 

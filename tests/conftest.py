@@ -86,7 +86,7 @@ def _process_flags() -> tuple[int, int]:
 
 @pytest.fixture(autouse=True)
 def the_pytest_process_stays_plain():
-    """A test that hardens the pytest process itself (agent.harden_process, as worker.run_experiment does in a Ray
+    """A test that hardens the pytest process itself (runner.harden_process, as worker.run_experiment does in a Ray
     worker) makes it a subreaper: every later test's orphans (the train.py a killed driver leaves) become children
     of pytest, which processes_in() does not count, and test_guard's leftover test failed after test_worker.
     Such a test fails here, and the flags are put back for the tests after it."""
@@ -98,7 +98,7 @@ def the_pytest_process_stays_plain():
         libc.prctl(PR_SET_DUMPABLE, before[0], 0, 0, 0)
         libc.prctl(PR_SET_CHILD_SUBREAPER, before[1], 0, 0, 0)
         pytest.fail(f"this test changed the pytest process (dumpable, subreaper) from {before} to {after}: run what "
-                    "hardens its process (agent.harden_process, worker.run_experiment) in a process of its own")
+                    "hardens its process (runner.harden_process, worker.run_experiment) in a process of its own")
 
 
 @pytest.fixture(scope="session")

@@ -47,13 +47,13 @@ KILLER = r"""import ctypes, subprocess, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 import agent
-agent.KILL_GRACE_S = 1
+runner.KILL_GRACE_S = 1
 state = Path(sys.argv[1])
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 proc = subprocess.Popen([sys.executable, str(state / "hop.py"), str(state)], start_new_session=True,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 time.sleep(1)
-agent.kill_tree(proc, set())
+runner.kill_tree(proc, set())
 before = (state / "pid").read_text()
 time.sleep(0.5)
 print("survived" if (state / "pid").read_text() != before else "ended")
