@@ -34,6 +34,7 @@ from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, scored_baselines, stale_parent)
 from driver.runner import RAY_AUTH, kill_leftovers
+from driver.scoring import GIT_SAFE_CONFIG
 import worker
 from agent import Session
 
@@ -144,7 +145,7 @@ class Pool:
         tree = self.make_tree(n, parent)
         atomic_write(tree / "train.py", train_py)
         wt = git.Repo(tree)
-        wt.git.set_persistent_git_options(c=agent.GIT_SAFE_CONFIG)
+        wt.git.set_persistent_git_options(c=GIT_SAFE_CONFIG)
         with wt.git.custom_environment(**agent.git_identity(self.session)):
             wt.git.commit("--no-verify", "-m", f"{description}\n\nautoresearch experiment {n}", "--", "train.py")
         commit = wt.head.commit.hexsha

@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import agent
 from driver.common import FatalError, atomic_write, one_line, remove_tree, sha256_file
 from driver.runner import clean_env, harden_process, kill_leftovers, kill_strays, log_tail, run_process
+from driver.scoring import (clear_work, remove_run_files, run_outcome, sandbox_info, sandbox_plan, shm_entries,
+                            train_command, train_env)
 
 HOST_DIR = Path(os.environ.get("AR_WORKER_DIR") or Path.home() / ".cache" / "ternary-autoresearch")
 LOG_RETURN_BYTES = 200_000     # of each log, sent back to the driver from a host that does not share its disk
@@ -108,11 +109,11 @@ def harness(tree: Path) -> dict:
     HOST_DIR.mkdir(parents=True, exist_ok=True)
     with open(HOST_DIR / "prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info, _ = agent.sandbox_info(tree)
+        info, _ = sandbox_info(tree)
         if info is None:
             done = subprocess.run([sys.executable, "-I", "prepare.py"], cwd=tree, env=clean_env(),
                                   capture_output=True, text=True, timeout=PREPARE_TIMEOUT_S)
-            info, _ = agent.sandbox_info(tree)
+            info, _ = sandbox_info(tree)
             if info is None:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise HostError(f"`python prepare.py` failed on {socket.gethostname()}: {one_line(last, 200)}; "
@@ -134,7 +135,7 @@ def run_experiment(spec: dict) -> dict:
         if sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
             raise HostError(f"prepare.py on {socket.gethostname()} differs from the driver's: not run")
         info = harness(tree)
-        abi, _ = agent.sandbox_plan(spec["sandbox"], info, tree)
+        abi, _ = sandbox_plan(spec["sandbox"], info, tree)
     except (HostError, FatalError, OSError, ValueError, subprocess.SubprocessError) as exc:
         return {**base, "status": "crash", "reason": f"worker {name}: {one_line(exc, 200)}"}
     folder = tree.parent
@@ -149,22 +150,22 @@ def run_experiment(spec: dict) -> dict:
     runner = Runner(pid_file=folder / f"child{label}.pid")
     _RUNNING[0] = runner
     timeout = spec["timeout"]
-    cmd = agent.train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
-    shm_before = agent.shm_entries()
+    cmd = train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
+    shm_before = shm_entries()
     try:
         code, train_s = run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
-                                          agent.train_env(work, timeout), cwd=work)
-        agent.clear_work(runner, work)
+                                          train_env(work, timeout), cwd=work)
+        clear_work(runner, work)
         result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
         if sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
             result.update(status="crash", reason="prepare.py was modified during the run; not scored")
         else:
             digests = folder / f"model{label}.sha256.json"  # from the driver's memory: the run has ended
             atomic_write(digests, spec["model_expected"])
-            result.update(agent.run_outcome(runner, tree, folder, label, code, timeout, digests,
+            result.update(run_outcome(runner, tree, folder, label, code, timeout, digests,
                                             spec["tokens_expected"], spec["eval_windows"], spec["eval_timeout"]))
     finally:
-        agent.remove_run_files(work, shm_before)
+        remove_run_files(work, shm_before)
     if "val_ppl" in result:
         result["submission"] = str(folder / "submission.pt")  # its submission_sha256: the digest taken at exit
     logs = [f"train{label}.log", f"eval{label}.log", f"eval{label}.json"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import git
 import pytest
 
-import agent
+from driver.scoring import remove_run_files, shm_entries, train_command, train_env
 import sandbox
 from driver_helpers import STANDIN, TAG, check_invariants, ledger, make_research_repo, run_agent, start_agent
 from test_sandbox import DENIED, PRELUDE, needs_landlock  # noqa: F401 (a fixture)
@@ -89,10 +89,10 @@ def scratch_repo(tmp_path: Path, train_py: str) -> Path:
 
 
 def run_as_the_driver_does(repo: Path, work: Path, env: dict | None = None, timeout: float = 600) -> dict:
-    """train.py run with the driver's own command line and environment (agent.train_command/train_env)."""
+    """train.py run with the driver's own command line and environment (scoring.train_command/train_env)."""
     work.mkdir(parents=True, exist_ok=True)
-    cmd = agent.train_command(repo, work, sandbox.landlock_abi(), [])
-    done = subprocess.run(cmd, cwd=work, env={**agent.train_env(work, timeout), **(env or {})}, capture_output=True,
+    cmd = train_command(repo, work, sandbox.landlock_abi(), [])
+    done = subprocess.run(cmd, cwd=work, env={**train_env(work, timeout), **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -172,11 +172,11 @@ def test_shm_cleanup_removes_only_what_the_run_left(tmp_path):
     (work / "tmp").mkdir(parents=True)
     try:
         before_file.write_text("another program's")
-        snapshot = agent.shm_entries()
+        snapshot = shm_entries()
         left.write_text("a run's weights")
         held.write_text("a concurrent run's")
         with open(held) as holder:
-            agent.remove_run_files(work, snapshot)
+            remove_run_files(work, snapshot)
             assert holder.read() == "a concurrent run's"
         assert not left.exists() and not work.exists()
         assert before_file.exists() and held.exists()
