@@ -17,6 +17,7 @@ from common import ROOT, header
 
 import agent  # noqa: E402
 from driver.common import ReplyError
+from driver.knobs import knob_schema, parse_knob_reply
 from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
 
@@ -54,7 +55,7 @@ def main() -> None:
             session.client = agent.make_client(ns)
             train_py = (repo / "train.py").read_text()
             messages = agent.build_prompt(session, train_py)
-            schema = agent.knob_schema(train_py) if fmt == "knob" else None
+            schema = knob_schema(train_py) if fmt == "knob" else None
             parsed = applied = 0
             reasons = {}
             start = time.time()
@@ -62,7 +63,7 @@ def main() -> None:
                 content, finish, _, _ = agent.chat(session, messages, schema=schema)
                 try:
                     if fmt == "knob":  # parse: the JSON object; apply: names, values and the checks
-                        agent.parse_knob_reply(content or "")
+                        parse_knob_reply(content or "")
                         parsed += 1
                         agent.knob_edit(train_py, content, finish)
                     else:

@@ -5,6 +5,7 @@ import pytest
 
 import agent
 from driver.common import ReplyError
+from driver.knobs import KNOB_FLOAT_PATTERN, KNOB_INT_PATTERN, MAX_KNOBS, find_knobs, knob_schema, set_knobs
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -30,10 +31,10 @@ def knob_reply(description: str, **values) -> str:
 
 # ---------------------------------------------------------------- the schema and the listing
 def test_schema_names_exactly_the_literal_all_caps_constants():
-    schema = agent.knob_schema(SMALL)
+    schema = knob_schema(SMALL)
     knobs = schema["properties"]["set"]
     assert knobs["propertyNames"]["enum"] == ["MODE", "LR", "STEPS", "BETAS", "USE_EMA"]
-    assert knobs["maxProperties"] == agent.MAX_KNOBS
+    assert knobs["maxProperties"] == MAX_KNOBS
     # one constant per reply where the server enforces the schema: each branch sets exactly one
     branches = {list(b["properties"])[0]: b for b in knobs["anyOf"]}
     assert list(branches) == ["MODE", "LR", "STEPS", "BETAS", "USE_EMA"]
@@ -43,24 +44,24 @@ def test_schema_names_exactly_the_literal_all_caps_constants():
     assert value["MODE"] == {"type": "string", "enum": ['"crash"', '"hang"']}
     assert value["USE_EMA"] == {"type": "string", "enum": ["True"]}
     # numbers without options (a comment without options is no restriction): number literals
-    assert value["LR"] == {"type": "string", "pattern": agent.KNOB_FLOAT_PATTERN}
-    assert value["STEPS"] == {"type": "string", "pattern": agent.KNOB_INT_PATTERN}
+    assert value["LR"] == {"type": "string", "pattern": KNOB_FLOAT_PATTERN}
+    assert value["STEPS"] == {"type": "string", "pattern": KNOB_INT_PATTERN}
     assert value["BETAS"] == {"type": "string", "maxLength": 40}
     import re
-    assert all(re.match(agent.KNOB_FLOAT_PATTERN, v) for v in ("1e-3", "0.0005", "2", "3E-4"))
-    assert not any(re.match(agent.KNOB_FLOAT_PATTERN, v) for v in ("", "fast", "1e-3 # x", "-1"))
+    assert all(re.match(KNOB_FLOAT_PATTERN, v) for v in ("1e-3", "0.0005", "2", "3E-4"))
+    assert not any(re.match(KNOB_FLOAT_PATTERN, v) for v in ("", "fast", "1e-3 # x", "-1"))
 
 
 def test_schema_of_the_real_train_py_offers_other_options_only():
     knobs = {list(b["properties"])[0]: list(b["properties"].values())[0]
-             for b in agent.knob_schema(TRAIN_PY)["properties"]["set"]["anyOf"]}
+             for b in knob_schema(TRAIN_PY)["properties"]["set"]["anyOf"]}
     assert knobs["GROUP_SIZE"]["enum"] == ["32", "64", "128", "256", '"tensor"']  # not the current "row"
     assert knobs["LAMBDA_SCHEDULE"]["enum"] == ['"cosine"', '"exponential"', '"two_phase"', '"constant"']
-    assert knobs["LAMBDA_WARMUP_FRAC"]["pattern"] == agent.KNOB_FLOAT_PATTERN  # None now: takes a number
+    assert knobs["LAMBDA_WARMUP_FRAC"]["pattern"] == KNOB_FLOAT_PATTERN  # None now: takes a number
 
 
 def test_options_are_read_from_the_real_train_py_comments():
-    knobs = agent.find_knobs(TRAIN_PY)
+    knobs = find_knobs(TRAIN_PY)
     assert knobs["LAMBDA_SCHEDULE"]["options"] == ["linear", "cosine", "exponential", "two_phase", "constant"]
     assert knobs["GROUP_SIZE"]["options"] == [32, 64, 128, 256, "row", "tensor"]
     assert knobs["SCALE_RULE"]["options"] == ["mean", "absmax"]
@@ -92,22 +93,22 @@ def test_rewrite_touches_only_the_assignment_and_keeps_comments():
 
 
 def test_rewrite_keeps_the_comment_column_or_two_spaces_when_it_does_not_fit():
-    new = agent.set_knobs(SMALL, {"STEPS": "2000", "MODE": "crash"})
+    new = set_knobs(SMALL, {"STEPS": "2000", "MODE": "crash"})
     assert "STEPS = 2000                # how long\n" in new and 'MODE = "crash"              # ok | crash | hang\n' in new
-    new = agent.set_knobs(SMALL, {"STEPS": "12345678901234567890123"})
+    new = set_knobs(SMALL, {"STEPS": "12345678901234567890123"})
     assert "STEPS = 12345678901234567890123  # how long\n" in new
-    new = agent.set_knobs(SMALL, {"BETAS": "(0.8, 0.99)", "USE_EMA": "True"})
+    new = set_knobs(SMALL, {"BETAS": "(0.8, 0.99)", "USE_EMA": "True"})
     assert "BETAS = (0.8, 0.99)\n" in new and "USE_EMA = True\n" in new
 
 
 def test_lenient_spellings_of_a_value():
     # a bare word for a string option, a JSON number or bool instead of a literal's text
-    assert 'MODE = "hang"' in agent.set_knobs(SMALL, {"MODE": "hang"})
-    assert "LR = 0.001" in agent.set_knobs(SMALL, {"LR": 0.001})
-    assert "USE_EMA = True" in agent.set_knobs(SMALL, {"USE_EMA": True})
-    assert "GROUP_SIZE = 64 " in agent.set_knobs(TRAIN_PY, {"GROUP_SIZE": "64"})
-    assert 'GROUP_SIZE = "tensor"' in agent.set_knobs(TRAIN_PY, {"GROUP_SIZE": '"tensor"'})
-    assert "LAMBDA_WARMUP_FRAC = 0.2 " in agent.set_knobs(TRAIN_PY, {"LAMBDA_WARMUP_FRAC": "0.2"})  # None takes a number
+    assert 'MODE = "hang"' in set_knobs(SMALL, {"MODE": "hang"})
+    assert "LR = 0.001" in set_knobs(SMALL, {"LR": 0.001})
+    assert "USE_EMA = True" in set_knobs(SMALL, {"USE_EMA": True})
+    assert "GROUP_SIZE = 64 " in set_knobs(TRAIN_PY, {"GROUP_SIZE": "64"})
+    assert 'GROUP_SIZE = "tensor"' in set_knobs(TRAIN_PY, {"GROUP_SIZE": '"tensor"'})
+    assert "LAMBDA_WARMUP_FRAC = 0.2 " in set_knobs(TRAIN_PY, {"LAMBDA_WARMUP_FRAC": "0.2"})  # None takes a number
 
 
 @pytest.mark.parametrize("changes, reason", [

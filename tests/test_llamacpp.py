@@ -11,7 +11,7 @@ from pathlib import Path
 import git
 import pytest
 
-import agent
+from driver.knobs import MAX_KNOBS, parse_knob_reply
 from conftest import REQUIRE_ASSETS, smollm2_gguf
 from driver_helpers import ROOT, STATUSES, TAG, check_invariants, ledger, make_research_repo, processes_in, run_agent
 
@@ -62,8 +62,8 @@ def check_knob_replies(repo: Path, rows) -> None:
     constant: every reply is the schema's JSON object, and at least 2 of the 3 proposals apply and train."""
     for _, row in rows.iloc[1:].iterrows():
         reply = (repo / "runs" / TAG / str(row["experiment"]) / "response0.md").read_text()
-        description, changes = agent.parse_knob_reply(reply)
-        assert 1 <= len(changes) <= agent.MAX_KNOBS, reply
+        description, changes = parse_knob_reply(reply)
+        assert 1 <= len(changes) <= MAX_KNOBS, reply
         if row["status"] != "invalid":
             assert row["description"] == description and isinstance(row["commit"], str)
     trained = rows.iloc[1:][rows.iloc[1:]["status"].isin(["keep", "discard"])]

@@ -8,6 +8,7 @@ import pytest
 
 import agent
 from driver.common import FatalError
+from driver.knobs import find_knobs, set_knobs
 from driver_helpers import AGENT, ROOT, TAG, agent_env, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -66,11 +67,11 @@ def test_search_space_is_read_from_the_real_program_md():
     assert space["LR"] == ["1e-5", "2e-5", "5e-5", "1e-4", "2e-4", "5e-4"]  # the seed's values
     assert space["LAMBDA_WARMUP_STEPS"] == ["200", "500", "1000", "2000", "5000"]
     assert list(space)[:3] == ["LAMBDA_SCHEDULE", "LAMBDA_WARMUP_STEPS", "LR"]
-    knobs = agent.find_knobs((ROOT / "train.py").read_text())
+    knobs = find_knobs((ROOT / "train.py").read_text())
     for name, values in space.items():  # every listed value is one train.py can take
         for value in values:
             if agent.literal_value(value) != knobs[name]["value"]:
-                agent.set_knobs((ROOT / "train.py").read_text(), {name: value})
+                set_knobs((ROOT / "train.py").read_text(), {name: value})
 
 
 @pytest.mark.parametrize("block, reason", [("no block here", "has no ```search-space blocks"),

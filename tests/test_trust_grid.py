@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import agent
 from driver.common import ReplyError
+from driver.knobs import find_knobs
 import prepare
 import train
 
@@ -176,8 +177,8 @@ def test_the_knob_format_refuses_group_sizes_off_the_grid(value):
 def test_the_knob_format_still_takes_grid_values():
     for value in ("64", "256", '"tensor"', "tensor"):
         _, new = agent.knob_edit(TRAIN_PY, json.dumps({"description": "x", "set": {"GROUP_SIZE": value}}), "stop")
-        assert agent.find_knobs(new)["GROUP_SIZE"]["value"] in (64, 256, "tensor")
-    assert agent.find_knobs(TRAIN_PY)["GROUP_SIZE"]["options"] == GRID
+        assert find_knobs(new)["GROUP_SIZE"]["value"] in (64, 256, "tensor")
+    assert find_knobs(TRAIN_PY)["GROUP_SIZE"]["options"] == GRID
 
 
 # ---------------------------------------------------------------- item 1: meta, made safe for the eval JSON

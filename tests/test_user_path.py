@@ -24,6 +24,7 @@ import pytest
 
 import agent
 from driver.common import ReplyError
+from driver.knobs import find_knobs
 from conftest import patch_constants
 from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
@@ -131,7 +132,7 @@ def test_prepare_then_train_then_the_test_split_by_hand(tiny_env, tmp_path):
 def test_one_sweep_step_on_the_real_program_md(tiny_env, tmp_path):
     clone = tool_clone(tmp_path / "ternary-autoresearch")
     space = agent.search_space((clone / "program.md").read_text())
-    current = {name: knob["text"] for name, knob in agent.find_knobs((clone / "train.py").read_text()).items()}
+    current = {name: knob["text"] for name, knob in find_knobs((clone / "train.py").read_text()).items()}
     (name, old, new), _ = agent.sweep_next(space, current, [])
     done = python(clone, user_env(tiny_env), "agent.py", "--proposer", "sweep", "--max-experiments", "1", "--tag", "sweep1",
                   "--baseline-runs", "1", "--timeout", str(TIMEOUT_S), "--eval-windows", "1", timeout=600)
@@ -141,7 +142,7 @@ def test_one_sweep_step_on_the_real_program_md(tiny_env, tmp_path):
     assert rows["description"][1] == f"sweep: {name} {old} -> {new}" and rows["val_ppl"][1] > 1
     assert rows["prompt_tokens"].isna().all() and rows["cost_usd"].fillna(0).eq(0).all()
     tried = git.Repo(clone).commit(rows["commit"][1]).tree["train.py"].data_stream.read().decode()
-    assert agent.find_knobs(tried)[name]["text"] == new
+    assert find_knobs(tried)[name]["text"] == new
 
 
 # ---------------------------------------------------------------- --reply-format grammar, to llama.cpp
