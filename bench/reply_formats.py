@@ -18,6 +18,7 @@ from common import ROOT, header
 import agent  # noqa: E402
 from driver.common import ReplyError
 from driver.knobs import knob_schema, parse_knob_reply
+from driver.edits import apply_blocks, knob_edit, parse_reply, validate_train_py
 from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
 
@@ -65,12 +66,12 @@ def main() -> None:
                     if fmt == "knob":  # parse: the JSON object; apply: names, values and the checks
                         parse_knob_reply(content or "")
                         parsed += 1
-                        agent.knob_edit(train_py, content, finish)
+                        knob_edit(train_py, content, finish)
                     else:
-                        _, blocks, whole = agent.parse_reply(content, finish, fmt)
+                        _, blocks, whole = parse_reply(content, finish, fmt)
                         parsed += 1
-                        new = whole if whole is not None else agent.apply_blocks(train_py, blocks)
-                        agent.validate_train_py(train_py, new)
+                        new = whole if whole is not None else apply_blocks(train_py, blocks)
+                        validate_train_py(train_py, new)
                     applied += 1
                 except ReplyError as exc:
                     key = str(exc).split(":")[0][:60]

@@ -6,6 +6,7 @@ import pytest
 import agent
 from driver.common import ReplyError
 from driver.knobs import KNOB_FLOAT_PATTERN, KNOB_INT_PATTERN, MAX_KNOBS, find_knobs, knob_schema, set_knobs
+from driver.edits import edit_train_py
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -82,7 +83,7 @@ def test_knob_prompt_lists_constants_instead_of_code(tmp_path):
 
 # ---------------------------------------------------------------- the rewrite
 def test_rewrite_touches_only_the_assignment_and_keeps_comments():
-    description, new = agent.edit_train_py(TRAIN_PY, knob_reply("try cosine", LAMBDA_SCHEDULE='"cosine"', LR="1e-3"),
+    description, new = edit_train_py(TRAIN_PY, knob_reply("try cosine", LAMBDA_SCHEDULE='"cosine"', LR="1e-3"),
                                            "stop", "knob")
     changed = [(a, b) for a, b in zip(TRAIN_PY.splitlines(), new.splitlines()) if a != b]
     assert len(new.splitlines()) == len(TRAIN_PY.splitlines())
@@ -127,7 +128,7 @@ def test_lenient_spellings_of_a_value():
 ])
 def test_bad_names_types_and_values_say_why(changes, reason):
     with pytest.raises(ReplyError) as err:
-        agent.edit_train_py(TRAIN_PY, knob_reply("x", **changes), "stop", "knob")
+        edit_train_py(TRAIN_PY, knob_reply("x", **changes), "stop", "knob")
     assert reason in str(err.value)
 
 
@@ -139,7 +140,7 @@ def test_bad_names_types_and_values_say_why(changes, reason):
 ])
 def test_replies_that_are_not_knob_objects(content, reason):
     with pytest.raises(ReplyError, match=reason):
-        agent.edit_train_py(TRAIN_PY, content, "stop", "knob")
+        edit_train_py(TRAIN_PY, content, "stop", "knob")
 
 
 # ---------------------------------------------------------------- through the driver

@@ -9,6 +9,7 @@ import pytest
 
 import agent
 from driver.common import ReplyError
+from driver.edits import edit_train_py
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -29,21 +30,21 @@ def test_corpus_is_large_enough():
 def test_each_reply_is_rejected_precisely_or_applied(name):
     want = EXPECTED[name]
     if want["outcome"] == "ok":
-        description, new = agent.edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
+        description, new = edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
         assert description == want["reason"] and new != TRAIN_PY and "prepare.submit(" in new
         compile(new, "train.py", "exec")
     else:
         with pytest.raises(ReplyError) as err:
-            agent.edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
+            edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")
         assert want["reason"] in str(err.value)
 
 
 def test_json_reply_format_parses_and_applies():
     reply = json.dumps({"description": "lower LR", "edits": [{"search": "LR = 3e-4", "replace": "LR = 2e-4"}]})
-    description, new = agent.edit_train_py(TRAIN_PY, reply, "stop", "json")
+    description, new = edit_train_py(TRAIN_PY, reply, "stop", "json")
     assert description == "lower LR" and "LR = 2e-4" in new
     with pytest.raises(ReplyError, match="not the JSON object"):
-        agent.edit_train_py(TRAIN_PY, '{"description": "x"}', "stop", "json")
+        edit_train_py(TRAIN_PY, '{"description": "x"}', "stop", "json")
 
 
 def experiments_needed(outcomes: list[str]) -> int:
@@ -108,9 +109,9 @@ def test_whole_file_in_one_fence_is_the_pinned_rule():
     DESCRIPTION: line, else the first line outside the block."""
     new = TRAIN_PY.replace("LR = 3e-4", "LR = 2e-4", 1)
     for fence in ("```python", "```py", "```python3", "```"):
-        description, text = agent.edit_train_py(TRAIN_PY, f"Lower LR.\n{fence}\n{new}```\n", "stop", "text")
+        description, text = edit_train_py(TRAIN_PY, f"Lower LR.\n{fence}\n{new}```\n", "stop", "text")
         assert (description, text) == ("Lower LR.", new)
-    assert agent.edit_train_py(TRAIN_PY, f"```python\n{new}```\n", "stop", "text") == ("(no description)", new)
+    assert edit_train_py(TRAIN_PY, f"```python\n{new}```\n", "stop", "text") == ("(no description)", new)
     rejected = {
         "another language": f"Lower LR.\n```bash\n{new}```\n",
         "two blocks": f"Lower LR.\n```python\n{new}```\n```python\nprint(1)\n```\n",
@@ -121,7 +122,7 @@ def test_whole_file_in_one_fence_is_the_pinned_rule():
     }
     for case, reply in rejected.items():
         with pytest.raises(ReplyError, match="no SEARCH/REPLACE block|broken markers"):
-            agent.edit_train_py(TRAIN_PY, reply, "stop", "text")
+            edit_train_py(TRAIN_PY, reply, "stop", "text")
             pytest.fail(case)
 
 
@@ -135,9 +136,9 @@ def test_whole_file_in_one_fence_is_the_pinned_rule():
 ])
 def test_json_replies_with_wrong_types_are_rejected_not_crashed(reply):
     with pytest.raises(ReplyError):
-        agent.edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")
+        edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")
 
 
 def test_json_reply_without_a_description_still_applies():
     reply = {"description": None, "edits": [{"search": "LR = 3e-4", "replace": "LR = 2e-4"}]}
-    assert agent.edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")[0] == "(no description)"
+    assert edit_train_py(TRAIN_PY, json.dumps(reply), "stop", "json")[0] == "(no description)"

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import agent
 from driver.common import ReplyError
 from driver.knobs import find_knobs
+from driver.edits import knob_edit
 import prepare
 import train
 
@@ -170,13 +170,13 @@ def test_submit_refuses_a_train_py_that_quantizes_off_the_grid(tiny_env, monkeyp
 def test_the_knob_format_refuses_group_sizes_off_the_grid(value):
     reply = json.dumps({"description": "finer groups", "set": {"GROUP_SIZE": value}})
     with pytest.raises(ReplyError) as err:
-        agent.knob_edit(TRAIN_PY, reply, "stop")
+        knob_edit(TRAIN_PY, reply, "stop")
     assert "is not one of its options: 32, 64, 128, 256, 'row', 'tensor'" in str(err.value)
 
 
 def test_the_knob_format_still_takes_grid_values():
     for value in ("64", "256", '"tensor"', "tensor"):
-        _, new = agent.knob_edit(TRAIN_PY, json.dumps({"description": "x", "set": {"GROUP_SIZE": value}}), "stop")
+        _, new = knob_edit(TRAIN_PY, json.dumps({"description": "x", "set": {"GROUP_SIZE": value}}), "stop")
         assert find_knobs(new)["GROUP_SIZE"]["value"] in (64, 256, "tensor")
     assert find_knobs(TRAIN_PY)["GROUP_SIZE"]["options"] == GRID
 

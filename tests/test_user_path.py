@@ -25,6 +25,7 @@ import pytest
 import agent
 from driver.common import ReplyError
 from driver.knobs import find_knobs
+from driver.edits import parse_reply
 from conftest import patch_constants
 from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
@@ -207,7 +208,7 @@ def test_grammar_replies_from_the_real_llama_cpp_server(llama_server, tmp_path):
     row = ledger(repo).iloc[-1]
     reply = (repo / "runs" / "t" / "1" / "response0.md").read_text()
     try:
-        description, blocks, _ = agent.parse_reply(reply, "stop", "grammar")  # the grammar's shape: parses when whole
+        description, blocks, _ = parse_reply(reply, "stop", "grammar")  # the grammar's shape: parses when whole
     except ReplyError:  # cut at --max-tokens before its block closed (a 135M model's lines can be long)
         assert row["status"] == "invalid" and row["reason"], (reply, row.to_dict())
         return
