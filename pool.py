@@ -35,8 +35,8 @@ from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description
                          keep_rule, night_protocol, scored_baselines, stale_parent)
 from driver.runner import RAY_AUTH, kill_leftovers
 from driver.scoring import GIT_SAFE_CONFIG
+from driver.session import Session, budget_left, stop_reason
 import worker
-from agent import Session
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
 MAX_RERUNS = 2                 # a lost worker's experiment runs again elsewhere at most this often
@@ -454,7 +454,7 @@ class Pool:
     def baselines(self) -> None:
         """The reference before any experiment: --baseline-runs runs of the branch's train.py, at once."""
         protocol, failures = night_protocol(self.args), 0
-        while not agent.stop_reason(self.session):
+        while not stop_reason(self.session):
             rows = self.session.rows()
             scored = scored_baselines(rows, protocol)
             running = sum(st["kind"] == "baseline" for st in self.flights.values())
@@ -489,7 +489,7 @@ class Pool:
         self.baselines()
         while True:
             if not self.stopping:
-                self.stopping = agent.budget_left(self.session, 0)
+                self.stopping = budget_left(self.session, 0)
             limit = self.args.max_experiments
             can_ask = not self.stopping and (limit is None or self.started < limit)
             ahead = self.slots if self.args.pipeline else self.slots - len(self.flights)

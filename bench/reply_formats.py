@@ -19,6 +19,7 @@ import agent  # noqa: E402
 from driver.common import ReplyError
 from driver.knobs import knob_schema, parse_knob_reply
 from driver.edits import apply_blocks, knob_edit, parse_reply, validate_train_py
+from driver.session import open_session
 from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
 
@@ -52,7 +53,7 @@ def main() -> None:
         for fmt in args.formats.split(","):
             ns = agent.parse_args(["--repo", str(repo), "--base-url", url, "--model", "local", "--reply-format", fmt,
                                    "--max-tokens", str(args.max_tokens), "--temperature", "0.7"])
-            session = agent.open_session(ns)
+            session = open_session(ns)
             session.client = agent.make_client(ns)
             train_py = (repo / "train.py").read_text()
             messages = agent.build_prompt(session, train_py)

@@ -12,6 +12,7 @@ import agent
 from driver.common import FatalError
 from driver.keep import best_kept
 from driver.ledger import read_ledger
+from driver.session import open_session
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -30,7 +31,7 @@ def bare_agent(repo, *args: str) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------- item 1: the rows of one decision land together
 def test_a_kill_after_the_first_flush_leaves_both_rows_of_a_confirmed_decision_or_none(repo, monkeypatch):
-    session = agent.open_session(agent.parse_args(["--repo", str(repo), "--tag", TAG]))
+    session = open_session(agent.parse_args(["--repo", str(repo), "--tag", TAG]))
     session.repo.git.checkout("-b", session.branch)
     head = session.repo.head.commit.hexsha
     for n, value in enumerate((20.5, 19.5)):  # σ 0.707: a gain of 0.8 is marginal

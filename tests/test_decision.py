@@ -13,6 +13,7 @@ import agent
 from driver.common import FatalError
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, stale_parent)
+from driver.session import Session, budget_left, open_session
 import prepare
 from conftest import REQUIRE_ASSETS
 from driver_helpers import TAG, ledger
@@ -173,7 +174,7 @@ class ScriptedRay:
     experiment's own worktree (plus `jitter[n]`), under the night's protocol; `outcome[n]` replaces it (a crash's
     fields, or a Ray exception: the worker was lost)."""
 
-    def __init__(self, session: agent.Session):
+    def __init__(self, session: Session):
         import ray
         self.exceptions = ray.exceptions
         self.session, self.specs, self.jitter, self.outcome = session, [], {}, {}
@@ -204,7 +205,7 @@ def night(repo):
     import pool
     args = agent.parse_args(["--repo", str(repo), "--tag", TAG, "--workers", "2", "--baseline-runs", "2",
                              "--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)])
-    session = agent.open_session(args)
+    session = open_session(args)
     agent.setup_branch(session)
     return pool.Pool(session, ScriptedRay(session), 2)
 
@@ -247,9 +248,9 @@ def test_a_lost_workers_crash_row_carries_the_cost_of_its_proposal(repo, night):
     assert rerun["status"] == "keep" and rerun["val_ppl"] == pytest.approx(16.0)
     # what --max-cost counts: the proposal's tokens, once (its rerun asked the LLM nothing)
     assert ledger(repo)["cost_usd"].fillna(0).sum() == pytest.approx(COST)
-    assert agent.budget_left(night.session, 0) == ""
+    assert budget_left(night.session, 0) == ""
     night.args.max_cost = COST
-    assert agent.budget_left(night.session, 0) == f"--max-cost {COST} reached"
+    assert budget_left(night.session, 0) == f"--max-cost {COST} reached"
 
 
 def test_the_pools_baselines_are_worded_as_the_one_gpu_nights(repo, night):

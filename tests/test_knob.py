@@ -7,6 +7,7 @@ import agent
 from driver.common import ReplyError
 from driver.knobs import KNOB_FLOAT_PATTERN, KNOB_INT_PATTERN, MAX_KNOBS, find_knobs, knob_schema, set_knobs
 from driver.edits import edit_train_py
+from driver.session import open_session
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -74,7 +75,7 @@ def test_options_are_read_from_the_real_train_py_comments():
 def test_knob_prompt_lists_constants_instead_of_code(tmp_path):
     repo = make_research_repo(tmp_path / "r", real=True)
     args = agent.parse_args(["--repo", str(repo), "--reply-format", "knob"])
-    messages = agent.build_prompt(agent.open_session(args), TRAIN_PY)
+    messages = agent.build_prompt(open_session(args), TRAIN_PY)
     user = messages[1]["content"]
     assert 'LAMBDA_SCHEDULE = "linear"  # linear | cosine | exponential | two_phase | constant' in user
     assert "LR = 3e-4\n" in user and "def lambda_at" not in user and "NEVER STOP" in user

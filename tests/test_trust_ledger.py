@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import agent
 from driver.common import FatalError
 from driver.ledger import read_ledger
+from driver.session import open_session
 import prepare
 from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, kill_agent, ledger, make_research_repo,
                             run_agent, start_agent, state, wait_for_phase)
@@ -254,7 +255,7 @@ def fill(disk: Path) -> Path:
 def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path, monkeypatch, how):
     with small_disk(tmp_path / "disk", "2m") if how == "tmpfs" else contextlib.nullcontext(tmp_path) as disk:
         root = make_research_repo(disk / "research")
-        session = agent.open_session(agent.parse_args(["--repo", str(root), "--tag", TAG]))
+        session = open_session(agent.parse_args(["--repo", str(root), "--tag", TAG]))
         agent.append_row(session, {"experiment": 0, "status": "baseline", "val_ppl": 20.0, "description": "baseline"})
         before = session.ledger.read_bytes(), session.ledger_backup.read_bytes()
         writes, write = [], os.write
