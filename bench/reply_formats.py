@@ -20,6 +20,7 @@ from driver.common import ReplyError
 from driver.knobs import knob_schema, parse_knob_reply
 from driver.edits import apply_blocks, knob_edit, parse_reply, validate_train_py
 from driver.session import open_session
+from driver.llm import chat, make_client
 from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
 
@@ -54,7 +55,7 @@ def main() -> None:
             ns = agent.parse_args(["--repo", str(repo), "--base-url", url, "--model", "local", "--reply-format", fmt,
                                    "--max-tokens", str(args.max_tokens), "--temperature", "0.7"])
             session = open_session(ns)
-            session.client = agent.make_client(ns)
+            session.client = make_client(ns)
             train_py = (repo / "train.py").read_text()
             messages = agent.build_prompt(session, train_py)
             schema = knob_schema(train_py) if fmt == "knob" else None
@@ -62,7 +63,7 @@ def main() -> None:
             reasons = {}
             start = time.time()
             for _ in range(args.replies):
-                content, finish, _, _ = agent.chat(session, messages, schema=schema)
+                content, finish, _, _ = chat(session, messages, schema=schema)
                 try:
                     if fmt == "knob":  # parse: the JSON object; apply: names, values and the checks
                         parse_knob_reply(content or "")

@@ -8,6 +8,7 @@ from driver.common import ReplyError
 from driver.knobs import KNOB_FLOAT_PATTERN, KNOB_INT_PATTERN, MAX_KNOBS, find_knobs, knob_schema, set_knobs
 from driver.edits import edit_train_py
 from driver.session import open_session
+from driver.llm import KNOB_REPLY_TOKENS
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -161,5 +162,5 @@ def test_knob_night_sends_the_schema_and_records_bad_values_as_invalid(tmp_path)
     request = llm.requests[0]
     schema = request["response_format"]["json_schema"]["schema"]
     assert schema["properties"]["set"]["propertyNames"]["enum"] == ["PPL", "PPL_SCALE", "MODE", "SLEEP_S", "GO_FILE", "META"]
-    assert request["max_tokens"] == agent.KNOB_REPLY_TOKENS and "PPL = 20.0" in request["messages"][1]["content"]
+    assert request["max_tokens"] == KNOB_REPLY_TOKENS and "PPL = 20.0" in request["messages"][1]["content"]
     assert check_invariants(repo) == []

@@ -26,6 +26,7 @@ import agent
 from driver.common import ReplyError
 from driver.knobs import find_knobs
 from driver.edits import parse_reply
+from driver.llm import REPLY_GRAMMAR
 from conftest import patch_constants
 from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
@@ -204,7 +205,7 @@ def test_grammar_replies_from_the_real_llama_cpp_server(llama_server, tmp_path):
         recorder.close()
     assert done.returncode == 0, done.stdout[-4000:]
     [request] = [b for b in recorder.bodies if "messages" in b]
-    assert request["grammar"] == agent.REPLY_GRAMMAR
+    assert request["grammar"] == REPLY_GRAMMAR
     row = ledger(repo).iloc[-1]
     reply = (repo / "runs" / "t" / "1" / "response0.md").read_text()
     try:
