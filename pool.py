@@ -36,6 +36,7 @@ from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description
 from driver.runner import RAY_AUTH, kill_leftovers
 from driver.scoring import GIT_SAFE_CONFIG
 from driver.session import Session, budget_left, stop_reason
+from driver.checkout import git_identity, restore_tree, tree_changes
 import worker
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
@@ -112,7 +113,7 @@ class Pool:
         self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0, max_calls=0)(worker.run_experiment)
         self.fetch = ray.remote(num_cpus=0, max_retries=1)(worker.read_submission)
         self.next_n = agent.next_experiment(session)
-        self.before = agent.tree_changes(session)  # the user's own uncommitted work, for restore_tree
+        self.before = tree_changes(session)  # the user's own uncommitted work, for restore_tree
         self.key = f"{hashlib.sha256(str(session.root).encode()).hexdigest()[:12]}-{self.args.tag}"
 
     # -------- git: commits in worktrees, never in the user's checkout until kept
@@ -146,7 +147,7 @@ class Pool:
         atomic_write(tree / "train.py", train_py)
         wt = git.Repo(tree)
         wt.git.set_persistent_git_options(c=GIT_SAFE_CONFIG)
-        with wt.git.custom_environment(**agent.git_identity(self.session)):
+        with wt.git.custom_environment(**git_identity(self.session)):
             wt.git.commit("--no-verify", "-m", f"{description}\n\nautoresearch experiment {n}", "--", "train.py")
         commit = wt.head.commit.hexsha
         self.session.repo.git.update_ref(self.ref(n), commit)
@@ -304,7 +305,7 @@ class Pool:
             return
         self.bring_back(st, result)
         if not self.session.sandbox_abi:  # an unsandboxed run can write the checkout: undo it, as on one GPU
-            restored = agent.restore_tree(self.session, self.before, self.head())
+            restored = restore_tree(self.session, self.before, self.head())
             if restored:
                 log(f"experiment {n}: a run changed {', '.join(restored)}; restored")
                 result["note"] = (result.get("note") or "") + f"a run changed {', '.join(restored[:5])}: restored; "

@@ -13,6 +13,7 @@ from driver.common import FatalError
 from driver.keep import best_kept
 from driver.ledger import read_ledger
 from driver.session import open_session
+from driver.checkout import commit_train_py
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -38,7 +39,7 @@ def test_a_kill_after_the_first_flush_leaves_both_rows_of_a_confirmed_decision_o
         agent.append_row(session, {"experiment": n, "branch": session.branch, "commit": head, "parent": head,
                                    "status": "baseline", "val_ppl": value, "protocol": "v1", "description": "baseline"})
     (repo / "train.py").write_text((repo / "train.py").read_text().replace("PPL = 20.0", "PPL = 19.2"))
-    commit = agent.commit_train_py(session, "lucky")
+    commit = commit_train_py(session, "lucky")
     st = {"experiment": 2, "kind": "proposal", "commit": commit, "parent": head, "description": "lucky"}
     lucky, unlucky = {"val_ppl": 19.2, "protocol": "v1"}, {"val_ppl": 20.9, "protocol": "v1"}
     close = os.close

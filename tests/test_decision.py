@@ -14,6 +14,7 @@ from driver.common import FatalError
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, stale_parent)
 from driver.session import Session, budget_left, open_session
+from driver.checkout import setup_branch
 import prepare
 from conftest import REQUIRE_ASSETS
 from driver_helpers import TAG, ledger
@@ -206,7 +207,7 @@ def night(repo):
     args = agent.parse_args(["--repo", str(repo), "--tag", TAG, "--workers", "2", "--baseline-runs", "2",
                              "--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)])
     session = open_session(args)
-    agent.setup_branch(session)
+    setup_branch(session)
     return pool.Pool(session, ScriptedRay(session), 2)
 
 
