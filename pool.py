@@ -37,6 +37,7 @@ from driver.runner import RAY_AUTH, kill_leftovers
 from driver.scoring import GIT_SAFE_CONFIG
 from driver.session import Session, budget_left, stop_reason
 from driver.checkout import git_identity, restore_tree, tree_changes
+from driver.record import append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger
 import worker
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
@@ -239,7 +240,7 @@ class Pool:
         tokens = agent.tokens_since(pending.spent)
         head = self.head()
         if "error" in proposal:
-            agent.append_invalid(session, n, head, proposal["error"], tokens, proposal["seen"],
+            append_invalid(session, n, head, proposal["error"], tokens, proposal["seen"],
                                  proposal.get("description") or "(reply rejected)")
             log(f"experiment {n}: invalid  {one_line(proposal['error'], 150)}")
             return
@@ -254,7 +255,7 @@ class Pool:
                 self.ask(pending.redo, n=n, spent=list(pending.spent))
                 self.asking[-1].tries = pending.tries + 1
                 return
-            agent.append_invalid(session, n, head, f"{why}: not run", tokens, proposal["seen"], proposal["description"])
+            append_invalid(session, n, head, f"{why}: not run", tokens, proposal["seen"], proposal["description"])
             log(f"experiment {n}: {why}; not run")
             return
         atomic_write(session.runs / str(n) / "proposed_train.py", new)
@@ -282,7 +283,7 @@ class Pool:
             return
         if new == best:
             log(f"experiment {st['experiment']}: its change is already in the best ({head[:8]}); nothing to re-apply")
-            agent.append_invalid(self.session, m, head, f"re-apply of experiment {st['experiment']}: its change is already "
+            append_invalid(self.session, m, head, f"re-apply of experiment {st['experiment']}: its change is already "
                                  f"in the best train.py ({head[:8]}); not run", {"prompt_tokens": 0, "completion_tokens": 0},
                                  st.get("seen"), f"re-applied on {head[:8]}: {st['description']}")
             return
@@ -376,7 +377,7 @@ class Pool:
         """Decide (keep.keep_rule against the best now), write the rows in one write, then move the branch
         or keep the commit under a ref. Idempotent across a kill: a restart finds the row and does the rest."""
         session, n, commit, parent = self.session, st["experiment"], st["commit"], st["parent"]
-        tampered = agent.protect_ledger(session)
+        tampered = protect_ledger(session)
         rows = session.rows()
         already = rows[(rows["experiment"] == n) & (rows["commit"].fillna("") == commit)]
         head = self.head()
@@ -391,7 +392,7 @@ class Pool:
                 st["reapply_as"] = st.get("reapply_as") or self.allocate()
                 self.save(st)
                 reason = f"{reason}: re-applied on it as experiment {st['reapply_as']}"
-            agent.append_rows(session, agent.decision_rows(session, st, result, confirm, status, reason, decision.best,
+            append_rows(session, decision_rows(session, st, result, confirm, status, reason, decision.best,
                                                            tampered))
         if status == "keep":
             if head == parent:  # else a restart finds it already moved
@@ -405,7 +406,7 @@ class Pool:
         if st["kind"] != "baseline":
             session.repo.git.update_ref("-d", self.ref(n))
         self.drop_tree(n)
-        agent.keep_best_submission(session)
+        keep_best_submission(session)
         self.forget(st)
         log(f"experiment {n}: {status}  val_ppl={result.get('val_ppl')}  {one_line(result.get('reason') or '', 150)}")
         return status

@@ -14,6 +14,7 @@ from driver.keep import best_kept
 from driver.ledger import read_ledger
 from driver.session import open_session
 from driver.checkout import commit_train_py
+from driver.record import append_row
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -36,7 +37,7 @@ def test_a_kill_after_the_first_flush_leaves_both_rows_of_a_confirmed_decision_o
     session.repo.git.checkout("-b", session.branch)
     head = session.repo.head.commit.hexsha
     for n, value in enumerate((20.5, 19.5)):  # σ 0.707: a gain of 0.8 is marginal
-        agent.append_row(session, {"experiment": n, "branch": session.branch, "commit": head, "parent": head,
+        append_row(session, {"experiment": n, "branch": session.branch, "commit": head, "parent": head,
                                    "status": "baseline", "val_ppl": value, "protocol": "v1", "description": "baseline"})
     (repo / "train.py").write_text((repo / "train.py").read_text().replace("PPL = 20.0", "PPL = 19.2"))
     commit = commit_train_py(session, "lucky")

@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-import agent
 from driver.keep import keep_rule
+from driver.record import keep_best_submission
 import prepare
 
 FULL, SMOKE = "v1", "v1-smoke2w"
@@ -87,5 +87,5 @@ def test_keep_best_submission_leaves_the_submission_of_an_experiment_in_flight(t
         (runs / str(n) / "submission.pt").write_bytes(b"x")
     rows = ledger(("a", "baseline", 20.0, FULL), ("b", "discard", 21.0, FULL), ("c", "keep", 18.0, FULL))
     session = SimpleNamespace(runs=runs, rows=lambda: rows, args=SimpleNamespace(eval_windows=None))
-    agent.keep_best_submission(session)
+    keep_best_submission(session)
     assert sorted(p.parent.name for p in runs.glob("*/submission.pt")) == ["2", "3"]

@@ -22,6 +22,7 @@ import agent
 from driver.common import FatalError
 from driver.ledger import read_ledger
 from driver.session import open_session
+from driver.record import append_row
 import prepare
 from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, kill_agent, ledger, make_research_repo,
                             run_agent, start_agent, state, wait_for_phase)
@@ -256,7 +257,7 @@ def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path
     with small_disk(tmp_path / "disk", "2m") if how == "tmpfs" else contextlib.nullcontext(tmp_path) as disk:
         root = make_research_repo(disk / "research")
         session = open_session(agent.parse_args(["--repo", str(root), "--tag", TAG]))
-        agent.append_row(session, {"experiment": 0, "status": "baseline", "val_ppl": 20.0, "description": "baseline"})
+        append_row(session, {"experiment": 0, "status": "baseline", "val_ppl": 20.0, "description": "baseline"})
         before = session.ledger.read_bytes(), session.ledger_backup.read_bytes()
         writes, write = [], os.write
 
@@ -274,7 +275,7 @@ def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path
         big = {"experiment": 1, "status": "keep", "val_ppl": 19.0, "description": "long " * 4000}  # beyond a page's slack
         with pytest.raises(FatalError, match="could not write experiment 1's ledger rows: No space left on device "
                                                    r".*no row was lost or half written. Free disk space"):
-            agent.append_row(session, big)
+            append_row(session, big)
         if how == "tmpfs":
             assert writes[0][1] < writes[0][0]  # a short write: part of the row had reached the file
         assert (session.ledger.read_bytes(), session.ledger_backup.read_bytes()) == before
@@ -282,7 +283,7 @@ def test_a_full_disk_mid_append_leaves_the_ledger_as_it_was_and_says_so(tmp_path
         monkeypatch.setattr(os, "write", write)
         if filler:
             filler.unlink()
-        agent.append_row(session, big)  # the restart's write
+        append_row(session, big)  # the restart's write
         rows = read_ledger(session.ledger)
         assert rows["experiment"].tolist() == [0, 1] and rows["description"].iloc[1] == ("long " * 4000).strip()
         assert session.ledger.read_bytes() == session.ledger_backup.read_bytes()
