@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -33,20 +32,19 @@ from driver.common import FatalError, ReplyError, StopNight, atomic_write, log, 
 from driver.keep import (BASELINE_TRIES, CONFIRM_SIGMAS, baseline_complete, baseline_description, baseline_failure,
                          best_kept, confirmation_needed, keep_rule, kept_means, night_protocol, noise, same_protocol,
                          scored_baselines)
-from driver.ledger import (LEDGER_TAIL_ROWS, branch_ledger, ledger_backup_of, ledger_for_prompt, read_ledger,
-                           reconcile_ledger)
-from driver.runner import LOG_TAIL_BYTES, clean_env, harden_process, kill_tree, log_tail, run_process
+from driver.ledger import branch_ledger, ledger_backup_of, read_ledger, reconcile_ledger
+from driver.runner import clean_env, harden_process, kill_tree, run_process
 from driver.scoring import (EVAL_TIMEOUT_S, clear_work, remove_run_files, run_outcome, shm_entries, train_command,
                             train_env)
-from driver.knobs import KNOB_SYSTEM_PROMPT, find_knobs, knob_listing, knob_schema, set_knobs
-from driver.edits import edit_train_py, validate_train_py
+from driver.knobs import find_knobs, set_knobs
+from driver.edits import validate_train_py
 from driver.session import Session, budget_left, open_session, setup_sandbox, stop_reason
-from driver.llm import (ContextOverflow, chat, choose_proposer, context_window, estimate_tokens, make_client,
-                        reply_tokens)
+from driver.llm import choose_proposer, context_window, make_client
 from driver.checkout import (commit_train_py, discard, git_failure, restore_tree, save_tree_snapshot, setup_branch,
                              tree_changes)
 from driver.record import (append_invalid, append_rows, checked_ledger, decision_rows, keep_best_submission,
                            protect_ledger)
+from driver.propose import Prefetch, abandon, proposal_for, tokens_since
 
 
 # ---------------------------------------------------------------- configuration
@@ -58,33 +56,7 @@ MAX_FAILURES = 5               # consecutive crash/timeout/invalid experiments b
 WORKER_RE = re.compile(r"(?:^|; )worker ([^;\s]+);(?: |$)")
 LOCAL_WORKER = "local"
 LLM_TIMEOUT_S = 600            # one chat completion
-MESSAGE_OVERHEAD_TOKENS = 8    # a chat template's tokens around each message
-CONTEXT_MARGIN_TOKENS = 64     # slack for the template and the estimate
-MIN_REPLY_TOKENS = 1024        # the prompt shrinks until at least this much is left for the reply
 SANDBOX_MODES = ("auto", "require", "off")
-SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
-training in train.py. Each reply proposes exactly ONE focused change to train.py; it is committed, \
-trained for 5 minutes and scored by a separate, read-only evaluator (WikiText-2 validation perplexity \
-of the exported ternary weights). Lower val_ppl is kept; anything else is reverted.
-
-Rules: change only train.py. Keep `prepare.submit(...)` at the end of training. Never read or train \
-on the validation or test data. The code must run: an edit that does not apply or compile is wasted.
-
-Reply format, exactly:
-DESCRIPTION: <one line saying what you changed and why>
-<<<<<<< SEARCH
-<lines copied exactly from train.py, enough to match exactly once>
-=======
-<the new lines>
->>>>>>> REPLACE
-
-Use one or more SEARCH/REPLACE blocks. To rewrite the whole file instead, use one block:
-<<<<<<< FILE
-<the complete new train.py>
->>>>>>> FILE
-No other text is needed."""
-JSON_INSTRUCTIONS = ('\n\nReply with ONE JSON object instead: {"description": "<one line>", "edits": '
-                     '[{"search": "<exact lines of train.py>", "replace": "<new lines>"}]}')
 
 
 # ---------------------------------------------------------------- running train.py and the evaluator
@@ -133,214 +105,6 @@ def checked_and_scored(session: Session, st: dict, label: str, code: int | None,
     atomic_write(session.model_digests, session.model_expected)  # from memory: a run cannot have edited it
     return {**result, **run_outcome(session, session.root, folder, label, code, timeout, session.model_digests,
                                     session.tokens_expected, session.args.eval_windows, session.args.eval_timeout)}
-
-
-# ---------------------------------------------------------------- proposing a change
-def build_prompt(session: Session, train_py: str, in_flight: str | list | None = None,
-                 rows: pd.DataFrame | None = None, ledger_rows: int = LEDGER_TAIL_ROWS,
-                 log_bytes: int = LOG_TAIL_BYTES, redo: str | None = None) -> list[dict]:
-    """The prompt. in_flight: the experiment training meanwhile (its description), or with --workers the
-    experiments in flight [(description, parent commit)]; redo: a stale win to make again on this train.py."""
-    rows = session.rows() if rows is None else rows
-    baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
-    best = best_kept(rows)
-    parts = [
-        "# program.md\n" + (session.root / "program.md").read_text(),
-        "# results so far (this branch)\n" + ledger_for_prompt(rows, ledger_rows),
-        f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}; "
-        f"run-to-run noise (std of {len(baseline)} baseline runs): {noise(rows) if noise(rows) is not None else 'n/a'}",
-    ]
-    if len(rows) and rows.iloc[-1]["status"] in ("crash", "timeout") and log_bytes:
-        last = rows.iloc[-1]
-        tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log", log_bytes)
-        parts.append(f"# the last run ({last['status']}: {last['reason']}) ended with this output\n{tail}")
-    if isinstance(in_flight, str) and in_flight:
-        parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
-                     "It is NOT in the train.py below. If it is kept, your change is applied on top of it: propose a "
-                     "different change that does not touch the same lines.")
-    elif in_flight:  # --workers: several at once, each on the train.py it was proposed on
-        listed = "\n".join(f"- \"{description}\" (on commit {parent[:8]})" for description, parent in in_flight)
-        parts.append(f"# in flight\nThese experiments are training now on other GPUs, their results not known yet; "
-                     f"they are NOT in the train.py below:\n{listed}\nPropose something DIFFERENT from each of them, "
-                     "touching other lines: a change that is kept is applied on top of the others.")
-    if redo:
-        parts.append(f"# re-apply\nThis change won on an earlier train.py, but the changes kept since conflict with "
-                     f"it: \"{redo}\". Make the SAME change to the current train.py below.")
-    if session.args.reply_format == "knob":  # a weak model chooses among named constants instead of writing code
-        parts.append("# train.py's constants (current values and comments)\n" + knob_listing(train_py))
-        parts.append('Change ONE or TWO constants: reply {"description": "...", "set": {"NAME": "<value>"}}.')
-        return [{"role": "system", "content": KNOB_SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
-    parts.append("# train.py (current)\n```python\n" + train_py + "```")
-    parts.append("Propose ONE focused change to train.py in the reply format.")
-    system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
-# How the prompt shrinks to fit the server's context, fullest first: (ledger rows shown, bytes of a crashed
-# run's log, repair history: every earlier reply / the last one / only the last error, without the reply)
-PROMPT_SIZES = ((LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "all"), (LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "last"),
-                (10, 1000, "last"), (3, 300, "error"), (0, 0, "error"))
-
-
-def repair_request(error: str) -> str:
-    return f"Your reply could not be used: {error}\nReply again with ONE change to train.py in the exact format."
-
-
-def with_history(messages: list[dict], history: list[tuple[str, str]], keep: str) -> list[dict]:
-    """The first prompt plus the repair turns so far ((reply, why it was rejected) each), as much as `keep` says."""
-    if not history:
-        return messages
-    if keep == "error":  # no earlier reply at all: the last rejection joins the prompt (roles keep alternating)
-        return messages[:-1] + [{"role": "user", "content": messages[-1]["content"] + "\n\n" + repair_request(history[-1][1])}]
-    turns = history if keep == "all" else history[-1:]
-    return messages + [m for content, error in turns for m in (
-        {"role": "assistant", "content": content[:20000]}, {"role": "user", "content": repair_request(error)})]
-
-
-def prompt_tokens_estimate(session: Session, messages: list[dict]) -> int:
-    return sum(estimate_tokens(m["content"], session.chars_per_token) + MESSAGE_OVERHEAD_TOKENS for m in messages)
-
-
-def fitted_request(session: Session, train_py: str, in_flight, rows: pd.DataFrame,
-                   history: list[tuple[str, str]], squeeze: bool = False, redo: str | None = None) -> tuple[list[dict], int]:
-    """One LLM call's (messages, max_tokens) within the server's context: the prompt shrinks (fewer ledger
-    rows, a shorter log tail, less repair history) until MIN_REPLY_TOKENS are left, and max_tokens is capped
-    to what is left. squeeze: the server refused a request as too long; take the smallest prompt."""
-    want = reply_tokens(session.args, train_py)
-    if squeeze:
-        want = min(want, MIN_REPLY_TOKENS)
-    for ledger_rows, log_bytes, keep in PROMPT_SIZES[-1:] if squeeze else PROMPT_SIZES:
-        messages = with_history(build_prompt(session, train_py, in_flight, rows, ledger_rows, log_bytes, redo), history, keep)
-        if session.context is None:
-            return messages, want
-        left = session.context - prompt_tokens_estimate(session, messages) - CONTEXT_MARGIN_TOKENS
-        if left >= min(want, MIN_REPLY_TOKENS):
-            break
-    # even the smallest prompt may not leave enough: the server, whose tokenizer is exact, decides
-    return messages, max(min(want, left), 128)
-
-
-def overflow_error(message: str) -> str:
-    return (f"the prompt does not fit the LLM's context even shrunk ({message}): give the server a larger context "
-            "(llama-server -c 16384, vllm --max-model-len) or pass a smaller --max-tokens")
-
-
-def propose(session: Session, n: int, train_py: str, in_flight=None,
-            rows: pd.DataFrame | None = None, spent: list | None = None, redo: str | None = None) -> dict:
-    """Ask the LLM for one change to `train_py`, with repair turns. Returns the description, the new
-    text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen.
-    spent: each answered call's (prompt, completion) tokens are appended as it returns, so that a caller
-    that gives up on this proposal (a stop, an exception) can still bill them."""
-    folder = session.runs / str(n)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = session.rows() if rows is None else rows
-    seen = int(rows["experiment"].max()) if len(rows) else None
-    spent = [] if spent is None else spent
-    before = len(spent)
-    history: list[tuple[str, str]] = []
-    error = ""
-    schema = knob_schema(train_py) if session.args.reply_format == "knob" else None  # built from train.py as it is now
-    for turn in range(session.args.repair_turns + 1):
-        squeeze = False
-        while True:  # a request the server finds too long: shrink it and try once more
-            messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze, redo)
-            atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
-            try:
-                content, finish, p_tok, c_tok = chat(session, messages, max_tokens, schema)
-                break
-            except ContextOverflow as exc:
-                if squeeze:
-                    error = overflow_error(str(exc))
-                    log(f"experiment {n}: {error}")
-                    return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
-                squeeze = True
-                if exc.n_ctx:
-                    session.context = min(session.context or exc.n_ctx, exc.n_ctx)
-                session.chars_per_token = max(session.chars_per_token * 0.8, 1.0)  # the estimate was short
-                log(f"experiment {n}: the LLM refused the prompt as too long ({exc}); shrinking it and asking again")
-        spent.append((p_tok, c_tok))
-        atomic_write(folder / f"response{turn}.md", content or "")
-        try:
-            description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
-            return {"description": description, "train_py": new, **tokens_since(spent, before), "seen": seen,
-                    "base": train_py, "reply": (content, finish)}
-        except ReplyError as exc:
-            error = str(exc)
-            log(f"experiment {n}: reply rejected (turn {turn + 1}): {one_line(error, 150)}")
-            history.append((content or "", error))
-    return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
-
-
-def tokens_since(spent: list, start: int = 0) -> dict:
-    calls = list(spent)[start:]  # a snapshot: a prefetch thread may still append
-    return {"prompt_tokens": sum(p for p, _ in calls), "completion_tokens": sum(c for _, c in calls)}
-
-
-class Prefetch(threading.Thread):
-    """The next experiment's proposal, asked for while the current one trains (a daemon thread: a hung
-    LLM call never blocks the driver's exit). spent: its answered calls' tokens, readable at any time."""
-
-    def __init__(self, session: Session, n: int, base: str, in_flight, redo: str | None = None):
-        super().__init__(daemon=True, name=f"propose-{n}")
-        self.n = n
-        self.spent: list[tuple[int, int]] = []
-        self.call = (session, n, base, in_flight, session.rows(), self.spent, redo)  # a snapshot: the ledger grows meanwhile
-        self.proposal: dict | None = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.proposal = propose(*self.call)
-        except BaseException as exc:  # re-raised in the main thread by result()
-            self.error = exc
-
-    def result(self) -> dict:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.proposal
-
-
-def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, spent: list | None = None) -> dict:
-    """The prefetched proposal if it still applies to train.py as it is now, else a fresh one. spent gathers
-    every answered call's tokens for experiment n, the abandoned prefetch's included."""
-    spent = [] if spent is None else spent
-    if pending is not None:
-        try:
-            proposal = pending.result()
-        finally:
-            spent.extend(pending.spent)  # billed to experiment n whether it is used, replaced or failed
-        if proposal["base"] == base:  # the experiment in flight was not kept: same train.py
-            return {**proposal, **tokens_since(spent)}
-        if "error" not in proposal:  # it was kept: the same blocks must still apply on top of it
-            try:
-                description, new = edit_train_py(base, *proposal["reply"], session.args.reply_format, blocks_only=True)
-                return {**proposal, "description": description, "train_py": new, "base": base, **tokens_since(spent)}
-            except ReplyError as exc:
-                log(f"experiment {n}: the prefetched change does not apply on top of the kept one ({one_line(exc, 100)}); "
-                    "asking again")
-    fresh = propose(session, n, base, spent=spent)
-    return {**fresh, **tokens_since(spent)}
-
-
-def abandon(session: Session, pending: Prefetch, why: str) -> None:
-    """A prefetched proposal that will never run (the driver stops): the calls it made are billed in an
-    `invalid` row of its own number; one still being asked for is not waited for."""
-    tokens = tokens_since(pending.spent)
-    if not pending.spent:
-        return
-    proposal = None if pending.is_alive() else pending.proposal
-    if pending.error is not None:
-        reason, description = f"not run: {why}; asking for it failed ({one_line(pending.error, 150)})", "(abandoned)"
-    elif proposal is not None and "error" in proposal:
-        reason, description = proposal["error"], "(reply rejected)"
-    elif proposal is not None:
-        reason, description = f"not run: {why}", proposal["description"]
-    else:
-        reason, description = f"not run: {why} while its proposal was still being asked for", "(abandoned)"
-    append_invalid(session, pending.n, session.repo.head.commit.hexsha, reason, tokens,
-                   (proposal or {}).get("seen"), description)
-    log(f"experiment {pending.n}: the prefetched proposal will not run; its {sum(tokens.values())} LLM tokens are "
-        "in the ledger")
 
 
 # ---------------------------------------------------------------- the sweep proposer (--proposer sweep)

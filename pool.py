@@ -38,6 +38,7 @@ from driver.scoring import GIT_SAFE_CONFIG
 from driver.session import Session, budget_left, stop_reason
 from driver.checkout import git_identity, restore_tree, tree_changes
 from driver.record import append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger
+from driver.propose import Prefetch, abandon, tokens_since
 import worker
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
@@ -104,7 +105,7 @@ class Pool:
         self.session, self.ray, self.slots = session, ray, slots
         self.args = session.args
         self.flights: dict = {}            # Ray ObjectRef -> the experiment's state
-        self.asking: list[agent.Prefetch] = []
+        self.asking: list[Prefetch] = []
         self.started = 0                   # proposals asked for in this start (--max-experiments counts them)
         self.stopping = ""
         self.inflight_dir = session.state_path.parent / "inflight"
@@ -220,24 +221,24 @@ class Pool:
         again = n is not None
         n = self.allocate() if n is None else n
         base = self.train_py_at(self.head())
-        pending = agent.Prefetch(self.session, n, base, self.in_flight(), redo=redo and redo["description"])
+        pending = Prefetch(self.session, n, base, self.in_flight(), redo=redo and redo["description"])
         pending.spent.extend(spent or [])
         pending.redo, pending.parent, pending.tries = redo, self.head(), 1
         self.asking.append(pending)
         if not again:
             self.started += 1
 
-    def dispatch(self, pending: agent.Prefetch) -> None:
+    def dispatch(self, pending: Prefetch) -> None:
         """A finished proposal: on the best as it is now (rebased when a keep came meanwhile), committed, run."""
         self.propose_and_run(pending)
         if not any(st["experiment"] == pending.n for st in self.flights.values()) and \
                 not any(p.n == pending.n for p in self.asking):  # ran, or recorded without running
             self.forget({"experiment": pending.n})  # a re-proposal's state (kind redo) once its row is written
 
-    def propose_and_run(self, pending: agent.Prefetch) -> None:
+    def propose_and_run(self, pending: Prefetch) -> None:
         session, n = self.session, pending.n
         proposal = pending.result()
-        tokens = agent.tokens_since(pending.spent)
+        tokens = tokens_since(pending.spent)
         head = self.head()
         if "error" in proposal:
             append_invalid(session, n, head, proposal["error"], tokens, proposal["seen"],
@@ -507,7 +508,7 @@ class Pool:
             for ref in self.wait():
                 self.collect(ref)
         for pending in self.asking:
-            agent.abandon(self.session, pending, f"the driver stopped ({self.stopping or 'budget reached'}) before it could run")
+            abandon(self.session, pending, f"the driver stopped ({self.stopping or 'budget reached'}) before it could run")
             if (self.session.rows()["experiment"] == pending.n).any():
                 self.forget({"experiment": pending.n})  # a re-proposal without a row stays for the next start
         log(f"stopping: {self.stopping or f'--max-experiments {self.args.max_experiments} reached'}")

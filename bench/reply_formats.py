@@ -21,6 +21,7 @@ from driver.knobs import knob_schema, parse_knob_reply
 from driver.edits import apply_blocks, knob_edit, parse_reply, validate_train_py
 from driver.session import open_session
 from driver.llm import chat, make_client
+from driver.propose import build_prompt
 from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
 
@@ -57,7 +58,7 @@ def main() -> None:
             session = open_session(ns)
             session.client = make_client(ns)
             train_py = (repo / "train.py").read_text()
-            messages = agent.build_prompt(session, train_py)
+            messages = build_prompt(session, train_py)
             schema = knob_schema(train_py) if fmt == "knob" else None
             parsed = applied = 0
             reasons = {}

@@ -9,6 +9,7 @@ from driver.knobs import KNOB_FLOAT_PATTERN, KNOB_INT_PATTERN, MAX_KNOBS, find_k
 from driver.edits import edit_train_py
 from driver.session import open_session
 from driver.llm import KNOB_REPLY_TOKENS
+from driver.propose import build_prompt
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -76,7 +77,7 @@ def test_options_are_read_from_the_real_train_py_comments():
 def test_knob_prompt_lists_constants_instead_of_code(tmp_path):
     repo = make_research_repo(tmp_path / "r", real=True)
     args = agent.parse_args(["--repo", str(repo), "--reply-format", "knob"])
-    messages = agent.build_prompt(open_session(args), TRAIN_PY)
+    messages = build_prompt(open_session(args), TRAIN_PY)
     user = messages[1]["content"]
     assert 'LAMBDA_SCHEDULE = "linear"  # linear | cosine | exponential | two_phase | constant' in user
     assert "LR = 3e-4\n" in user and "def lambda_at" not in user and "NEVER STOP" in user
