@@ -6,9 +6,9 @@ import sys
 import git
 import pytest
 
-import agent
 from driver.common import FatalError
 from driver.knobs import find_knobs, set_knobs
+from driver.sweep import MAX_SWEEP_PASSES, SEARCH_SPACE_RE, literal_value, search_space, sweep_next
 from driver_helpers import AGENT, ROOT, TAG, agent_env, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -21,7 +21,7 @@ def replay(outcomes) -> list[tuple[str, str, str, bool]]:
     outcomes(name, new, pass) does."""
     current, history = dict(CURRENT), []
     while True:
-        step, passes = agent.sweep_next(SPACE, current, history)
+        step, passes = sweep_next(SPACE, current, history)
         if step is None:
             return history, passes
         name, old, new = step
@@ -54,23 +54,23 @@ def test_the_sweep_stops_after_max_passes_even_if_knobs_keep_changing():
     def flip(name, new, passes):  # a noisy knob: 1e-4 wins in odd passes, 1e-3 in even ones
         return name == "LR" and new == ("1e-4" if passes % 2 else "1e-3")
     history, passes = replay(flip)
-    assert passes == agent.MAX_SWEEP_PASSES and len(history) < 20
+    assert passes == MAX_SWEEP_PASSES and len(history) < 20
 
 
 def test_values_are_compared_as_literals_and_unknown_knobs_are_skipped():
-    step, _ = agent.sweep_next([("NOPE", ["1"]), ("LR", ["0.0003", "1e-3"])], {"LR": "3e-4"}, [])
+    step, _ = sweep_next([("NOPE", ["1"]), ("LR", ["0.0003", "1e-3"])], {"LR": "3e-4"}, [])
     assert step == ("LR", "3e-4", "1e-3")
 
 
 def test_search_space_is_read_from_the_real_program_md():
-    space = dict(agent.search_space((ROOT / "program.md").read_text()))
+    space = dict(search_space((ROOT / "program.md").read_text()))
     assert space["LR"] == ["1e-5", "2e-5", "5e-5", "1e-4", "2e-4", "5e-4"]  # the seed's values
     assert space["LAMBDA_WARMUP_STEPS"] == ["200", "500", "1000", "2000", "5000"]
     assert list(space)[:3] == ["LAMBDA_SCHEDULE", "LAMBDA_WARMUP_STEPS", "LR"]
     knobs = find_knobs((ROOT / "train.py").read_text())
     for name, values in space.items():  # every listed value is one train.py can take
         for value in values:
-            if agent.literal_value(value) != knobs[name]["value"]:
+            if literal_value(value) != knobs[name]["value"]:
                 set_knobs((ROOT / "train.py").read_text(), {name: value})
 
 
@@ -80,7 +80,7 @@ def test_search_space_is_read_from_the_real_program_md():
                                            ("```search-space\nLR = [x]\n```", "is not `NAME = [literal, ...]`")])
 def test_a_broken_search_space_says_what_to_fix(block, reason):
     with pytest.raises(FatalError) as err:
-        agent.search_space(block)
+        search_space(block)
     assert reason in str(err.value)
 
 
@@ -88,7 +88,7 @@ def test_a_broken_search_space_says_what_to_fix(block, reason):
 def sweep_repo(tmp_path, space: str):
     repo = make_research_repo(tmp_path / "research")
     program = (repo / "program.md").read_text()
-    (repo / "program.md").write_text(agent.SEARCH_SPACE_RE.sub(f"```search-space\n{space}```", program))
+    (repo / "program.md").write_text(SEARCH_SPACE_RE.sub(f"```search-space\n{space}```", program))
     g = git.Repo(repo)
     g.index.add(["program.md"])
     g.index.commit("search space")

@@ -22,11 +22,11 @@ import git
 import pandas as pd
 import pytest
 
-import agent
 from driver.common import ReplyError
 from driver.knobs import find_knobs
 from driver.edits import parse_reply
 from driver.llm import REPLY_GRAMMAR
+from driver.sweep import search_space, sweep_next
 from conftest import patch_constants
 from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
@@ -133,9 +133,9 @@ def test_prepare_then_train_then_the_test_split_by_hand(tiny_env, tmp_path):
 # ---------------------------------------------------------------- the sweep on the real search space
 def test_one_sweep_step_on_the_real_program_md(tiny_env, tmp_path):
     clone = tool_clone(tmp_path / "ternary-autoresearch")
-    space = agent.search_space((clone / "program.md").read_text())
+    space = search_space((clone / "program.md").read_text())
     current = {name: knob["text"] for name, knob in find_knobs((clone / "train.py").read_text()).items()}
-    (name, old, new), _ = agent.sweep_next(space, current, [])
+    (name, old, new), _ = sweep_next(space, current, [])
     done = python(clone, user_env(tiny_env), "agent.py", "--proposer", "sweep", "--max-experiments", "1", "--tag", "sweep1",
                   "--baseline-runs", "1", "--timeout", str(TIMEOUT_S), "--eval-windows", "1", timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
