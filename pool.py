@@ -29,7 +29,6 @@ from pathlib import Path
 
 import git
 
-import agent
 from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one_line
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, scored_baselines, stale_parent)
@@ -39,6 +38,7 @@ from driver.session import Session, budget_left, stop_reason
 from driver.checkout import git_identity, restore_tree, tree_changes
 from driver.record import append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger
 from driver.propose import Prefetch, abandon, tokens_since
+from driver.experiment import next_experiment
 import worker
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
@@ -114,7 +114,7 @@ class Pool:
         # it runs one experiment at a time, and kill_tree ends everything the last one started
         self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0, max_calls=0)(worker.run_experiment)
         self.fetch = ray.remote(num_cpus=0, max_retries=1)(worker.read_submission)
-        self.next_n = agent.next_experiment(session)
+        self.next_n = next_experiment(session)
         self.before = tree_changes(session)  # the user's own uncommitted work, for restore_tree
         self.key = f"{hashlib.sha256(str(session.root).encode()).hexdigest()[:12]}-{self.args.tag}"
 

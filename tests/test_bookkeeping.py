@@ -15,6 +15,7 @@ from driver.ledger import read_ledger
 from driver.session import open_session
 from driver.checkout import commit_train_py
 from driver.record import append_row
+from driver.experiment import finish_experiment
 import prepare
 from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
                             start_agent, state, wait_for_phase)
@@ -53,12 +54,12 @@ def test_a_kill_after_the_first_flush_leaves_both_rows_of_a_confirmed_decision_o
 
     monkeypatch.setattr(os, "close", killed)
     with pytest.raises(KeyboardInterrupt):
-        agent.finish_experiment(session, st, lucky, unlucky)
+        finish_experiment(session, st, lucky, unlucky)
     monkeypatch.setattr(os, "close", close)
     rows = read_ledger(session.ledger)
     # the kill came after the one write of both rows (never the lucky run alone, never a kill before any row)
     assert rows[rows["experiment"] == 2]["val_ppl"].tolist() == [19.2, 20.9], rows
-    agent.finish_experiment(session, st, lucky, unlucky)  # resume finishes the decision, once
+    finish_experiment(session, st, lucky, unlucky)  # resume finishes the decision, once
     rows = read_ledger(session.ledger)
     assert rows["status"].tolist() == ["baseline", "baseline", "discard", "discard"]
     assert rows["best_val_ppl"].tolist()[-2:] == [20.0, 20.0] and best_kept(rows) == 20.0
