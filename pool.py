@@ -39,7 +39,7 @@ from driver.checkout import git_identity, restore_tree, tree_changes
 from driver.record import append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger
 from driver.propose import Prefetch, abandon, tokens_since
 from driver.experiment import next_experiment
-import worker
+from driver import worker
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
 MAX_RERUNS = 2                 # a lost worker's experiment runs again elsewhere at most this often

@@ -135,7 +135,7 @@ def test_a_submission_that_changes_while_it_is_scored_is_a_crash(repo, llm):
 
 WORKER_RUN = """import json, sys
 sys.path.insert(0, sys.argv[2])
-import worker
+from driver import worker
 print(json.dumps(worker.run_experiment(json.loads(sys.argv[1]))))
 """
 

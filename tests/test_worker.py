@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import worker
+from driver import worker
 
 # a harness whose caches are missing until `python prepare.py` runs; it counts its runs
 PREPARE = '''import json, sys, time
