@@ -526,5 +526,4 @@ def main(argv: list[str] | None = None) -> int:
         log("stopped now; restart with the same --tag to resume")
         return 130
 if __name__ == "__main__":
-    sys.modules["agent"] = sys.modules[__name__]  # pool.py and worker.py import it: one module, one FatalError
     sys.exit(main())

@@ -19,7 +19,7 @@ import git
 import psutil
 import pytest
 
-import pool
+from driver import pool
 from conftest import REQUIRE_ASSETS
 from driver_helpers import GO_LINE, TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent
 

@@ -75,7 +75,7 @@ def start_ray(args):
     try:
         if args.ray:
             # the tool's files travel to every node; the research repo's travel with each experiment
-            runtime_env = {"working_dir": str(Path(__file__).resolve().parent), "excludes": RAY_EXCLUDES}
+            runtime_env = {"working_dir": str(Path(__file__).resolve().parents[1]), "excludes": RAY_EXCLUDES}
             try:
                 ray.init(address=args.ray, runtime_env=runtime_env, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as exc:
