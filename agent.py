@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -30,14 +29,13 @@ import prepare
 from driver.common import FatalError, StopNight, atomic_write, log, one_line
 from driver.keep import CONFIRM_SIGMAS, best_kept, kept_means, noise, same_protocol
 from driver.ledger import branch_ledger, ledger_backup_of, read_ledger, reconcile_ledger
-from driver.runner import clean_env, harden_process, kill_tree
+from driver.runner import clean_env, harden_process
 from driver.scoring import EVAL_TIMEOUT_S
-from driver.session import Session, budget_left, open_session, setup_sandbox
+from driver.session import open_session
 from driver.llm import choose_proposer, context_window, make_client
-from driver.checkout import git_failure, setup_branch
-from driver.propose import abandon
+from driver.checkout import git_failure
 from driver.sweep import search_space
-from driver.experiment import resume, run_baselines, run_one
+from driver.night import run_loop
 
 
 # ---------------------------------------------------------------- configuration
@@ -53,47 +51,6 @@ SANDBOX_MODES = ("auto", "require", "off")
 
 
 # ---------------------------------------------------------------- the loop
-def install_interrupt_handler(session: Session) -> None:
-    def handler(signum, frame):
-        session.interrupts += 1
-        if session.interrupts == 1:
-            log("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again to stop now)")
-            return
-        if session.child is not None:
-            kill_tree(session.child, session.known_children)
-        raise KeyboardInterrupt
-
-    def terminate(signum, frame):
-        """A closed terminal (SIGHUP) or `systemd stop`/kill (SIGTERM): stop now, taking the run along."""
-        log(f"{signal.Signals(signum).name}: stopping now")
-        session.interrupts = max(session.interrupts, 1)
-        if session.child is not None:
-            kill_tree(session.child, session.known_children)
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-
-
-def run_loop(session: Session) -> int:
-    install_interrupt_handler(session)
-    setup_branch(session)
-    setup_sandbox(session)
-    done = resume(session)
-    if session.args.workers > 1 or session.args.gpus or session.args.ray:
-        import pool  # Ray is needed only here
-        return pool.run_pool(session)
-    run_baselines(session)
-    pending = None
-    while not (reason := budget_left(session, done)):
-        _, pending = run_one(session, pending, prefetch=session.args.pipeline and not budget_left(session, done + 1))
-        done += 1
-    if pending is not None:
-        abandon(session, pending, f"the driver stopped ({reason}) before it could run")
-    log(f"stopping: {reason}")
-    return 0
-
-
 def worker_of(reason) -> str:
     """The worker named in a row's reason; LOCAL_WORKER for a row the one-GPU path ran."""
     found = WORKER_RE.search(reason) if isinstance(reason, str) else None

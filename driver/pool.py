@@ -4,7 +4,7 @@ One driver process (this one) owns the branch, the ledger and every keep/discard
 experiment is a Ray task asking for one GPU (worker.run_experiment), in its own git worktree
 runs/<tag>/<n>/tree and run folder. Ray, for one host too: each run is in a worker process that runs
 nothing else meanwhile (so killing one run's strays can never touch another run), Ray assigns the GPUs
-and reports a lost worker, and the same code serves a cluster. The one-GPU path (agent.run_loop) needs no Ray.
+and reports a lost worker, and the same code serves a cluster. The one-GPU path (night.run_loop) needs no Ray.
 
 Stale parents: while an experiment trains, another may be kept. A result measured on the current best
 is decided as on one GPU. A result on a parent that is no longer the best, that beats the best or its own

@@ -200,7 +200,7 @@ class ScriptedRay:
 
 @pytest.fixture
 def night(repo):
-    """A --workers 2 night on `repo` (branch set up as agent.run_loop does), with a ScriptedRay."""
+    """A --workers 2 night on `repo` (branch set up as night.run_loop does), with a ScriptedRay."""
     if not REQUIRE_ASSETS:  # CI installs Ray: there a missing Ray fails
         pytest.importorskip("ray", reason="Ray is not installed: pip install -r requirements-cluster.txt")
     import pool
