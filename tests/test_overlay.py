@@ -5,6 +5,7 @@ import pytest
 import agent
 from driver.keep import CONFIRM_SIGMAS
 from driver.ledger import branch_ledger
+from driver.report import plot_overlay, running_best
 import prepare
 
 PLANS = {"llm": [("baseline", 40.0), ("baseline", 41.0), ("keep", 35.0), ("discard", 36.5), ("crash", None),
@@ -23,7 +24,7 @@ def write_nights(path):
 
 def test_running_best_follows_the_keep_rule_with_its_noise_band(tmp_path):
     write_nights(tmp_path / "results.tsv")
-    curve = agent.running_best(branch_ledger(tmp_path / "results.tsv", "autoresearch/llm"))
+    curve = running_best(branch_ledger(tmp_path / "results.tsv", "autoresearch/llm"))
     assert curve["experiment"].tolist() == [0, 1, 2, 3, 4, 5]
     assert curve["hours"].tolist() == [0, 1, 2, 3, 4, 5]
     # the baselines count by their mean; the crash (no protocol) is still a step of the night
@@ -34,7 +35,7 @@ def test_running_best_follows_the_keep_rule_with_its_noise_band(tmp_path):
 
 def test_overlay_plot_is_written_for_several_tags(tmp_path):
     write_nights(tmp_path / "results.tsv")
-    path = agent.plot_overlay(tmp_path / "results.tsv", ["llm", "sweep"], tmp_path / "overlay.png")
+    path = plot_overlay(tmp_path / "results.tsv", ["llm", "sweep"], tmp_path / "overlay.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
 
 

@@ -4,8 +4,8 @@ import re
 import pandas as pd
 import pytest
 
-import agent
 from driver.ledger import read_ledger
+from driver.report import night_report, plot_progress
 import prepare
 from driver_helpers import TAG, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
@@ -38,12 +38,12 @@ def night(tmp_path) -> pd.DataFrame:
 
 
 def test_plot_is_written_from_every_status(night, tmp_path):
-    path = agent.plot_progress(night, BRANCH, tmp_path / "progress.png")
+    path = plot_progress(night, BRANCH, tmp_path / "progress.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
 
 
 def test_report_numbers_match_the_ledger(night, tmp_path):
-    report = agent.night_report(night, BRANCH, tmp_path / "runs", tmp_path, with_test=False)
+    report = night_report(night, BRANCH, tmp_path / "runs", tmp_path, with_test=False)
     assert "baseline val_ppl 40.5000; best 28.5000 (29.6% lower) at experiment 9" in report
     assert f"std of the baseline runs): {pd.Series([40.0, 41.0]).std():.4f}" in report
     assert "keep 3" in report and "discard 2" in report and "crash 1" in report and "invalid 1" in report
@@ -121,9 +121,9 @@ def edit_ppl(old: str, new: str, description: str) -> str:
 
 
 def test_report_says_how_many_runs_were_unsandboxed(night, tmp_path):
-    assert "- sandbox: every run in Landlock" in agent.night_report(night, BRANCH, tmp_path / "runs", tmp_path,
+    assert "- sandbox: every run in Landlock" in night_report(night, BRANCH, tmp_path / "runs", tmp_path,
                                                                      with_test=False)
     night = night.assign(reason=night["reason"].astype(object))  # all empty in the fixture: read as floats
     night.loc[night["experiment"].isin([3, 4]), "reason"] = "unsandboxed; val_ppl not lower"
-    report = agent.night_report(night, BRANCH, tmp_path / "runs", tmp_path, with_test=False)
+    report = night_report(night, BRANCH, tmp_path / "runs", tmp_path, with_test=False)
     assert "- sandbox: 2 of 9 runs UNSANDBOXED" in report

@@ -23,6 +23,7 @@ from driver.common import FatalError
 from driver.ledger import read_ledger
 from driver.session import open_session
 from driver.record import append_row
+from driver.report import night_report
 import prepare
 from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, kill_agent, ledger, make_research_repo,
                             run_agent, start_agent, state, wait_for_phase)
@@ -71,7 +72,7 @@ def test_a_driver_night_never_imports_torch_and_records_meta_and_bits_per_weight
     assert "left empty" not in " ".join(rows["reason"])
     status = bare_status(repo)
     assert status.returncode == 0 and "1.600 bits per weight" in status.stdout and "bits_per_weight" in status.stdout
-    report = agent.night_report(read_ledger(repo / "results.tsv"), f"autoresearch/{TAG}", repo / "runs" / TAG,
+    report = night_report(read_ledger(repo / "results.tsv"), f"autoresearch/{TAG}", repo / "runs" / TAG,
                                 repo, with_test=False)
     assert "1.600 bits per weight" in report and "| 1 | 1 | 18.0000 | 2.0000 |  | 1.600 | better, and says so |" in report
 
