@@ -6,7 +6,7 @@ the real driver, with and without pipelining.
     python bench/simulated_night.py --workers [1 2 4] [--per-worker 10] [--scale 60]
 
 With --workers (issue 13) the nights compare worker counts instead: 1 is the one-GPU path (no Ray,
-pipelined, the default), N > 1 is `agent.py --workers N` (pool.py: one driver, N Ray tasks on a local
+pipelined, the default), N > 1 is `agent.py --workers N` (driver/pool.py: one driver, N Ray tasks on a local
 Ray instance, one logical GPU each). Each night runs --per-worker × N experiments, so every night lasts
 about as long and the start-up and the drain at the end weigh the same. Reported per worker count:
 experiments per hour (scaled back to real time), the ratio to 1 worker measured in the same run, the

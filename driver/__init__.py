@@ -16,6 +16,7 @@ listed before it. agent.py (the entry point) is above them all; nothing imports 
     sweep       the sweep proposer: coordinate descent over program.md's search space
     experiment  one experiment's life on the local slot: propose, commit, train and score, decide, record, resume
     worker      the Ray task: one experiment on one GPU of any host (imports only runner, scoring and common)
+    cluster     Ray: a local instance or the cluster at --ray
     pool        many experiments at once on Ray (--workers, --gpus, --ray)
     night       the loop: one local slot, or the pool
     report      status, report, plot

@@ -7,6 +7,8 @@ import base64
 import contextlib
 import json
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import git
@@ -162,3 +164,14 @@ def discard(session: Session, n: int, commit: str, parent: str, st: dict | None 
     if repo.head.commit.hexsha == commit:
         repo.git.reset("--soft", parent)
     repo.git.checkout(parent, "--", "train.py")
+
+
+def merge(base: str, ours: str, theirs: str) -> str | None:
+    """git merge-file: `theirs` (a change made on `base`) applied to `ours`; None where they conflict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, text in (("best", ours), ("base", base), ("change", theirs)):
+            (Path(tmp) / name).write_text(text)
+            paths.append(str(Path(tmp) / name))
+        done = subprocess.run(["git", "merge-file", "-p", *paths], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None

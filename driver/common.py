@@ -10,6 +10,10 @@ from pathlib import Path
 
 import prepare
 
+# every git command of the driver: no hook and no fsmonitor command can run in the driver's environment
+GIT_SAFE_CONFIG = ["core.hooksPath=/dev/null", "core.fsmonitor=false"]
+
+
 class ReplyError(Exception):
     """The reply cannot be applied; the message is sent back to the LLM as a repair request."""
 

@@ -19,84 +19,29 @@ others again, without asking the LLM again.
 import contextlib
 import hashlib
 import json
-import os
 import re
 import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import git
 
-from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one_line
+from driver.common import GIT_SAFE_CONFIG, FatalError, atomic_write, atomic_write_bytes, log, one_line
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, scored_baselines, stale_parent)
-from driver.runner import RAY_AUTH, kill_leftovers
-from driver.scoring import GIT_SAFE_CONFIG
+from driver.runner import kill_leftovers
 from driver.session import Session, budget_left, stop_reason
-from driver.checkout import git_identity, restore_tree, tree_changes
+from driver.checkout import git_identity, merge, restore_tree, tree_changes
 from driver.record import append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger
 from driver.propose import Prefetch, abandon, tokens_since
 from driver.experiment import next_experiment
 from driver import worker
+from driver.cluster import start_ray
 
 POLL_S = 0.5                   # how often the loop looks at finished tasks and proposals
 MAX_RERUNS = 2                 # a lost worker's experiment runs again elsewhere at most this often
 MAX_ASKS = 3                   # a proposal overtaken by a keep it conflicts with is asked for this often in all
 MAX_FILES_BYTES = 5_000_000    # the commit's files sent to a host that does not share the driver's disk
-RAY_EXCLUDES = ["runs/", ".git/", ".venv/", "*.pt", "*.gguf", "*.safetensors", "__pycache__/"]
-
-
-# ---------------------------------------------------------------- starting Ray
-def gpu_count(args) -> int:
-    return len(args.gpus.split(",")) if args.gpus else args.workers
-
-
-def ray_auth(args) -> dict:
-    """`ray start` turns token authentication on; a client sends the token (~/.ray/auth_token, RAY_AUTH_TOKEN or
-    RAY_AUTH_TOKEN_PATH) only in token mode, which Ray reads when it is imported (`--ray auto` finds it alone)."""
-    auth = dict(RAY_AUTH)  # the token settings that harden_process took out of the environment
-    if args.ray and "RAY_AUTH_MODE" not in os.environ and (auth or (Path.home() / ".ray" / "auth_token").exists()):
-        auth["RAY_AUTH_MODE"] = "token"
-    return auth
-
-
-def start_ray(args):
-    """Connect to the cluster at --ray, or start a local Ray instance with --workers/--gpus GPUs."""
-    auth = ray_auth(args)
-    os.environ.update(auth)
-    try:
-        import ray
-    except ImportError:
-        raise FatalError("--workers, --gpus and --ray need Ray: pip install -r requirements-cluster.txt "
-                         "(the one-GPU night, --workers 1, does not)") from None
-    quiet = {"log_to_driver": False, "configure_logging": False}
-    try:
-        if args.ray:
-            # the tool's files travel to every node; the research repo's travel with each experiment
-            runtime_env = {"working_dir": str(Path(__file__).resolve().parents[1]), "excludes": RAY_EXCLUDES}
-            try:
-                ray.init(address=args.ray, runtime_env=runtime_env, **quiet)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise FatalError(f"--ray {args.ray}: cannot connect ({one_line(exc, 200)}); start the cluster first "
-                                 "(`ray start --head --num-gpus N` on the head node), then pass its address or "
-                                 "`auto`") from None
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            if gpus == 0:
-                raise FatalError(f"the Ray cluster at {args.ray} has no GPUs: start its nodes with "
-                                 "`ray start ... --num-gpus N`")
-            return ray, gpus
-        if args.gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # Ray hands out these devices, one per task
-        # address "local": an instance of its own, even where RAY_ADDRESS or a `ray start` on this host names a
-        # cluster (Ray would join that one, and refuses num_gpus there): a cluster is --ray's
-        ray.init(address="local", num_gpus=gpu_count(args), num_cpus=max(os.cpu_count() or 1, 1),
-                 include_dashboard=False, **quiet)
-        return ray, gpu_count(args)
-    finally:
-        for key in set(auth) - {"RAY_AUTH_MODE"}:  # no child of the driver inherits the token
-            os.environ.pop(key, None)
 
 
 # ---------------------------------------------------------------- one night with N workers
@@ -513,17 +458,6 @@ class Pool:
                 self.forget({"experiment": pending.n})  # a re-proposal without a row stays for the next start
         log(f"stopping: {self.stopping or f'--max-experiments {self.args.max_experiments} reached'}")
         return 0
-
-
-def merge(base: str, ours: str, theirs: str) -> str | None:
-    """git merge-file: `theirs` (a change made on `base`) applied to `ours`; None where they conflict."""
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for name, text in (("best", ours), ("base", base), ("change", theirs)):
-            (Path(tmp) / name).write_text(text)
-            paths.append(str(Path(tmp) / name))
-        done = subprocess.run(["git", "merge-file", "-p", *paths], capture_output=True, text=True)
-    return done.stdout if done.returncode == 0 else None
 
 
 def clean(result: dict) -> dict:

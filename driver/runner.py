@@ -55,7 +55,7 @@ def harden_process() -> None:
         if libc.prctl(option, value, 0, 0, 0) != 0:
             log(f"warning: prctl({option}) failed (errno {ctypes.get_errno()})")
     for key in [k for k in os.environ if SECRET_ENV.search(k)]:
-        if key.startswith("RAY_AUTH"):  # for pool.start_ray alone, which connects to the cluster with it
+        if key.startswith("RAY_AUTH"):  # for cluster.start_ray alone, which connects to the cluster with it
             RAY_AUTH[key] = os.environ[key]
         del os.environ[key]
         if key.endswith("_AUTH_SOCK"):  # Landlock (ABI <= 7) cannot stop a connect() to a pathname socket

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import prepare
 import sandbox
-from driver.common import FatalError, atomic_write, one_line, open_new, remove_tree, sha256_file
+from driver.common import (GIT_SAFE_CONFIG, FatalError, atomic_write, one_line, open_new, remove_tree,
+                           sha256_file)
 from driver.runner import clean_env, log_tail, run_process
 
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
-# every git command of the driver: no hook and no fsmonitor command can run in the driver's environment
-GIT_SAFE_CONFIG = ["core.hooksPath=/dev/null", "core.fsmonitor=false"]
 # never readable by train.py, though in the repository: other experiments' folders and the kept submission
 # (a warm start would make a kept score irreproducible from its commit), and git's internals (a remote URL
 # in .git/config may hold a credential; the objects hold every experiment of the night)

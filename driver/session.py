@@ -17,9 +17,9 @@ import git
 import openai
 import pandas as pd
 
-from driver.common import FatalError, atomic_write, log, one_line
+from driver.common import GIT_SAFE_CONFIG, FatalError, atomic_write, log, one_line
 from driver.ledger import branch_ledger
-from driver.scoring import GIT_SAFE_CONFIG, sandbox_info, sandbox_plan
+from driver.scoring import sandbox_info, sandbox_plan
 
 # Prompt tokens are estimated from characters: SmolLM2's tokenizer gives 3.2 chars/token on train.py
 # and 3.4 on program.md (llama.cpp /tokenize), GPT-4o's more; 3.0 errs on the safe side

@@ -203,7 +203,7 @@ def night(repo):
     """A --workers 2 night on `repo` (branch set up as night.run_loop does), with a ScriptedRay."""
     if not REQUIRE_ASSETS:  # CI installs Ray: there a missing Ray fails
         pytest.importorskip("ray", reason="Ray is not installed: pip install -r requirements-cluster.txt")
-    import pool
+    from driver import pool
     args = agent.parse_args(["--repo", str(repo), "--tag", TAG, "--workers", "2", "--baseline-runs", "2",
                              "--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)])
     session = open_session(args)

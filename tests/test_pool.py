@@ -197,7 +197,7 @@ def test_bad_gpus_and_workers_are_refused_by_the_parser(argv, says, capsys):
 
 def test_gpus_sets_the_number_of_workers():
     import agent
-    import pool
+    from driver import cluster
     args = agent.parse_args(["--workers", "2", "--gpus", "3,5"])
-    assert pool.gpu_count(args) == 2 and args.gpus == "3,5"
-    assert pool.gpu_count(agent.parse_args(["--gpus", "0,2,5"])) == 3
+    assert cluster.gpu_count(args) == 2 and args.gpus == "3,5"
+    assert cluster.gpu_count(agent.parse_args(["--gpus", "0,2,5"])) == 3

@@ -1,4 +1,4 @@
-"""Adversarial checks of --workers (pool.py, worker.py): a hostile train.py aiming at the other experiment in
+"""Adversarial checks of --workers (driver/pool.py, driver/worker.py): a hostile train.py aiming at the other experiment in
 flight, and driver kills at the points of Pool.finish where a re-apply or a keep is half done."""
 import os
 import signal
@@ -241,8 +241,8 @@ def test_the_files_sent_to_a_host_of_its_own_include_names_git_quotes(tmp_path):
     """--ray without a shared disk: `git ls-tree` quotes a name with non-ASCII characters ("caf\\303\\251.txt"),
     which is no path in the tree: the spec must carry the real name, and a worker must write it inside its folder."""
     from types import SimpleNamespace
-    import pool
-    import worker
+    from driver import pool
+    from driver import worker
     from driver_helpers import make_research_repo
     root = make_research_repo(tmp_path / "research")
     (root / "café.txt").write_text("data\n")

@@ -32,7 +32,8 @@ from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 from test_llamacpp import llama_server  # noqa: F401  (a fixture)
 
-TOOL = ("agent.py", "pool.py", "worker.py", "sandbox.py", "prepare.py", "train.py", "program.md", ".gitignore")
+TOOL = ("agent.py", *(f"driver/{p.name}" for p in sorted((ROOT / "driver").glob("*.py"))), "sandbox.py", "prepare.py",
+        "train.py", "program.md", ".gitignore")
 TIMEOUT_S = 60  # train.py's limit; it submits after about 4 s of training, whatever the start-up took
 QUICK = dict(BATCH_SIZE=2, SEQ_LEN=128, LOG_EVERY_S=1.0, EXPORT_RESERVE_S=TIMEOUT_S - 4.0)
 SHORT_PROGRAM = "# Research\n\nLower PPL in train.py: change one constant per experiment.\n"
@@ -42,6 +43,7 @@ LLM_DELAY_S = 3.0  # each reply of the scripted LLM takes this long: the prefetc
 def tool_clone(path: Path, quick: bool = True) -> Path:
     """A user's clone: the tool's files committed in a fresh git repository."""
     path.mkdir(parents=True)
+    (path / "driver").mkdir()
     for name in TOOL:
         shutil.copy(ROOT / name, path / name)
     if quick:

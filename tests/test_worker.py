@@ -1,4 +1,4 @@
-"""worker.py alone: what a Ray task does on a host before it can run an experiment (no Ray needed here)."""
+"""driver/worker.py alone: what a Ray task does on a host before it can run an experiment (no Ray needed here)."""
 import json
 import subprocess
 import sys
