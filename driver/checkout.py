@@ -14,6 +14,7 @@ from pathlib import Path
 import git
 
 from driver.common import FatalError, atomic_write, log, one_line, remove_tree, sha256_file
+from driver.records import ExperimentState
 from driver.ledger import reconcile_ledger
 from driver.runner import kill_leftovers
 from driver.scoring import remove_shm_created
@@ -154,7 +155,7 @@ def git_failure(session: Session, exc: git.GitCommandError) -> FatalError:
                       "then run the same command again to resume")
 
 
-def discard(session: Session, n: int, commit: str, parent: str, st: dict | None = None) -> None:
+def discard(session: Session, n: int, commit: str, parent: str, st: ExperimentState | None = None) -> None:
     """Reset the branch to the parent, touching only train.py; the commit stays under a ref. With st, the
     phase `discarding` lets a restart restore train.py left between the reset and the checkout."""
     repo = session.repo

@@ -8,6 +8,7 @@ import json
 import git
 
 from driver.common import FatalError, atomic_write, log, one_line, remove_tree, sha256_file
+from driver.records import ExperimentState, RunResult
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, scored_baselines)
 from driver.runner import run_process
@@ -19,7 +20,7 @@ from driver.record import (append_invalid, append_rows, checked_ledger, decision
 from driver.propose import Prefetch, abandon, proposal_for, tokens_since
 from driver.sweep import sweep_proposal
 
-def train_and_score(session: Session, st: dict, label: str = "") -> dict:
+def train_and_score(session: Session, st: ExperimentState, label: str = "") -> RunResult:
     """Run train.py, check the trust boundary, score in a fresh process. Returns ledger fields.
     label names a repeat's log files (a confirmation run)."""
     folder = session.runs / str(st["experiment"])
@@ -44,8 +45,8 @@ def train_and_score(session: Session, st: dict, label: str = "") -> dict:
         session.shm_snapshot.unlink(missing_ok=True)
 
 
-def checked_and_scored(session: Session, st: dict, label: str, code: int | None, train_s: float,
-                       before: dict[str, bytes | None]) -> dict:
+def checked_and_scored(session: Session, st: ExperimentState, label: str, code: int | None, train_s: float,
+                       before: dict[str, bytes | None]) -> RunResult:
     """After train.py's run: the tree restored, the trust boundary checked, the submission scored."""
     folder, timeout = session.runs / str(st["experiment"]), session.args.timeout
     restored = restore_tree(session, before, st["commit"])  # a train.py that rewrote itself, program.md, ...
@@ -66,7 +67,8 @@ def checked_and_scored(session: Session, st: dict, label: str, code: int | None,
                                     session.tokens_expected, session.args.eval_windows, session.args.eval_timeout)}
 
 
-def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | None = None) -> str:
+def finish_experiment(session: Session, st: ExperimentState, result: RunResult,
+                      confirm: RunResult | None = None) -> str:
     """Decide (keep_rule), write the decision's rows in one write, then reset if not kept. Idempotent across a kill."""
     n, commit, parent = st["experiment"], st["commit"], st["parent"]
     tampered = protect_ledger(session) + result.get("ledger_note", "")  # before the decision reads it
@@ -89,7 +91,7 @@ def finish_experiment(session: Session, st: dict, result: dict, confirm: dict | 
     return status
 
 
-def guarded_run(session: Session, st: dict, label: str = "") -> dict:
+def guarded_run(session: Session, st: ExperimentState, label: str = "") -> RunResult:
     """train_and_score, where anything unexpected in what the run left behind (an unreadable file, a tree
     too deep) is a crash row naming it, not a driver that dies on it again at every restart."""
     try:
@@ -102,7 +104,7 @@ def guarded_run(session: Session, st: dict, label: str = "") -> dict:
                                              f"{one_line(exc, 150)}"}
 
 
-def run_committed(session: Session, st: dict) -> str:
+def run_committed(session: Session, st: ExperimentState) -> str:
     if "first" in st:  # resumed while confirming: the first run's result is already known
         result = st["first"]
     else:
@@ -182,7 +184,7 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
         raise
 
 
-def apply_and_commit(session: Session, st: dict) -> dict:
+def apply_and_commit(session: Session, st: ExperimentState) -> ExperimentState:
     """Write the proposed train.py and commit it; safe to repeat after a kill at any point."""
     repo, parent = session.repo, st["parent"]
     session.save_state(**st, phase="applying")

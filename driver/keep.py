@@ -11,6 +11,7 @@ import pandas as pd
 
 import prepare
 from driver.common import one_line
+from driver.records import RunResult
 
 CONFIRM_SIGMAS = 2.0           # a gain within this many noise widths is re-run once before it is kept
 BASELINE_TRIES = 3             # baseline runs that fail in a row before the night stops
@@ -25,7 +26,7 @@ class Decision:
     reapply: bool = False  # measured on a stale parent that it beat: re-apply the change on the best (stale_parent)
 
 
-def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, baseline: bool = False,
+def keep_rule(rows: pd.DataFrame, result: RunResult, confirm: RunResult | None = None, *, baseline: bool = False,
               strict: bool = False, protocol: str | None = None) -> Decision:
     """THE keep rule. rows: the branch's ledger, of which only the rows scored under the result's protocol
     (else `protocol`) are compared, each kept commit by the mean of its runs. result, confirm: a run's
@@ -60,7 +61,7 @@ def keep_rule(rows: pd.DataFrame, result: dict, confirm: dict | None = None, *, 
     return Decision("discard", f"val_ppl not lower than the best kept: {why} ({under})", best)
 
 
-def confirmation_needed(rows: pd.DataFrame, result: dict, *, baseline: bool = False, strict: bool = False,
+def confirmation_needed(rows: pd.DataFrame, result: RunResult, *, baseline: bool = False, strict: bool = False,
                         protocol: str | None = None) -> bool:
     """A first run's marginal gain over the best (keep_rule's confirm): it is run once more before the decision.
     Never a baseline run, nor a run without a score."""
@@ -69,8 +70,8 @@ def confirmation_needed(rows: pd.DataFrame, result: dict, *, baseline: bool = Fa
     return keep_rule(rows, result, strict=strict, protocol=protocol).confirm
 
 
-def stale_parent(rows: pd.DataFrame, result: dict, decision: Decision, parent: str, head: str,
-                 confirm: dict | None = None, *, strict: bool = False, protocol: str | None = None) -> Decision:
+def stale_parent(rows: pd.DataFrame, result: RunResult, decision: Decision, parent: str, head: str,
+                 confirm: RunResult | None = None, *, strict: bool = False, protocol: str | None = None) -> Decision:
     """keep_rule's `decision` on a result measured on `parent` while another experiment moved the best to `head`.
     A change that beat the best, or beat its own parent beyond the noise (as keep_rule judges a gain: more than
     CONFIRM_SIGMAS noise widths, or any gain with --strict, without a noise estimate, or by the mean of a

@@ -27,6 +27,7 @@ from pathlib import Path
 import git
 
 from driver.common import GIT_SAFE_CONFIG, FatalError, atomic_write, atomic_write_bytes, log, one_line
+from driver.records import ExperimentState, RunResult
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
                          keep_rule, night_protocol, scored_baselines, stale_parent)
 from driver.runner import kill_leftovers
@@ -49,7 +50,7 @@ class Pool:
     def __init__(self, session: Session, ray, slots: int):
         self.session, self.ray, self.slots = session, ray, slots
         self.args = session.args
-        self.flights: dict = {}            # Ray ObjectRef -> the experiment's state
+        self.flights: dict[object, ExperimentState] = {}  # Ray ObjectRef -> the experiment's state
         self.asking: list[Prefetch] = []
         self.started = 0                   # proposals asked for in this start (--max-experiments counts them)
         self.stopping = ""
@@ -104,7 +105,7 @@ class Pool:
     def ref(self, n: int, kind: str = "inflight") -> str:
         return f"refs/autoresearch/{self.args.tag}/{kind}/{n}"
 
-    def move_branch(self, st: dict) -> None:
+    def move_branch(self, st: ExperimentState) -> None:
         """A keep: the branch (and the checkout's train.py) moves to the commit. Phase `moving` lets a restart
         put train.py back if the driver dies between the two steps."""
         session = self.session
@@ -114,10 +115,10 @@ class Pool:
         session.save_state(experiment=st["experiment"], phase="done")
 
     # -------- the state of each experiment in flight, on disk
-    def save(self, st: dict) -> None:
+    def save(self, st: ExperimentState) -> None:
         atomic_write(self.inflight_dir / f"{st['experiment']}.json", json.dumps(st))
 
-    def forget(self, st: dict) -> None:
+    def forget(self, st: ExperimentState) -> None:
         (self.inflight_dir / f"{st['experiment']}.json").unlink(missing_ok=True)
 
     def allocate(self) -> int:
@@ -126,7 +127,7 @@ class Pool:
         return n
 
     # -------- running
-    def spec(self, st: dict) -> dict:
+    def spec(self, st: ExperimentState) -> dict:
         session, n = self.session, st["experiment"]
         shared = not self.args.ray
         files = {}
@@ -145,7 +146,7 @@ class Pool:
                 "sandbox": self.args.sandbox, "model_expected": session.model_expected,
                 "tokens_expected": session.tokens_expected}
 
-    def submit(self, st: dict, fresh: bool = False) -> None:
+    def submit(self, st: ExperimentState, fresh: bool = False) -> None:
         """Start the experiment's task. fresh: check its worktree out again first (a confirmation run, or a
         resumed one: an unsandboxed run may have changed its files)."""
         if fresh or st.get("label") or not self.tree_of(st["experiment"]).exists():
@@ -214,7 +215,7 @@ class Pool:
         st["commit"] = self.commit_change(n, head, new, description)
         self.submit(st)
 
-    def start_reapply(self, st: dict) -> None:
+    def start_reapply(self, st: ExperimentState) -> None:
         """A stale win, made again on the best: merged when the change still applies, else re-proposed."""
         m, head = st["reapply_as"], self.head()
         best = self.train_py_at(head)
@@ -267,7 +268,7 @@ class Pool:
         else:
             self.finish(st, clean(result))
 
-    def lost(self, st: dict, exc: Exception) -> None:
+    def lost(self, st: ExperimentState, exc: Exception) -> None:
         """A worker or node died under the experiment: a crash row naming it, and the change runs again."""
         n, reruns = st["experiment"], st.get("reruns", 0)
         # a worker killed on this host leaves its train.py running (own session; the worker was its subreaper):
@@ -287,7 +288,7 @@ class Pool:
         ip = re.search(r"\bIP(?: address)?:? ([0-9a-fA-F.:]+[0-9a-fA-F])", str(exc))
         return f"on node {ip.group(1)}" if ip else "(unknown)"
 
-    def start_rerun(self, st: dict) -> None:
+    def start_rerun(self, st: ExperimentState) -> None:
         """The same change on the same parent, as a commit of its own (one ledger row per commit)."""
         m = st["rerun_as"]
         rerun = {key: st[key] for key in ("kind", "parent", "description", "seen") if key in st}
@@ -295,14 +296,14 @@ class Pool:
             m, st["parent"], self.train_py_at(st["commit"]), st["description"]))
         self.submit(rerun)
 
-    def bring_back(self, st: dict, result: dict) -> None:
+    def bring_back(self, st: ExperimentState, result: RunResult) -> None:
         """From a host without the driver's disk: the logs into runs/<tag>/<n>/."""
         folder = self.session.runs / str(st["experiment"])
         for name, text in (result.get("logs") or {}).items():
             if text:
                 atomic_write(folder / name, text)
 
-    def fetch_submission(self, st: dict, result: dict) -> None:
+    def fetch_submission(self, st: ExperimentState, result: RunResult) -> None:
         """A kept experiment's submission, copied from its host when that host has a disk of its own."""
         local = self.session.runs / str(st["experiment"]) / "submission.pt"
         if not result.get("submission") or Path(result["submission"]) == local:
@@ -319,7 +320,7 @@ class Pool:
             return
         atomic_write_bytes(local, data)
 
-    def finish(self, st: dict, result: dict, confirm: dict | None = None) -> str:
+    def finish(self, st: ExperimentState, result: RunResult, confirm: RunResult | None = None) -> str:
         """Decide (keep.keep_rule against the best now), write the rows in one write, then move the branch
         or keep the commit under a ref. Idempotent across a kill: a restart finds the row and does the rest."""
         session, n, commit, parent = self.session, st["experiment"], st["commit"], st["parent"]
@@ -460,7 +461,7 @@ class Pool:
         return 0
 
 
-def clean(result: dict) -> dict:
+def clean(result: RunResult) -> RunResult:
     """The ledger's fields of a worker's result (without the logs it carried back)."""
     return {k: v for k, v in result.items() if k not in ("logs",)}
 

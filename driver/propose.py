@@ -9,6 +9,7 @@ import threading
 import pandas as pd
 
 from driver.common import ReplyError, atomic_write, log, one_line
+from driver.records import Proposal
 from driver.keep import best_kept, noise
 from driver.ledger import LEDGER_TAIL_ROWS, ledger_for_prompt
 from driver.runner import LOG_TAIL_BYTES, log_tail
@@ -134,7 +135,7 @@ def overflow_error(message: str) -> str:
 
 
 def propose(session: Session, n: int, train_py: str, in_flight=None,
-            rows: pd.DataFrame | None = None, spent: list | None = None, redo: str | None = None) -> dict:
+            rows: pd.DataFrame | None = None, spent: list | None = None, redo: str | None = None) -> Proposal:
     """Ask the LLM for one change to `train_py`, with repair turns. Returns the description, the new
     text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen.
     spent: each answered call's (prompt, completion) tokens are appended as it returns, so that a caller
@@ -193,7 +194,7 @@ class Prefetch(threading.Thread):
         self.n = n
         self.spent: list[tuple[int, int]] = []
         self.call = (session, n, base, in_flight, session.rows(), self.spent, redo)  # a snapshot: the ledger grows meanwhile
-        self.proposal: dict | None = None
+        self.proposal: Proposal | None = None
         self.error: BaseException | None = None
         self.start()
 
@@ -203,14 +204,14 @@ class Prefetch(threading.Thread):
         except BaseException as exc:  # re-raised in the main thread by result()
             self.error = exc
 
-    def result(self) -> dict:
+    def result(self) -> Proposal:
         self.join()
         if self.error is not None:
             raise self.error
         return self.proposal
 
 
-def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, spent: list | None = None) -> dict:
+def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, spent: list | None = None) -> Proposal:
     """The prefetched proposal if it still applies to train.py as it is now, else a fresh one. spent gathers
     every answered call's tokens for experiment n, the abandoned prefetch's included."""
     spent = [] if spent is None else spent

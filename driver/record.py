@@ -8,6 +8,7 @@ from pathlib import Path
 
 import prepare
 from driver.common import FatalError, log, sha256_file, utc_now
+from driver.records import ExperimentState, RunResult
 from driver.keep import best_kept, kept_means, night_protocol, same_protocol
 from driver.ledger import save_backup
 from driver.session import Session
@@ -83,8 +84,8 @@ def cost_of(session: Session, prompt_tokens: int, completion_tokens: int) -> flo
     return round(((session.args.price_in or 0) * prompt_tokens + (session.args.price_out or 0) * completion_tokens) / 1e6, 6)
 
 
-def decision_rows(session: Session, st: dict, result: dict, confirm: dict | None, status: str, reason: str,
-                  best: float | None, prefix: str = "") -> list[dict]:
+def decision_rows(session: Session, st: ExperimentState, result: RunResult, confirm: RunResult | None, status: str,
+                  reason: str, best: float | None, prefix: str = "") -> list[dict]:
     """The ledger rows of one decision: the experiment's (its reason after `prefix`, what the driver restored, and
     the experiment it re-applies), and its confirmation run's when there was one."""
     if st.get("reapplied_from") is not None:  # --workers: a stale win made again on the best
@@ -120,7 +121,7 @@ def keep_best_submission(session: Session) -> None:
             old.unlink(missing_ok=True)
 
 
-def checked_ledger(session: Session, result: dict) -> dict:
+def checked_ledger(session: Session, result: RunResult) -> RunResult:
     """train.py has run: restore results.tsv before anything reads it; the note goes into the row's reason."""
     note = protect_ledger(session)
     return {**result, "ledger_note": note} if note else result

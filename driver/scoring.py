@@ -20,6 +20,7 @@ import prepare
 import sandbox
 from driver.common import (GIT_SAFE_CONFIG, FatalError, atomic_write, one_line, open_new, remove_tree,
                            sha256_file)
+from driver.records import RunResult
 from driver.runner import clean_env, log_tail, run_process
 
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
@@ -186,7 +187,7 @@ def remove_shm_created(shm_before: set[tuple[str, int]]) -> None:
 
 
 def run_outcome(runner, root: Path, folder: Path, label: str, code: int | None, timeout: float, model_digests: Path,
-                tokens_expected: str, eval_windows: int | None, eval_timeout: float) -> dict:
+                tokens_expected: str, eval_windows: int | None, eval_timeout: float) -> RunResult:
     """How a train.py run ended (its exit `code`, None: killed at its limit) and, when it submitted, its score
     from root's prepare.py in a fresh process. runner: what run_process needs (a Session, or a worker's).
     Ledger fields, the failure's status and reason included."""
@@ -245,7 +246,7 @@ SCORE_NUMBERS = (("eval_windows", ("windows",)), ("bits_per_weight", ("bits_per_
                  ("peak_mem_gb", ("meta", "peak_mem_gb")))
 
 
-def reported_numbers(score: dict) -> dict:
+def reported_numbers(score: dict) -> RunResult:
     """The eval JSON's numbers for the row: each a finite real number or None. The evaluator sanitises meta, but
     its JSON passes through a log file: checked again here. What is dropped (here, or by the evaluator, its
     meta_dropped) is named in `dropped`, for the row's reason; nothing else of meta reaches a row or a state file."""

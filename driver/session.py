@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Unpack
 
 import git
 import openai
 import pandas as pd
 
 from driver.common import GIT_SAFE_CONFIG, FatalError, atomic_write, log, one_line
+from driver.records import ExperimentState
 from driver.ledger import branch_ledger
 from driver.scoring import sandbox_info, sandbox_plan
 
@@ -62,10 +64,10 @@ class Session:
     def rows(self) -> pd.DataFrame:
         return branch_ledger(self.ledger, self.branch)
 
-    def state(self) -> dict:
+    def state(self) -> ExperimentState:
         return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
 
-    def save_state(self, **state) -> None:
+    def save_state(self, **state: Unpack[ExperimentState]) -> None:
         atomic_write(self.state_path, json.dumps(state, allow_nan=False))  # only finite numbers from a run reach it
         pause = os.environ.get("AR_TEST_PAUSE", "")  # fault-injection tests: "phase:seconds"
         if pause.startswith(f"{state.get('phase')}:"):

@@ -10,6 +10,7 @@ import re
 import pandas as pd
 
 from driver.common import FatalError, ReplyError, StopNight, log
+from driver.records import Proposal
 from driver.keep import best_kept
 from driver.knobs import find_knobs, set_knobs
 from driver.edits import validate_train_py
@@ -102,7 +103,7 @@ def sweep_summary(rows: pd.DataFrame, passes: int) -> str:
             f"{best if best is None else f'{best:.4g}'}; kept: {', '.join(kept) or 'nothing'}")
 
 
-def sweep_proposal(session: Session, n: int, train_py: str) -> dict:
+def sweep_proposal(session: Session, n: int, train_py: str) -> Proposal:
     """The sweep's next change, in the shape of an LLM proposal (no tokens); StopNight when it is done."""
     rows = session.rows()
     space = search_space((session.root / "program.md").read_text())

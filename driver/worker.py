@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from driver.common import FatalError, atomic_write, one_line, remove_tree, sha256_file
+from driver.records import RunResult
 from driver.runner import clean_env, harden_process, kill_leftovers, kill_strays, log_tail, run_process
 from driver.scoring import (clear_work, remove_run_files, run_outcome, sandbox_info, sandbox_plan, shm_entries,
                             train_command, train_env)
@@ -122,7 +123,7 @@ def harness(tree: Path) -> dict:
     return info
 
 
-def run_experiment(spec: dict) -> dict:
+def run_experiment(spec: dict) -> RunResult:
     """Train and score one commit's train.py on this host's GPU (Ray sets CUDA_VISIBLE_DEVICES). Returns
     the ledger fields (a failure as status and reason), with `worker`, `node`, `folder`, `logs` and, when
     scored, `submission` and `submission_sha256`."""
