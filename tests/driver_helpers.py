@@ -41,6 +41,36 @@ def release_when_kept(repo: Path, go: Path, timeout: float = 300) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def inflight(repo: Path) -> dict[int, dict]:
+    """The state file of each experiment in flight (--workers), by number."""
+    folder = repo / ".git" / "autoresearch" / TAG / "inflight"
+    states = {}
+    for path in folder.glob("*.json") if folder.exists() else []:
+        try:
+            states[int(path.stem)] = json.loads(path.read_text())
+        except (OSError, ValueError):  # gone, or being written
+            pass
+    return states
+
+
+def release_each(repo: Path, go: str, when, timeout: float = 300) -> None:
+    """Writes the go file of each experiment in flight (`go` with {n}: a barrier per experiment, see GO_FILE) once
+    `when(state, states in flight, ledger or None)` holds for it (a thread): a run ends after the event it waits for,
+    however loaded the machine."""
+    def watch() -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            flights, rows = inflight(repo), None
+            with contextlib.suppress(OSError, ValueError, KeyError):  # no ledger yet, or one being written
+                rows = ledger(repo)
+            for n, st in flights.items():
+                path = Path(go.replace("{n}", str(n)))
+                if not path.exists() and when(st, flights, rows):
+                    path.write_text("")
+            time.sleep(0.1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def edit(search: str, replace: str, description: str = "a change") -> str:
     """A SEARCH/REPLACE reply, as the LLM writes it."""
     return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
