@@ -53,13 +53,14 @@ def inflight(repo: Path) -> dict[int, dict]:
     return states
 
 
-def release_each(repo: Path, go: str, when, timeout: float = 300) -> None:
+def release_each(repo: Path, go: str, when) -> threading.Event:
     """Writes the go file of each experiment in flight (`go` with {n}: a barrier per experiment, see GO_FILE) once
-    `when(state, states in flight, ledger or None)` holds for it (a thread): a run ends after the event it waits for,
-    however loaded the machine."""
+    `when(state, states in flight, ledger or None)` holds for it (a thread, until the returned event is set): a run
+    ends after the event it waits for, however loaded the machine, and across driver restarts."""
+    stop = threading.Event()
+
     def watch() -> None:
-        end = time.time() + timeout
-        while time.time() < end:
+        while not stop.wait(0.1):
             flights, rows = inflight(repo), None
             with contextlib.suppress(OSError, ValueError, KeyError):  # no ledger yet, or one being written
                 rows = ledger(repo)
@@ -67,8 +68,8 @@ def release_each(repo: Path, go: str, when, timeout: float = 300) -> None:
                 path = Path(go.replace("{n}", str(n)))
                 if not path.exists() and when(st, flights, rows):
                     path.write_text("")
-            time.sleep(0.1)
     threading.Thread(target=watch, daemon=True).start()
+    return stop
 
 
 def edit(search: str, replace: str, description: str = "a change") -> str:
