@@ -28,19 +28,6 @@ def held(go: Path) -> str:
     return f'<<<<<<< SEARCH\n{GO_LINE}\n=======\nGO_FILE = "{go}"\n>>>>>>> REPLACE\n'
 
 
-def release_when_kept(repo: Path, go: Path, timeout: float = 300) -> None:
-    """Writes `go` once the ledger has a keep (a thread): a held run ends after it however loaded the machine."""
-    def watch() -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            with contextlib.suppress(OSError, ValueError, KeyError):  # no ledger yet, or one being written
-                if (ledger(repo)["status"] == "keep").any():
-                    go.write_text("")
-                    return
-            time.sleep(0.1)
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def inflight(repo: Path) -> dict[int, dict]:
     """The state file of each experiment in flight (--workers), by number."""
     folder = repo / ".git" / "autoresearch" / TAG / "inflight"

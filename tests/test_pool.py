@@ -12,7 +12,7 @@ from pathlib import Path
 import git
 import pytest
 
-from driver_helpers import TAG, check_invariants, edit, held, ledger, release_when_kept, run_agent
+from driver_helpers import TAG, check_invariants, edit, held, ledger, release_each, run_agent
 from fake_llm import FakeLLM
 from test_pool_kill import trainers, two_held
 
@@ -93,11 +93,13 @@ def stale_night(repo: Path, address: str, second: str, *more: str) -> tuple[Fake
     held()) until that keep, on a parent that is then no longer the best; `more`: the replies after them. On the
     session's cluster (its 2 GPUs: 2 workers), as the decisions do not depend on where the runs happen."""
     sleepy(repo, 1)
-    release_when_kept(repo, repo.parent / "go")
+    released = release_each(repo, str(repo.parent / "go"), lambda st, flights, rows: rows is not None
+                            and (rows["status"] == "keep").any())  # once the quick one is kept, however late
     llm = FakeLLM([edit(SCALE_LINE, SCALE_LINE.replace("1.0", "0.95"), "small gain, quick"), second, *more])
     llm.default_factor = 0.9
     done = run_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", "--timeout", "120",
                      timeout=400)
+    released.set()
     return llm, done
 
 
