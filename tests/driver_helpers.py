@@ -28,17 +28,35 @@ def held(go: Path) -> str:
     return f'<<<<<<< SEARCH\n{GO_LINE}\n=======\nGO_FILE = "{go}"\n>>>>>>> REPLACE\n'
 
 
-def release_when_kept(repo: Path, go: Path, timeout: float = 300) -> None:
-    """Writes `go` once the ledger has a keep (a thread): a held run ends after it however loaded the machine."""
+def inflight(repo: Path) -> dict[int, dict]:
+    """The state file of each experiment in flight (--workers), by number."""
+    folder = repo / ".git" / "autoresearch" / TAG / "inflight"
+    states = {}
+    for path in folder.glob("*.json") if folder.exists() else []:
+        try:
+            states[int(path.stem)] = json.loads(path.read_text())
+        except (OSError, ValueError):  # gone, or being written
+            pass
+    return states
+
+
+def release_each(repo: Path, go: str, when) -> threading.Event:
+    """Writes the go file of each experiment in flight (`go` with {n}: a barrier per experiment, see GO_FILE) once
+    `when(state, states in flight, ledger or None)` holds for it (a thread, until the returned event is set): a run
+    ends after the event it waits for, however loaded the machine, and across driver restarts."""
+    stop = threading.Event()
+
     def watch() -> None:
-        end = time.time() + timeout
-        while time.time() < end:
+        while not stop.wait(0.1):
+            flights, rows = inflight(repo), None
             with contextlib.suppress(OSError, ValueError, KeyError):  # no ledger yet, or one being written
-                if (ledger(repo)["status"] == "keep").any():
-                    go.write_text("")
-                    return
-            time.sleep(0.1)
+                rows = ledger(repo)
+            for n, st in flights.items():
+                path = Path(go.replace("{n}", str(n)))
+                if not path.exists() and when(st, flights, rows):
+                    path.write_text("")
     threading.Thread(target=watch, daemon=True).start()
+    return stop
 
 
 def edit(search: str, replace: str, description: str = "a change") -> str:

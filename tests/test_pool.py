@@ -5,14 +5,16 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime
+import threading
+import time
 from pathlib import Path
 
 import git
 import pytest
 
-from driver_helpers import TAG, check_invariants, edit, held, ledger, release_when_kept, run_agent
+from driver_helpers import TAG, check_invariants, edit, held, ledger, release_each, run_agent
 from fake_llm import FakeLLM
+from test_pool_kill import trainers, two_held
 
 if os.environ.get("AR_REQUIRE_ASSETS") != "1":
     pytest.importorskip("ray", reason="Ray is not installed: pip install -r requirements-cluster.txt")
@@ -30,14 +32,22 @@ def sleepy(repo: Path, seconds: float) -> None:
     g.index.commit("runs that last")
 
 
-def spans(rows) -> list[tuple[float, float, str]]:
-    """(start, end, worker) of each run: the row is written when it ends."""
-    out = []
-    for _, row in rows.dropna(subset=["train_s"]).iterrows():
-        end = datetime.fromisoformat(row["timestamp"]).timestamp()
-        out.append((end - row["train_s"] - (row["eval_s"] if row["eval_s"] == row["eval_s"] else 0), end,
-                    row["reason"].split("worker ")[1].split(";")[0]))
-    return out
+def release_when_both_train(repo: Path, go: Path) -> dict:
+    """Writes `go` once two experiments' train.py run at once (a thread): runs held by it (two_held) each wait until
+    the other has started. Returns {experiment: pid} as seen then."""
+    seen = {}
+
+    def watch() -> None:
+        end = time.time() + 300
+        while time.time() < end:
+            running = trainers(repo)
+            if len(running) >= 2:
+                seen.update({n: p.pid for n, p in running.items()})
+                go.write_text("")
+                return
+            time.sleep(0.1)
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
 
 
 def chain_is_kept(repo: Path) -> None:
@@ -50,18 +60,21 @@ def chain_is_kept(repo: Path) -> None:
     assert g.head.commit.hexsha == kept.iloc[-1]["commit"]
 
 
-def test_two_workers_run_at_once_with_one_ledger(repo, llm, ray_cluster):
-    sleepy(repo, 3)
+def test_two_workers_run_at_once_with_one_ledger(repo, llm, ray_cluster, tmp_path):
+    go = tmp_path / "go"
+    llm.push(*two_held(go))  # the first two proposals overlap by construction, however loaded the machine
     llm.alternate = True
+    together = release_when_both_train(repo, go)
     # a cluster the user works with is named in the environment: --workers still starts an instance of its own
-    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "4", timeout=300, RAY_ADDRESS=ray_cluster[0])
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "4", "--timeout", "120", timeout=300,
+                     RAY_ADDRESS=ray_cluster[0])
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)
     assert check_invariants(repo) == []
-    ran = spans(rows)
-    assert {w for _, _, w in ran} == {"gpu0", "gpu1"}, ran
-    overlaps = [(a, b) for a in ran for b in ran if a < b and b[0] < a[1] - 1 and a[0] < b[1] - 1]
-    assert overlaps, f"no two runs overlapped in time: {ran}"
+    assert len(together) == 2, f"no two experiments' train.py were seen running at once: {together}"
+    ran = rows[rows["experiment"].isin(list(together))]
+    assert ran["status"].isin(["keep", "discard"]).all(), ran
+    assert {reason.split("worker ")[1].split(";")[0] for reason in ran["reason"]} == {"gpu0", "gpu1"}, ran["reason"]
     assert sorted(rows["experiment"]) == list(range(len(rows)))
     assert (rows["status"] != "crash").all(), rows["reason"].tolist()
     chain_is_kept(repo)
@@ -80,11 +93,13 @@ def stale_night(repo: Path, address: str, second: str, *more: str) -> tuple[Fake
     held()) until that keep, on a parent that is then no longer the best; `more`: the replies after them. On the
     session's cluster (its 2 GPUs: 2 workers), as the decisions do not depend on where the runs happen."""
     sleepy(repo, 1)
-    release_when_kept(repo, repo.parent / "go")
+    released = release_each(repo, str(repo.parent / "go"), lambda st, flights, rows: rows is not None
+                            and (rows["status"] == "keep").any())  # once the quick one is kept, however late
     llm = FakeLLM([edit(SCALE_LINE, SCALE_LINE.replace("1.0", "0.95"), "small gain, quick"), second, *more])
     llm.default_factor = 0.9
     done = run_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", "--timeout", "120",
                      timeout=400)
+    released.set()
     return llm, done
 
 

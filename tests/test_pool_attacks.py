@@ -8,7 +8,7 @@ from pathlib import Path
 import git
 import pytest
 
-from driver_helpers import TAG, check_invariants, edit, ledger, run_agent, start_agent, state
+from driver_helpers import GO_LINE, TAG, check_invariants, edit, ledger, release_each, run_agent, start_agent, state
 from fake_llm import FakeLLM
 from test_pool_kill import pool_problems, wait_until
 
@@ -135,13 +135,25 @@ def kill_when(proc, what: str, check, timeout: float, settle: float = 0.0):
 
 
 def reapply_night(repo: Path, address: str, replies: list, *args: str, **env):
-    """Base SLEEP_S 4: a quick proposal (SLEEP_S 0) is kept while the slow one still trains on the baseline. On the
-    session's cluster (2 GPUs: 2 workers): what is tested is the driver's bookkeeping, not where runs happen."""
-    text = (repo / "train.py").read_text().replace("SLEEP_S = 0.0", "SLEEP_S = 4")
-    commit_train(repo, text, "runs that last")
+    """Each run held by a go file of its own (GO_FILE with {n}, set in the branch's train.py): the baseline's at
+    once; the quick proposal (replies[0]) once the slow one is in flight too, both on the baseline; the slow one once
+    the quick one is kept, so that it ends on a parent no longer the best however loaded the machine. On the
+    session's cluster (2 GPUs: 2 workers): what is tested is the driver's bookkeeping, not where runs happen. A held
+    run's time limit covers what it waits for (the other's start-up, run and scoring). Returns the LLM, the driver
+    and the event that ends the release of go files."""
+    text = (repo / "train.py").read_text().replace(GO_LINE, f'GO_FILE = "{repo.parent}/go-{{n}}"')
+    commit_train(repo, text, "runs held by a go file each")
+    quick = replies[0].split("\n", 1)[0].removeprefix("DESCRIPTION: ")
+
+    def go(st: dict, flights: dict, rows) -> bool:
+        kept = rows is not None and (rows["status"] == "keep").any()
+        both = sum(s["kind"] == "proposal" for s in flights.values()) >= 2
+        return st["kind"] == "baseline" or kept or (st["description"] == quick and both)
+    released = release_each(repo, f"{repo.parent}/go-{{n}}", go)
     llm = FakeLLM(replies)
     llm.default_factor = 0.9
-    return llm, start_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", *args, **env)
+    return llm, start_agent(repo, llm.url, "--ray", address, "--max-experiments", "2", "--no-pipeline", "--timeout",
+                            "120", *args, **env), released
 
 
 def announced(rows) -> int:
@@ -151,15 +163,15 @@ def announced(rows) -> int:
 
 
 def test_a_stale_win_already_in_the_best_still_gets_the_row_it_announced(repo, ray_cluster):
-    # quick: PPL 16 with PPL_SCALE 1.2 (19.2), fast. slow: PPL 16 alone (16.0), slow: a stale win whose change
-    # is already in the best, so nothing is left to re-apply
+    # quick: PPL 16 with PPL_SCALE 1.2 (19.2), ends first. slow: PPL 16 alone (16.0), ends after the quick one's
+    # keep: a stale win whose change is already in the best, so nothing is left to re-apply
     quick = ("DESCRIPTION: quick, includes the slow change\n<<<<<<< SEARCH\nPPL = 20.0\n=======\nPPL = 16.0\n>>>>>>> REPLACE\n"
-             f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\nPPL_SCALE = 1.2\n>>>>>>> REPLACE\n"
-             "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
+             f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\nPPL_SCALE = 1.2\n>>>>>>> REPLACE\n")
     slow = edit("PPL = 20.0", "PPL = 16.0", "slow, a subset of the quick one")
-    llm, proc = reapply_night(repo, ray_cluster[0], [quick, slow])
+    llm, proc, released = reapply_night(repo, ray_cluster[0], [quick, slow])
     out, _ = proc.communicate(timeout=300)
     llm.close()
+    released.set()
     assert proc.returncode == 0, out[-3000:]
     rows = ledger(repo)
     m = announced(rows)
@@ -172,15 +184,15 @@ def test_a_kill_while_the_llm_reproposes_a_stale_win_does_not_lose_it(repo, ray_
     conflicting = (f"DESCRIPTION: larger gain on the same line, slow\n<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n"
                    "PPL_SCALE = 0.8\n>>>>>>> REPLACE\n")
     quick = ("DESCRIPTION: small gain, quick\n"
-             f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n{SCALE_LINE.replace('1.0', '0.95')}\n>>>>>>> REPLACE\n"
-             "<<<<<<< SEARCH\nSLEEP_S = 4\n=======\nSLEEP_S = 0\n>>>>>>> REPLACE\n")
-    llm, proc = reapply_night(repo, ray_cluster[0], [quick, conflicting, {"hang": 60}])
+             f"<<<<<<< SEARCH\n{SCALE_LINE}\n=======\n{SCALE_LINE.replace('1.0', '0.95')}\n>>>>>>> REPLACE\n")
+    llm, proc, released = reapply_night(repo, ray_cluster[0], [quick, conflicting, {"hang": 60}])
     kill_when(proc, "the re-proposal asked for", lambda: len(llm.requests) >= 3, 240, settle=1)
     llm.close()
     m = announced(ledger(repo))
     again = FakeLLM([edit(SCALE_LINE.replace("1.0", "0.95"), "PPL_SCALE = 0.8", "the same change, made again")])
-    done = run_agent(repo, again.url, "--ray", ray_cluster[0], "--max-experiments", "1", timeout=300)
+    done = run_agent(repo, again.url, "--ray", ray_cluster[0], "--max-experiments", "1", "--timeout", "120", timeout=300)
     again.close()
+    released.set()
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)
     redo = rows[rows["experiment"] == m]

@@ -15,6 +15,7 @@ PPL_SCALE = 1.0  # a second knob: proposals that touch different lines can be ap
 MODE = "ok"
 SLEEP_S = 0.0
 GO_FILE = ""  # when set, the run waits until this file exists: a test's barrier, for runs that must overlap
+# ("{n}" in it: the experiment's number, its run folder's name: a barrier per experiment)
 # what train.py says of itself in its submission (steps, tokens, peak_mem_gb)
 META = {}
 
@@ -89,7 +90,8 @@ def hostile() -> dict:
 
 def main() -> None:
     time.sleep(SLEEP_S)
-    while GO_FILE and not Path(GO_FILE).exists():
+    go = GO_FILE.replace("{n}", REPO.parent.name)  # REPO: runs/<tag>/<n>/tree in a --workers night
+    while go and not Path(go).exists():
         time.sleep(0.05)
     misbehave()
     if MODE == "nosubmit":
