@@ -46,7 +46,7 @@ while time.time() < end and not (state / "stop").exists():
 KILLER = r"""import ctypes, subprocess, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-import agent
+from driver import runner
 runner.KILL_GRACE_S = 1
 state = Path(sys.argv[1])
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
