@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import git
-import pandas as pd
 import pytest
 
 import agent
@@ -15,26 +14,11 @@ from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description
                          keep_rule, night_protocol, stale_parent)
 from driver.session import Session, budget_left, open_session
 from driver.checkout import setup_branch
-import prepare
 from conftest import REQUIRE_ASSETS
 from driver_helpers import TAG, ledger
+from test_keep_rule import FULL, NOISY, ONE, SMOKE, scored
+from test_keep_rule import ledger as rows_of  # driver_helpers' ledger reads a repository's results.tsv
 
-FULL, SMOKE = "v1", "v1-smoke2w"
-
-
-def rows_of(*rows) -> pd.DataFrame:
-    """Rows (commit, status, val_ppl, protocol), shaped as ledger.read_ledger returns them."""
-    frame = pd.DataFrame([{"experiment": i, "commit": c, "status": s, "val_ppl": v, "protocol": p}
-                          for i, (c, s, v, p) in enumerate(rows)])
-    return frame.reindex(columns=prepare.LEDGER_COLUMNS)
-
-
-def scored(ppl: float, protocol: str = FULL) -> dict:
-    return {"val_ppl": ppl, "protocol": protocol}
-
-
-NOISY = rows_of(("a", "baseline", 20.5, FULL), ("a", "baseline", 19.5, FULL))  # mean 20, σ 0.707: 2σ = 1.41
-ONE = rows_of(("a", "baseline", 20.0, FULL))
 # the KD_WEIGHT night: a (308) is the parent of the slow experiment; b (126), kept meanwhile, is the best
 MOVED = rows_of(("a", "baseline", 309.0, FULL), ("a", "baseline", 307.0, FULL), ("b", "keep", 126.0, FULL))
 MOVED_NOISY = rows_of(("a", "baseline", 20.5, FULL), ("a", "baseline", 19.5, FULL), ("b", "keep", 15.0, FULL))
