@@ -69,5 +69,6 @@ def remove_tree(path: Path) -> None:
 
 
 def one_line(text: str, limit: int = 200) -> str:
-    """text on one line, without control characters or lone surrogates: safe in a row, a commit message, a file."""
-    return prepare.one_line_text(str(text))[:limit]
+    """text on one line, without control characters or lone surrogates: safe in a row, a commit message, a file.
+    The cut drops a space it ends on, so that one_line of its own output is the same text."""
+    return prepare.one_line_text(str(text))[:limit].rstrip()

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agent
-from driver.common import FatalError
+from driver.common import FatalError, one_line
 from driver.ledger import read_ledger
 from driver.session import open_session
 from driver.record import append_row
@@ -161,6 +161,19 @@ def test_the_ledger_writer_emits_one_well_formed_line_per_row_whatever_the_value
             for column in prepare.LEDGER_COLUMNS:
                 want, cell = expected_cell(column, row.get(column)), got[column]
                 assert (want is None and (cell is None or cell != cell)) or cell == want, (column, row.get(column), cell)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(), limit=st.integers(min_value=1, max_value=300))
+def test_a_one_line_text_is_its_own_one_line(text, limit):
+    """A description goes through one_line more than once (the reply's parser, then the row and the commit): a cut
+    that ended on a space kept it, and the ledger's row then differed from the parsed description by that space."""
+    once = one_line(text, limit)
+    assert one_line(once, limit) == once and once == once.strip() and len(once) <= limit
+
+
+def test_a_description_cut_after_a_space_ends_without_it():
+    assert one_line("word " * 60) == ("word " * 40).rstrip()
 
 
 # ---------------------------------------------------------------- the reader never loses a row silently
