@@ -59,6 +59,7 @@ SEED = 0
 
 # ---------------------------------------------------------------- time
 EXPORT_RESERVE_S = 15.0         # stop training this long before the deadline, to export
+MAX_STEPS = None                # stop after this many steps (None: train until the deadline): a quick check
 LOG_EVERY_S = 10.0
 
 
@@ -258,7 +259,7 @@ def main() -> None:
           f"model {t_model - t_data:.1f}, teacher+quantize+optimizer {train_start - t_model:.1f}; "
           f"training for {budget:.0f} s", flush=True)
     step, last_log, step_s, loss = 0, train_start, 0.0, torch.zeros(())
-    while time.time() + 1.5 * step_s < stop_at:
+    while (MAX_STEPS is None or step < MAX_STEPS) and time.time() + 1.5 * step_s < stop_at:
         t_step = time.time()
         progress = (t_step - train_start) / budget
         lam, lr = lambda_at(step, progress), lr_at(step, progress)

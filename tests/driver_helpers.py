@@ -14,6 +14,8 @@ import git
 import pandas as pd
 import psutil
 
+from conftest import patch_constants
+
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "standin"
 AGENT = ROOT / "agent.py"
@@ -64,13 +66,14 @@ def edit(search: str, replace: str, description: str = "a change") -> str:
     return f"DESCRIPTION: {description}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
 
 
-def make_research_repo(path: Path, real: bool = False) -> Path:
-    """A git repo shaped like a user's clone: harness files committed, a user's uncommitted edit
-    to README.md and an untracked notes file that the driver must never touch."""
+def make_research_repo(path: Path, real: bool = False, **constants) -> Path:
+    """A git repo shaped like a user's clone: harness files committed (train.py with `constants` set), a user's
+    uncommitted edit to README.md and an untracked notes file that the driver must never touch."""
     path.mkdir(parents=True, exist_ok=True)
     source = ROOT if real else STANDIN
     for name in ("prepare.py", "train.py"):
         shutil.copy(source / name, path / name)
+    patch_constants(path / "train.py", **constants)
     shutil.copy(ROOT / "program.md", path / "program.md")
     (path / ".gitignore").write_text("results.tsv\nruns/\n__pycache__/\n*.pid\nenv.dump\n")
     (path / "README.md").write_text("committed readme\n")

@@ -483,6 +483,14 @@ def test_train_py_exits_before_deadline_when_scored_externally(tiny_env, workdir
     assert not (workdir / "results.tsv").exists()
 
 
+def test_max_steps_ends_training_long_before_the_deadline(tiny_env, workdir):
+    """MAX_STEPS: a quick check of a change (and the tests' real runs) takes a few steps, not the whole budget."""
+    env = {**tiny_env, "AR_EVAL": "external"}
+    done, deadline, exited_by = run_train(workdir, env, deadline_s=90, **{**FAST, "MAX_STEPS": 3})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after 3 steps" in done.stdout and exited_by < deadline - 45, done.stdout
+
+
 def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, tmp_path, llm):
     """The trust boundary, through the driver: train.py prints a fake val_ppl; the ledger holds the score a
     fresh evaluator gives its submission."""

@@ -74,10 +74,10 @@ def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_pa
     """SmolLM2-135M behind llama.cpp, in knob mode (the schema-constrained JSON reply): 3 proposals, at least
     2 of which must apply and train. (The code formats apply 0 of 20 of this model's replies.)"""
     experiments = 3
-    repo = make_research_repo(tmp_path / "clone", real=True)
+    repo = make_research_repo(tmp_path / "clone", real=True, MAX_STEPS=2)  # runs of 2 steps: the LLM's time is what counts
     env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
     start = time.time()
-    done = run_agent(repo, llama_server["url"], "--max-experiments", str(experiments), "--timeout", "30",
+    done = run_agent(repo, llama_server["url"], "--max-experiments", str(experiments), "--timeout", "120",
                      "--eval-windows", "1", "--reply-format", "knob", "--max-tokens", "400", "--repair-turns", "0",
                      "--temperature", "0.7", "--llm-timeout", "300", "--max-failures", "99", timeout=1200, **env)
     assert done.returncode == 0, done.stdout[-4000:]

@@ -175,11 +175,11 @@ def test_two_workers_score_the_real_train_py(tmp_path, tiny_env, llm):
     """`python agent.py --workers 2` as README gives it: a local Ray instance of its own, the real prepare.py and
     train.py on the tiny model. Every row is a real score, and both workers scored."""
     from driver_helpers import make_research_repo
-    repo = make_research_repo(tmp_path / "real", real=True)
+    repo = make_research_repo(tmp_path / "real", real=True, MAX_STEPS=2)  # 2 steps, however loaded the machine
     llm.push(edit("LR = 3e-4", "LR = 1e-3", "raise the learning rate"),
              edit("WEIGHT_DECAY = 0.0              # decay pulls weights into the deadzone",
                   "WEIGHT_DECAY = 0.01             # decay pulls weights into the deadzone", "a little weight decay"))
-    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--timeout", "40", "--eval-windows",
+    done = run_agent(repo, llm.url, "--workers", "2", "--max-experiments", "2", "--timeout", "120", "--eval-windows",
                      "1", timeout=600, **{k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"})
     assert done.returncode == 0, done.stdout[-3000:]
     rows = ledger(repo)
@@ -187,8 +187,8 @@ def test_two_workers_score_the_real_train_py(tmp_path, tiny_env, llm):
     assert rows["status"].iloc[0] == "baseline" and len(rows) >= 3, rows
     assert {"raise the learning rate", "a little weight decay"} <= set(rows["description"]), rows["description"]
     assert rows["status"].isin(["baseline", "keep", "discard"]).all(), rows["reason"].tolist()
-    # scored by the real evaluator (steps may be 0: on a loaded machine start-up can take the whole budget)
-    assert (rows["val_ppl"] > 1).all() and (rows["eval_windows"] == 1).all() and (rows["protocol"] == "v1-smoke1w").all()
+    # scored by the real evaluator, after the 2 steps train.py was given
+    assert (rows["steps"] == 2).all() and (rows["val_ppl"] > 1).all() and (rows["eval_windows"] == 1).all() and (rows["protocol"] == "v1-smoke1w").all()
     assert {reason.split("worker ")[1].split(";")[0] for reason in rows["reason"]} == {"gpu0", "gpu1"}, rows["reason"]
     assert check_invariants(repo) == []
 
