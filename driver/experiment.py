@@ -9,14 +9,14 @@ import git
 
 from driver.common import FatalError, atomic_write, log, one_line, remove_tree, sha256_file
 from driver.records import ExperimentState, RunResult
-from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
-                         keep_rule, night_protocol, scored_baselines)
+from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, baseline_failures,
+                         confirmation_needed, keep_rule, night_protocol, scored_baselines)
 from driver.runner import run_process
 from driver.scoring import clear_work, remove_run_files, run_outcome, shm_entries, train_command, train_env
 from driver.session import Session, stop_reason
 from driver.checkout import commit_train_py, discard, restore_tree, save_tree_snapshot, tree_changes
 from driver.record import (append_invalid, append_rows, checked_ledger, decision_rows, keep_best_submission,
-                           protect_ledger)
+                           protect_ledger, recorded_status)
 from driver.propose import Prefetch, abandon, proposal_for, tokens_since
 from driver.sweep import sweep_proposal
 
@@ -73,10 +73,8 @@ def finish_experiment(session: Session, st: ExperimentState, result: RunResult,
     n, commit, parent = st["experiment"], st["commit"], st["parent"]
     tampered = protect_ledger(session) + result.get("ledger_note", "")  # before the decision reads it
     rows = session.rows()
-    already = rows[(rows["experiment"] == n) & (rows["commit"].fillna("") == commit)]
-    if len(already):
-        status = already.iloc[-1]["status"]
-    else:
+    status = recorded_status(rows, st)
+    if status is None:
         decision = keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", strict=session.args.strict,
                              protocol=night_protocol(session.args))
         status = decision.status
@@ -144,7 +142,7 @@ def run_baselines(session: Session) -> None:
         description = baseline_description(rows, protocol, scored_baselines(rows, protocol) + 1)
         status = run_committed(session, {"experiment": next_experiment(session), "kind": "baseline", "commit": head,
                                          "parent": head, "description": description})
-        failures = failures + 1 if status != "baseline" or session.rows().iloc[-1]["protocol"] != protocol else 0
+        failures = baseline_failures(failures, session.rows().iloc[-1] if status == "baseline" else None, protocol)
 
 
 def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = False) -> tuple[str, Prefetch | None]:

@@ -116,6 +116,13 @@ def baseline_description(rows: pd.DataFrame, protocol: str, run: int) -> str:
     return f"baseline: {what}" + (f" (run {run})" if run > 1 else "")
 
 
+def baseline_failures(failures: int, row: pd.Series | None, protocol: str) -> int:
+    """Baseline runs in a row that did not score under `protocol`, after one more run (its row; None: it wrote
+    none): BASELINE_TRIES of them stop the night, whatever the number of workers."""
+    scored = row is not None and row["status"] == "baseline" and row["protocol"] == protocol
+    return 0 if scored else failures + 1
+
+
 def baseline_failure(rows: pd.DataFrame, protocol: str, tag: str) -> str:
     """Why the night stops after BASELINE_TRIES baseline runs that did not score: the last run's reason and folder."""
     last = rows.iloc[-1]

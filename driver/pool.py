@@ -28,12 +28,13 @@ import git
 
 from driver.common import GIT_SAFE_CONFIG, FatalError, atomic_write, atomic_write_bytes, log, one_line
 from driver.records import ExperimentState, RunResult
-from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
-                         keep_rule, night_protocol, scored_baselines, stale_parent)
+from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, baseline_failures,
+                         confirmation_needed, keep_rule, night_protocol, scored_baselines, stale_parent)
 from driver.runner import kill_leftovers
 from driver.session import Session, budget_left, stop_reason
 from driver.checkout import git_identity, merge, restore_tree, tree_changes
-from driver.record import append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger
+from driver.record import (append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger,
+                           recorded_status)
 from driver.propose import Prefetch, abandon, tokens_since
 from driver.experiment import next_experiment
 from driver import worker
@@ -326,11 +327,9 @@ class Pool:
         session, n, commit, parent = self.session, st["experiment"], st["commit"], st["parent"]
         tampered = protect_ledger(session)
         rows = session.rows()
-        already = rows[(rows["experiment"] == n) & (rows["commit"].fillna("") == commit)]
         head = self.head()
-        if len(already):
-            status = already.iloc[-1]["status"]
-        else:
+        status = recorded_status(rows, st)
+        if status is None:
             rule = {"strict": self.args.strict, "protocol": night_protocol(self.args)}
             decision = keep_rule(rows, result, confirm, baseline=st["kind"] == "baseline", **rule)
             decision = stale_parent(rows, result, decision, parent, head, confirm, **rule)
@@ -421,7 +420,8 @@ class Pool:
                 self.collect(ref)
                 rows = self.session.rows()
                 mine = rows[rows["experiment"] == n]
-                failures += baseline and (mine.empty or mine.iloc[-1]["status"] != "baseline")
+                if baseline:
+                    failures = baseline_failures(failures, mine.iloc[-1] if len(mine) else None, protocol)
 
     def wait(self) -> list:
         if not self.flights:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
+
 import prepare
 from driver.common import FatalError, log, sha256_file, utc_now
 from driver.records import ExperimentState, RunResult
@@ -103,6 +105,13 @@ def decision_rows(session: Session, st: ExperimentState, result: RunResult, conf
                      + (confirm.get("dropped") or "") + (confirm.get("reason") or reason), "description": CONFIRMATION + st["description"],
                      **{k: confirm.get(k) for k in fields}})
     return rows
+
+
+def recorded_status(rows: pd.DataFrame, st: ExperimentState) -> str | None:
+    """The status of the row already written for this experiment's commit (a restart after its decision), or None:
+    a decision is written once."""
+    mine = rows[(rows["experiment"] == st["experiment"]) & (rows["commit"].fillna("") == st["commit"])]
+    return mine.iloc[-1]["status"] if len(mine) else None
 
 
 def keep_best_submission(session: Session) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 import agent
 from driver.common import FatalError
-from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, confirmation_needed,
-                         keep_rule, night_protocol, stale_parent)
+from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, baseline_failures,
+                         confirmation_needed, keep_rule, night_protocol, stale_parent)
 from driver.session import Session, budget_left, open_session
 from driver.checkout import setup_branch
 from conftest import REQUIRE_ASSETS
@@ -92,6 +92,21 @@ def test_baseline_failure_names_the_last_runs_reason_and_folder():
                        "and start again")
     other = rows_of(("a", "baseline", 20.0, SMOKE))  # scored, but not under the night's protocol
     assert f"(last: scored under protocol {SMOKE})" in baseline_failure(other, FULL, TAG)
+
+
+FAILURE_CASES = {
+    # name: (failures so far, the run's row, → failures in a row)
+    "scored: the count starts again": (2, ("a", "baseline", 20.0, FULL), 0),
+    "a crash": (1, ("a", "crash", None, None), 2),
+    "no row at all": (2, None, 3),
+    "scored under another protocol": (0, ("a", "baseline", 20.0, SMOKE), 1),
+}
+
+
+@pytest.mark.parametrize("name", FAILURE_CASES)
+def test_baseline_failures_are_counted_in_a_row(name):
+    failures, row, expected = FAILURE_CASES[name]
+    assert baseline_failures(failures, rows_of(row).iloc[0] if row else None, FULL) == expected
 
 
 # ---------------------------------------------------------------- a result measured on a stale parent
@@ -263,6 +278,15 @@ def test_the_pools_baseline_failure_names_the_last_runs_reason(repo, night):
     assert str(stop.value) == (f"train.py as committed did not score under protocol {FULL} in {BASELINE_TRIES} "
                                f"tries (last: train.py exited with 1: scripted failure {last}); see "
                                f"runs/{TAG}/{last}/: fix train.py (or the harness) and start again")
+
+
+def test_the_pools_baseline_failures_are_counted_in_a_row_as_the_one_gpu_nights(repo, night):
+    """Crash, score, crash, crash, score: never BASELINE_TRIES in a row, so the night goes on (the pool counted 3 in
+    all and stopped, where the one-GPU night went on)."""
+    night.ray.outcome = {n: {"status": "crash", "reason": f"scripted failure {n}"} for n in (0, 2, 3)}
+    night.baselines()
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["crash", "baseline", "crash", "crash", "baseline"], rows
 
 
 @pytest.mark.parametrize("slow_ppl, reapplied", [(16.0, True), (19.0, False)])
