@@ -21,6 +21,10 @@ from driver.common import FatalError, atomic_write_bytes, one_line
 LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
 REQUIRED_COLUMNS = {"experiment", "branch", "commit", "status", "val_ppl"}
 
+# the last parse of each ledger, by its exact bytes: the driver reads the ledger some ten times an experiment, and
+# parsing it was a third of the driver's time (bench/driver_cpu.py); any change to the bytes parses it again
+_PARSED: dict[Path, tuple[bytes, pd.DataFrame]] = {}
+
 
 def parse_ledger(data: bytes) -> tuple[list[str], list[list[str]], list[tuple[int, str, str]]]:
     """(header, the rows' cells, the malformed lines as (line number, line, why)). A line is malformed when its
@@ -55,9 +59,13 @@ def read_ledger(path: Path) -> pd.DataFrame:
     """The ledger, every row of it: a malformed line (a row cut or split by an editor, a power cut) stops the
     caller with a FatalError naming it, never a row left out. reconcile_ledger repairs what the driver's copy
     can repair before anything reads the ledger."""
-    if not path.exists() or path.stat().st_size == 0:
+    data = path.read_bytes() if path.exists() else b""
+    if not data:
         return pd.DataFrame(columns=prepare.LEDGER_COLUMNS)
-    header, records, bad = parse_ledger(path.read_bytes())
+    last = _PARSED.get(path)
+    if last is not None and last[0] == data:
+        return last[1].copy()  # a copy: callers may change theirs
+    header, records, bad = parse_ledger(data)
     if not REQUIRED_COLUMNS <= set(header):
         raise FatalError(f"{path} is not a ledger (its first line is {one_line(chr(9).join(header), 80)!r}): restore "
                          "it from a copy, or move it aside to start a new one")
@@ -69,7 +77,9 @@ def read_ledger(path: Path) -> pd.DataFrame:
     for column in prepare.LEDGER_NUMBERS & set(header):  # non-numbers (an edit by hand) and inf read as empty
         values = pd.to_numeric(rows[column], errors="coerce")
         rows[column] = values.where(values.abs() != math.inf)
-    return rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + header)))
+    rows = rows.reindex(columns=list(dict.fromkeys(prepare.LEDGER_COLUMNS + header)))
+    _PARSED[path] = (data, rows)
+    return rows.copy()
 
 
 def branch_ledger(path: Path, branch: str) -> pd.DataFrame:

@@ -69,9 +69,16 @@ class Session:
 
     def save_state(self, **state: Unpack[ExperimentState]) -> None:
         atomic_write(self.state_path, json.dumps(state, allow_nan=False))  # only finite numbers from a run reach it
-        pause = os.environ.get("AR_TEST_PAUSE", "")  # fault-injection tests: "phase:seconds"
-        if pause.startswith(f"{state.get('phase')}:"):
-            time.sleep(float(pause.split(":")[1]))
+        # fault-injection tests: "phase:seconds", or "phase:/path" held until the test writes the path ({n}: the
+        # experiment's number), which no loaded machine can race
+        phase, _, hold = os.environ.get("AR_TEST_PAUSE", "").partition(":")
+        if phase and phase == state.get("phase"):
+            if hold.startswith("/"):
+                go = Path(hold.replace("{n}", str(state.get("experiment"))))
+                while not go.exists():
+                    time.sleep(0.02)
+            else:
+                time.sleep(float(hold))
 
     @property
     def pid_file(self) -> Path:

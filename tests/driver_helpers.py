@@ -117,6 +117,18 @@ def state(repo: Path) -> dict:
         return {}
 
 
+def held_in(phase: str, folder: Path, *passing: int) -> str:
+    """AR_TEST_PAUSE that holds the driver in `phase` until the test calls release(folder, n) for that experiment
+    (those in `passing` go through at once): an event, not a pause a loaded machine can outlast."""
+    for n in passing:
+        release(folder, n)
+    return f"{phase}:{folder}/go-{{n}}"
+
+
+def release(folder: Path, n: int) -> None:
+    (folder / f"go-{n}").write_text("")
+
+
 def wait_for_phase(repo: Path, phase: str, timeout: float = 60, experiment: int | None = None) -> dict:
     end = time.time() + timeout
     while time.time() < end:

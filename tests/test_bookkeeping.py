@@ -17,8 +17,8 @@ from driver.checkout import commit_train_py
 from driver.record import append_row
 from driver.experiment import finish_experiment
 import prepare
-from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, kill_agent, ledger, run_agent,
-                            start_agent, state, wait_for_phase)
+from driver_helpers import (AGENT, TAG, agent_env, check_invariants, edit, held_in, kill_agent, ledger, release,
+                            run_agent, start_agent, state, wait_for_phase)
 from fake_llm import FakeLLM
 
 
@@ -207,13 +207,14 @@ def test_max_cost_without_prices_is_refused(capsys):
 
 
 @pytest.mark.parametrize("how", ["STOP", "Ctrl-C"])
-def test_stop_requests_are_honoured_between_baseline_runs(repo, llm, how):
-    proc = start_agent(repo, llm.url, "--baseline-runs", "2", AR_TEST_PAUSE="training:2")
+def test_stop_requests_are_honoured_between_baseline_runs(repo, llm, how, tmp_path):
+    proc = start_agent(repo, llm.url, "--baseline-runs", "2", AR_TEST_PAUSE=held_in("training", tmp_path))
     wait_for_phase(repo, "training", experiment=0)
     if how == "STOP":
         (repo / "runs" / TAG / "STOP").touch()
     else:
         proc.send_signal(signal.SIGINT)
+    release(tmp_path, 0)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert ledger(repo)["status"].tolist() == ["baseline"] and llm.requests == []

@@ -10,8 +10,8 @@ import sys
 import git
 import pytest
 
-from driver_helpers import (TAG, check_invariants, edit, ledger, processes_in, run_agent, start_agent,
-                            state, wait_for_phase, wait_for_train_py)
+from driver_helpers import (TAG, check_invariants, edit, held_in, ledger, processes_in, release, run_agent,
+                            start_agent, state, wait_for_phase, wait_for_train_py)
 from test_agent import mode
 
 
@@ -68,13 +68,14 @@ def test_a_run_that_litters_the_repository_is_undone(repo, llm):
 
 
 # ---------------------------------------------------------------- processes
-def test_a_second_driver_on_the_same_repository_refuses(repo, llm):
-    llm.push(edit("SLEEP_S = 0.0", "SLEEP_S = 3.0", "slow"))
-    first = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE="training:10")
+def test_a_second_driver_on_the_same_repository_refuses(repo, llm, tmp_path):
+    llm.push(edit("PPL = 20.0", "PPL = 21.0", "worse"))
+    first = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE=held_in("training", tmp_path, 0))
     wait_for_phase(repo, "training", experiment=1)
     second = run_agent(repo, llm.url, "--max-experiments", "1", "--tag", "other")
     assert first.poll() is None, "the first driver should still be running"
     assert second.returncode == 2 and "already running" in second.stdout and str(first.pid) in second.stdout
+    release(tmp_path, 1)
     out, _ = first.communicate(timeout=60)
     assert first.returncode == 0 and ledger(repo)["status"].tolist() == ["baseline", "discard"], out
 
@@ -156,16 +157,17 @@ def test_git_without_an_identity_gets_the_fallback(repo, llm, tmp_path):
     assert g.head.commit.author.name == "autoresearch" and ledger(repo)["status"].tolist() == ["baseline", "keep"]
 
 
-def test_a_manual_run_during_the_night_is_not_blamed_on_the_experiment(baseline_repo, llm):
+def test_a_manual_run_during_the_night_is_not_blamed_on_the_experiment(baseline_repo, llm, tmp_path):
     """A `python train.py` by hand appends a `manual` row while an experiment trains: the row stays, and
     the experiment is not reported as having changed results.tsv."""
     import prepare
     repo = baseline_repo
     llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower"))
-    proc = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE="training:4")
+    proc = start_agent(repo, llm.url, "--max-experiments", "1", AR_TEST_PAUSE=held_in("training", tmp_path))
     wait_for_phase(repo, "training", experiment=1)
     prepare.append_ledger_rows([{"timestamp": "2026-11-27T00:00:00+00:00", "branch": "main", "status": "manual",
                                  "val_ppl": 21.0, "description": "manual run"}], repo / "results.tsv")
+    release(tmp_path, 1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     rows = ledger(repo)

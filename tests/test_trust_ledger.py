@@ -25,8 +25,8 @@ from driver.session import open_session
 from driver.record import append_row
 from driver.report import night_report
 import prepare
-from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, kill_agent, ledger, make_research_repo,
-                            run_agent, start_agent, state, wait_for_phase)
+from driver_helpers import (AGENT, TAG, agent_cmd, agent_env, check_invariants, held_in, kill_agent, ledger,
+                            make_research_repo, release, run_agent, start_agent, state, wait_for_phase)
 
 FIXTURES = Path(__file__).resolve().parent / "ledger_v0"  # written by the driver and prepare.py before bits_per_weight
 WIDTH = len(prepare.LEDGER_COLUMNS)
@@ -176,6 +176,22 @@ def test_a_description_cut_after_a_space_ends_without_it():
     assert one_line("word " * 60) == ("word " * 40).rstrip()
 
 
+def test_the_ledger_is_parsed_again_whenever_its_bytes_change(tmp_path):
+    """read_ledger keeps its last parse by the file's bytes: a rewrite of the same size within the same clock tick
+    (a hostile train.py's) is read again, and a caller changing its frame changes nobody else's."""
+    path = tmp_path / "results.tsv"
+    prepare.append_ledger_rows([{"experiment": 0, "branch": "b", "commit": "c", "status": "baseline", "val_ppl": 20.5}],
+                               path)
+    for _ in range(2):  # the parse, then the kept one
+        mine = read_ledger(path)
+        mine.loc[0, "val_ppl"] = 1.0
+    assert read_ledger(path)["val_ppl"].tolist() == [20.5]
+    before = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"\t20.5\t", b"\t30.5\t"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and read_ledger(path)["val_ppl"].tolist() == [30.5]
+
+
 # ---------------------------------------------------------------- the reader never loses a row silently
 def test_a_row_split_over_lines_is_restored_from_the_drivers_copy(repo, llm):
     """As the multi-line tensor cell did: the row of a kept experiment split in two lines of results.tsv."""
@@ -308,10 +324,12 @@ def test_a_driver_that_meets_a_full_disk_while_deciding_stops_and_writes_the_row
         repo = make_research_repo(disk / "research")
         small = {"AR_DISK_RESERVE_MB": "1"}  # the run's watchdog keeps 1 GB free by default: more than this disk
         assert run_agent(repo, llm.url, "--max-experiments", "0", **small).returncode == 0
-        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--no-pipeline", AR_TEST_PAUSE="deciding:4", **small)
+        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--no-pipeline",
+                           AR_TEST_PAUSE=held_in("deciding", tmp_path), **small)
         try:
             wait_for_phase(repo, "deciding", experiment=1, timeout=120)
             filler = fill(disk)
+            release(tmp_path, 1)
             out, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
