@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import driver_helpers
 from common import ROOT, header
+import driver_helpers  # noqa: E402 (common puts tests/ on the path)
 from driver_helpers import ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
