@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one torch thread per process, for this process and every train.py and evaluator it starts: two test processes
+# share the cores (-n 2), and the tiny model's operations are too small to gain from threads that wait by spinning
+# (22 % less CPU for the same tests; bench/BENCHMARKS.md, the test suite's time)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(os.environ.get("AR_SHARED_DATA", ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
 REQUIRE_ASSETS = os.environ.get("AR_REQUIRE_ASSETS") == "1"  # set by .ci/run: missing assets fail
@@ -283,3 +287,15 @@ def baseline_repo(baseline_template, tmp_path) -> Path:
     path = tmp_path / "research"
     shutil.copytree(baseline_template, path, symlinks=True)
     return path
+
+
+# the tests that take minutes (the real model, the llama.cpp server, whole nights with kills), started first: two test
+# processes (-n 2) then share out the short ones, and none of these is left to run alone at the end
+SLOW_FIRST = ("test_real_assets", "test_llamacpp", "test_user_path", "test_kill_resume", "test_hostile")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def slow_rank(item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+    items.sort(key=slow_rank)  # stable: a module's tests stay together, in their order
