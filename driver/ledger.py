@@ -22,7 +22,7 @@ LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every
 REQUIRED_COLUMNS = {"experiment", "branch", "commit", "status", "val_ppl"}
 
 # the last parse of each ledger, by its exact bytes: the driver reads the ledger some ten times an experiment, and
-# parsing it was a third of the driver's time (bench/driver_cpu.py); any change to the bytes parses it again
+# parsing it was a third of the driver's time (bench/driver_overhead.py); any change to the bytes parses it again
 _PARSED: dict[Path, tuple[bytes, pd.DataFrame]] = {}
 
 
