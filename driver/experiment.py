@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import git
+import pandas as pd
 
 from driver.common import FatalError, atomic_write, log, one_line, remove_tree, sha256_file
 from driver.records import ExperimentState, RunResult
@@ -122,9 +123,27 @@ def run_committed(session: Session, st: ExperimentState) -> str:
 
 
 def next_experiment(session: Session) -> int:
-    """Numbers continue from the ledger; one killed before its row was written is reused."""
+    """Numbers continue from the ledger; one killed before its row was written is reused, but not one a killed
+    --workers night left in flight: its next --workers start runs those under their numbers (Pool.resume), even
+    after a start on one GPU in between."""
     rows = session.rows()
-    return int(rows["experiment"].max()) + 1 if len(rows) else 0
+    taken = numbers_in_flight(session, rows) + ([int(rows["experiment"].max())] if len(rows) else [])
+    return max(taken) + 1 if taken else 0
+
+
+def numbers_in_flight(session: Session, rows: pd.DataFrame) -> list[int]:
+    """The numbers inflight/<n>.json hold for Pool.resume: each experiment's, and the rerun or re-apply that its
+    written row announces (one not yet announced is given up by Pool.resume: free)."""
+    numbers = []
+    for path in (session.state_path.parent / "inflight").glob("*.json"):
+        try:
+            st = json.loads(path.read_text())
+        except (OSError, ValueError):  # Pool.resume sets it aside
+            continue
+        numbers.append(int(st["experiment"]))
+        if "commit" in st and recorded_status(rows, st) is not None:
+            numbers += [int(st[key]) for key in ("rerun_as", "reapply_as") if st.get(key) is not None]
+    return numbers
 
 
 def run_baselines(session: Session) -> None:
