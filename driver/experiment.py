@@ -138,9 +138,9 @@ def numbers_in_flight(session: Session, rows: pd.DataFrame) -> list[int]:
     for path in (session.state_path.parent / "inflight").glob("*.json"):
         try:
             st = json.loads(path.read_text())
-        except (OSError, ValueError):  # Pool.resume sets it aside
+            numbers.append(int(st["experiment"]))
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: Pool.resume sets it aside
             continue
-        numbers.append(int(st["experiment"]))
         if "commit" in st and recorded_status(rows, st) is not None:
             numbers += [int(st[key]) for key in ("rerun_as", "reapply_as") if st.get(key) is not None]
     return numbers

@@ -62,3 +62,16 @@ def test_a_night_on_one_gpu_after_a_killed_workers_night_takes_no_number_that_ni
     assert best.read_bytes() == kept
     assert check_invariants(repo) == []
     assert processes_in(repo) == []
+
+
+def test_an_unreadable_inflight_file_does_not_stop_the_numbering(repo):
+    """A half-written or hand-edited inflight/<n>.json is passed over (Pool.resume sets it aside), not a driver
+    that dies at every start on a KeyError."""
+    from driver.experiment import next_experiment
+    session = open_session(agent.parse_args(["--repo", str(repo), "--tag", TAG]))
+    folder = session.state_path.parent / "inflight"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "5.json").write_text("{}")
+    (folder / "6.json").write_text("[6]")
+    (folder / "7.json").write_text('{"experiment": 9}')
+    assert next_experiment(session) == 10
