@@ -135,7 +135,7 @@ def numbers_in_flight(session: Session, rows: pd.DataFrame) -> list[int]:
     """The numbers inflight/<n>.json hold for Pool.resume: each experiment's, and the rerun or re-apply that its
     written row announces (one not yet announced is given up by Pool.resume: free)."""
     numbers = []
-    for path in (session.state_path.parent / "inflight").glob("*.json"):
+    for path in session.inflight_dir.glob("*.json"):
         try:
             st = json.loads(path.read_text())
             numbers.append(int(st["experiment"]))

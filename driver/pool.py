@@ -55,7 +55,7 @@ class Pool:
         self.asking: list[Prefetch] = []
         self.started = 0                   # proposals asked for in this start (--max-experiments counts them)
         self.stopping = ""
-        self.inflight_dir = session.state_path.parent / "inflight"
+        self.inflight_dir = session.inflight_dir
         self.inflight_dir.mkdir(exist_ok=True)
         # max_calls=0: a worker process is reused (Ray would start a fresh one per GPU task, 2.5 s of imports);
         # it runs one experiment at a time, and kill_tree ends everything the last one started
@@ -373,8 +373,7 @@ class Pool:
                 path.rename(path.with_suffix(".unreadable"))
         rows = self.session.rows()
         for st in states:  # killed after a rerun or re-apply number was saved, before the row that announces it:
-            if "commit" in st and not len(rows[(rows["experiment"] == st["experiment"])  # it runs again as itself,
-                                               & (rows["commit"].fillna("") == st["commit"])]):  # the number is free
+            if "commit" in st and recorded_status(rows, st) is None:  # it runs again as itself: the number is free
                 dropped = [st.pop(key) for key in ("rerun_as", "reapply_as") if key in st]
                 if dropped:
                     self.save(st)
@@ -391,9 +390,7 @@ class Pool:
                 continue
             label = st.get("label", "")
             kill_leftovers(self.session.runs / str(st["experiment"]) / f"child{label}.pid")
-            rows = self.session.rows()
-            recorded = rows[(rows["experiment"] == st["experiment"]) & (rows["commit"].fillna("") == st["commit"])]
-            if len(recorded):
+            if recorded_status(self.session.rows(), st) is not None:
                 self.finish(st, {})
             else:
                 log(f"resuming experiment {st['experiment']}: in flight when the driver stopped, running it again")

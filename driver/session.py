@@ -85,6 +85,10 @@ class Session:
         return self.state_path.with_name("child.pid")
 
     @property
+    def inflight_dir(self) -> Path:  # --workers: inflight/<n>.json, each experiment in flight
+        return self.state_path.with_name("inflight")
+
+    @property
     def tree_snapshot(self) -> Path:
         return self.state_path.with_name("tree-before-run.json")
 
