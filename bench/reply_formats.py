@@ -1,7 +1,9 @@
 """How many replies of a small local model parse and apply, per reply format: the real prompt (program.md,
 an empty ledger, the real train.py) sent N times to a real llama.cpp server (xllamacpp + SmolLM2-135M-Instruct).
 
-    python bench/reply_formats.py [--replies 20] [--max-tokens 400] [--formats text,json,grammar,knob]
+    python bench/reply_formats.py [--replies 20] [--max-tokens 400] [--formats text,json,grammar,knob] [--program FILE]
+
+--program: the program.md in the prompt instead of the real one (tests/test_llamacpp.py sends a short one).
 """
 import argparse
 import os
@@ -47,8 +49,11 @@ def main() -> None:
     parser.add_argument("--replies", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=400)
     parser.add_argument("--formats", default="text,json,grammar,knob")
+    parser.add_argument("--program", type=Path, help="program.md for the prompt (default: the real one)")
     args = parser.parse_args()
     repo = make_research_repo(Path(tempfile.mkdtemp()) / "research", real=True)
+    if args.program:
+        (repo / "program.md").write_text(args.program.read_text())
     proc, url = start_server()
     table = []
     try:
@@ -84,7 +89,8 @@ def main() -> None:
         proc.kill()
         proc.wait()
     print(header("Reply formats with a small local model"))
-    print(f"SmolLM2-135M-Instruct Q4_1 on a llama.cpp server (xllamacpp), the real first prompt, "
+    print(f"SmolLM2-135M-Instruct Q4_1 on a llama.cpp server (xllamacpp), the first prompt "
+          f"({'program.md: ' + str(args.program) if args.program else 'the real program.md'}), "
           f"{args.replies} replies per format, max_tokens {args.max_tokens}, temperature 0.7\n")
     print("| --reply-format | parse | apply (match + compile + checks) | s/reply | main rejection reasons |")
     print("| --- | ---: | ---: | ---: | --- |")

@@ -497,7 +497,7 @@ def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, tmp_path, llm
     repo = make_research_repo(tmp_path / "research", real=True)
     path = repo / "train.py"
     path.write_text(path.read_text().replace('print(f"submitted', f'print("{FAKE_SCORE}")\n    print(f"submitted'))
-    patch_constants(path, **{**FAST, "EXPORT_RESERVE_S": 57.0})  # a few steps at most, however slow the start-up
+    patch_constants(path, **{**FAST, "MAX_STEPS": 2})  # 2 steps, however loaded the machine
     subprocess.run(["git", "commit", "-qam", "train.py prints a fake score"], cwd=repo, check=True)
     env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
     done = run_agent(repo, llm.url, "--max-experiments", "0", "--timeout", "60", "--eval-windows", "1", timeout=300,

@@ -16,6 +16,9 @@ from conftest import REQUIRE_ASSETS, smollm2_gguf
 from driver_helpers import ROOT, STATUSES, TAG, check_invariants, ledger, make_research_repo, processes_in, run_agent
 
 SERVER = Path(__file__).resolve().parent / "llama_server.py"
+# the prompts' program.md: with the other core busy the server read a 3,451-token prompt in 50 s, and the real
+# program.md is half of such a prompt (bench/reply_formats.py measures the real one)
+SHORT_PROGRAM = "# Research\n\nLower PPL in train.py: change one constant per experiment.\n"
 
 
 def free_port() -> int:
@@ -72,9 +75,12 @@ def check_knob_replies(repo: Path, rows) -> None:
 
 def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_path):
     """SmolLM2-135M behind llama.cpp, in knob mode (the schema-constrained JSON reply): 3 proposals, at least
-    2 of which must apply and train. (The code formats apply 0 of 20 of this model's replies.)"""
+    2 of which must apply and train. The prompt: a short program.md, the ledger and the real train.py's constants.
+    (The code formats apply 0 of 20 of this model's replies.)"""
     experiments = 3
     repo = make_research_repo(tmp_path / "clone", real=True, MAX_STEPS=2)  # runs of 2 steps: the LLM's time is what counts
+    (repo / "program.md").write_text(SHORT_PROGRAM)
+    git.Repo(repo).git.commit("-qam", "a short program.md")
     env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
     start = time.time()
     done = run_agent(repo, llama_server["url"], "--max-experiments", str(experiments), "--timeout", "120",

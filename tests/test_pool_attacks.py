@@ -29,7 +29,7 @@ def cross_attack() -> None:
         return Path(os.environ["AR_SUBMISSION"]).parent
     me = Path(__file__).resolve().parent  # runs/<tag>/<n>/tree
     runs, root = me.parent.parent, me.parents[3]
-    if me.parent.name == "0":  # the baseline: alone
+    if me.parent.name not in ("1", "2"):  # the baseline, and a stale win's re-apply (3), train alone: no neighbour
         return
     (run_folder() / "planted.pt").write_bytes(b"mine")
 

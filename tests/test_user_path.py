@@ -3,8 +3,8 @@ folder with the real prepare.py and train.py on the tiny model; `python prepare.
 `prepare.py eval --split test` by hand; `--reply-format grammar` against the real llama.cpp server; one
 step of the sweep over the real program.md's search space.
 
-train.py's time constants are shortened (a large EXPORT_RESERVE_S: a few steps at most, however slow the
-start-up) except where the stock constants are the point; everything else is the shipped code."""
+train.py stops after a few steps (MAX_STEPS: the same short run however loaded the machine) except where the
+stock constants are the point; everything else is the shipped code."""
 import json
 import os
 import shutil
@@ -30,13 +30,12 @@ from driver.sweep import search_space, sweep_next
 from conftest import patch_constants
 from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
-from test_llamacpp import llama_server  # noqa: F401  (a fixture)
+from test_llamacpp import SHORT_PROGRAM, llama_server  # noqa: F401  (a fixture)
 
 TOOL = ("agent.py", *(f"driver/{p.name}" for p in sorted((ROOT / "driver").glob("*.py"))), "sandbox.py", "prepare.py",
         "train.py", "program.md", ".gitignore")
-TIMEOUT_S = 60  # train.py's limit; it submits after about 4 s of training, whatever the start-up took
-QUICK = dict(BATCH_SIZE=2, SEQ_LEN=128, LOG_EVERY_S=1.0, EXPORT_RESERVE_S=TIMEOUT_S - 4.0)
-SHORT_PROGRAM = "# Research\n\nLower PPL in train.py: change one constant per experiment.\n"
+TIMEOUT_S = 60  # train.py's limit; it submits after its MAX_STEPS, long before
+QUICK = dict(BATCH_SIZE=2, SEQ_LEN=128, LOG_EVERY_S=1.0, MAX_STEPS=3)
 LLM_DELAY_S = 3.0  # each reply of the scripted LLM takes this long: the prefetch spans part of a real run
 
 
