@@ -9,11 +9,13 @@ import math
 import os
 import re
 import time
-
-import openai
+from typing import TYPE_CHECKING
 
 from driver.common import FatalError, StopNight, log, one_line
 from driver.session import CHARS_PER_TOKEN, Session
+
+if TYPE_CHECKING:  # imported where a client is made: 0.6 s that status, report, the sweep and --help never need
+    import openai
 
 # max_tokens by default: a whole-file reply is the largest legitimate one, so train.py's length with
 # room to spare; a fixed 8192 let a small model ramble for many minutes
@@ -73,6 +75,7 @@ def make_client(args) -> openai.OpenAI:
     if not key and not base_url:
         raise FatalError("no LLM endpoint configured: set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
                          "(e.g. http://127.0.0.1:8080/v1 for a llama.cpp server), or pass --base-url")
+    import openai
     return openai.OpenAI(api_key=key or "local", base_url=base_url, timeout=args.llm_timeout, max_retries=2)
 
 
@@ -194,6 +197,7 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
         kwargs["extra_body"] = {"grammar": REPLY_GRAMMAR}
     elif session.args.reply_format == "knob" and schema:  # not strict: OpenAI's strict mode lacks min/maxProperties
         kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "knobs", "schema": schema}}
+    import openai  # loaded by make_client already: a dictionary lookup
     wait = 1.0
     while True:
         try:

@@ -12,16 +12,18 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Unpack
+from typing import TYPE_CHECKING, Unpack
 
 import git
-import openai
 import pandas as pd
 
 from driver.common import GIT_SAFE_CONFIG, FatalError, atomic_write, log, one_line
 from driver.records import ExperimentState
 from driver.ledger import branch_ledger
 from driver.scoring import sandbox_info, sandbox_plan
+
+if TYPE_CHECKING:
+    import openai
 
 # Prompt tokens are estimated from characters: SmolLM2's tokenizer gives 3.2 chars/token on train.py
 # and 3.4 on program.md (llama.cpp /tokenize), GPT-4o's more; 3.0 errs on the safe side

@@ -80,7 +80,7 @@ def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_pa
     experiments = 3
     repo = make_research_repo(tmp_path / "clone", real=True, MAX_STEPS=2)  # runs of 2 steps: the LLM's time is what counts
     (repo / "program.md").write_text(SHORT_PROGRAM)
-    git.Repo(repo).git.commit("-qam", "a short program.md")
+    git.Repo(repo).git.commit("-qm", "a short program.md", "--", "program.md")  # the user's README edit stays uncommitted
     env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
     start = time.time()
     done = run_agent(repo, llama_server["url"], "--max-experiments", str(experiments), "--timeout", "120",

@@ -29,8 +29,9 @@ def cross_attack() -> None:
         return Path(os.environ["AR_SUBMISSION"]).parent
     me = Path(__file__).resolve().parent  # runs/<tag>/<n>/tree
     runs, root = me.parent.parent, me.parents[3]
-    if me.parent.name not in ("1", "2"):  # the baseline, and a stale win's re-apply (3), train alone: no neighbour
+    if me.parent.name == "0":  # the baseline: alone
         return
+    paired = me.parent.name in ("1", "2")  # a stale win's re-apply (3) trains alone: it attacks the checkout only
     (run_folder() / "planted.pt").write_bytes(b"mine")
 
     def neighbours(mark: str) -> list:  # runs/ cannot be listed, but a path can be looked up: the numbers are guessed
@@ -42,7 +43,7 @@ def cross_attack() -> None:
             time.sleep(0.05)
         return neighbours(mark)
     targets = [root / "train.py", root / "prepare.py", root / "results.tsv"]
-    for other in wait_for("planted.pt"):
+    for other in wait_for("planted.pt") if paired else []:
         print("ATTACK neighbour", other.name, flush=True)
         targets += [other / "tree" / "train.py", other / "work" / "planted.pt"]
 
@@ -70,7 +71,8 @@ def cross_attack() -> None:
         except OSError as exc:
             denied("read", path, exc)
     (run_folder() / "attacked").write_bytes(b"")
-    wait_for("attacked")  # the neighbour's files stay until its attack is over
+    if paired:
+        wait_for("attacked")  # the neighbour's files stay until its attack is over
 
 '''
 
@@ -94,6 +96,7 @@ def test_a_sandboxed_run_cannot_touch_the_other_experiment_or_the_checkout(repo,
     attacks = [line for text in logs.values() for line in text.splitlines() if line.startswith("ATTACK")]
     # each of the two experiments found the other in flight, and attacked its worktree and run folder while they existed
     assert sum("ATTACK neighbour" in text for text in logs.values()) == 2, attacks
+    assert "ATTACK write-denied" in logs["3"], logs.get("3")  # the re-apply, sandboxed like the others
     assert not [line for line in attacks if "missing" in line], attacks
     assert sum("/tree/train.py" in line and "read-denied" in line for line in attacks) == 2, attacks
     assert not [line for line in attacks if "-ok" in line], attacks

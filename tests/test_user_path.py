@@ -3,8 +3,8 @@ folder with the real prepare.py and train.py on the tiny model; `python prepare.
 `prepare.py eval --split test` by hand; `--reply-format grammar` against the real llama.cpp server; one
 step of the sweep over the real program.md's search space.
 
-train.py stops after a few steps (MAX_STEPS: the same short run however loaded the machine) except where the
-stock constants are the point; everything else is the shipped code."""
+train.py stops after a few steps (MAX_STEPS: the same short run however loaded the machine), except where the
+stock constants are the point or a run must last (a reply fits inside it); everything else is the shipped code."""
 import json
 import os
 import shutil
@@ -37,16 +37,18 @@ TOOL = ("agent.py", *(f"driver/{p.name}" for p in sorted((ROOT / "driver").glob(
 TIMEOUT_S = 60  # train.py's limit; it submits after its MAX_STEPS, long before
 QUICK = dict(BATCH_SIZE=2, SEQ_LEN=128, LOG_EVERY_S=1.0, MAX_STEPS=3)
 LLM_DELAY_S = 3.0  # each reply of the scripted LLM takes this long: the prefetch spans part of a real run
+# runs that train 4 s, however fast the machine, so that a 3 s reply fits inside one
+OVERLAPPED = dict(QUICK, MAX_STEPS=None, EXPORT_RESERVE_S=TIMEOUT_S - 4.0)
 
 
-def tool_clone(path: Path, quick: bool = True) -> Path:
-    """A user's clone: the tool's files committed in a fresh git repository."""
+def tool_clone(path: Path, constants: dict | None = QUICK) -> Path:
+    """A user's clone: the tool's files committed in a fresh git repository, train.py with `constants` set."""
     path.mkdir(parents=True)
     (path / "driver").mkdir()
     for name in TOOL:
         shutil.copy(ROOT / name, path / name)
-    if quick:
-        patch_constants(path / "train.py", **QUICK)
+    if constants:
+        patch_constants(path / "train.py", **constants)
     repo = git.Repo.init(path, initial_branch="main")
     with repo.config_writer() as cfg:
         cfg.set_value("user", "name", "user").set_value("user", "email", "user@example.com")
@@ -78,7 +80,7 @@ def constant_edit(train_py: str, name: str, value: str, description: str) -> str
 def test_agent_with_only_an_endpoint_from_its_own_folder(tiny_env, tmp_path):
     """No --repo, no --tag (today's date), two baseline runs, pipelining on: the next proposal is asked for
     while an experiment trains, and its row says it had not seen that experiment's result."""
-    clone = tool_clone(tmp_path / "ternary-autoresearch")
+    clone = tool_clone(tmp_path / "ternary-autoresearch", OVERLAPPED)
     train_py = (clone / "train.py").read_text()
     replies = [constant_edit(train_py, "LR", "2e-4", "a lower learning rate"),
                constant_edit(train_py, "WEIGHT_DECAY", "0.01", "some weight decay")]
@@ -114,7 +116,7 @@ def test_agent_with_only_an_endpoint_from_its_own_folder(tiny_env, tmp_path):
 def test_prepare_then_train_then_the_test_split_by_hand(tiny_env, tmp_path):
     """`python prepare.py && python train.py` (stock constants, a deadline a few seconds ahead) records a manual
     row; the real evaluator scores its submission on the test split, which differs from validation."""
-    clone = tool_clone(tmp_path / "ternary-autoresearch", quick=False)
+    clone = tool_clone(tmp_path / "ternary-autoresearch", None)
     env = user_env(tiny_env)
     setup = python(clone, env, "prepare.py")
     assert setup.returncode == 0 and "Next: python train.py" in setup.stdout, setup.stdout + setup.stderr
@@ -197,7 +199,7 @@ def test_grammar_replies_from_the_real_llama_cpp_server(llama_server, tmp_path):
     program.md keep the prompt small: on 2 CPU cores the server reads the real 7k-token prompt for minutes."""
     repo = make_research_repo(tmp_path / "clone")
     (repo / "program.md").write_text(SHORT_PROGRAM)
-    git.Repo(repo).git.commit("-qam", "a short program.md")
+    git.Repo(repo).git.commit("-qm", "a short program.md", "--", "program.md")  # the user's README edit stays uncommitted
     recorder = Recorder(llama_server["url"].removesuffix("/v1"))
     try:
         done = run_agent(repo, recorder.url, "--max-experiments", "1", "--reply-format", "grammar", "--repair-turns", "0",
