@@ -55,8 +55,7 @@ class Pool:
         self.asking: list[Prefetch] = []
         self.started = 0                   # proposals asked for in this start (--max-experiments counts them)
         self.stopping = ""
-        self.inflight_dir = session.inflight_dir
-        self.inflight_dir.mkdir(exist_ok=True)
+        session.inflight_dir.mkdir(exist_ok=True)
         # max_calls=0: a worker process is reused (Ray would start a fresh one per GPU task, 2.5 s of imports);
         # it runs one experiment at a time, and kill_tree ends everything the last one started
         self.task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0, max_calls=0)(worker.run_experiment)
@@ -117,10 +116,10 @@ class Pool:
 
     # -------- the state of each experiment in flight, on disk
     def save(self, st: ExperimentState) -> None:
-        atomic_write(self.inflight_dir / f"{st['experiment']}.json", json.dumps(st))
+        atomic_write(self.session.inflight_dir / f"{st['experiment']}.json", json.dumps(st))
 
     def forget(self, st: ExperimentState) -> None:
-        (self.inflight_dir / f"{st['experiment']}.json").unlink(missing_ok=True)
+        (self.session.inflight_dir / f"{st['experiment']}.json").unlink(missing_ok=True)
 
     def allocate(self) -> int:
         n = self.next_n
@@ -359,13 +358,13 @@ class Pool:
 
     def known(self, n: int) -> bool:
         """Experiment n is in the ledger or in flight (a re-apply already started)."""
-        return (self.inflight_dir / f"{n}.json").exists() or bool((self.session.rows()["experiment"] == n).any())
+        return (self.session.inflight_dir / f"{n}.json").exists() or bool((self.session.rows()["experiment"] == n).any())
 
     # -------- the night
     def resume(self) -> None:
         """Experiments in flight when the driver stopped: a recorded one is finished, the others run again."""
         states = []
-        for path in sorted(self.inflight_dir.glob("*.json"), key=lambda p: int(p.stem)):
+        for path in sorted(self.session.inflight_dir.glob("*.json"), key=lambda p: int(p.stem)):
             try:
                 states.append(json.loads(path.read_text()))
             except ValueError:

@@ -69,7 +69,7 @@ def test_an_unreadable_inflight_file_does_not_stop_the_numbering(repo):
     that dies at every start on a KeyError."""
     from driver.experiment import next_experiment
     session = open_session(agent.parse_args(["--repo", str(repo), "--tag", TAG]))
-    folder = session.state_path.parent / "inflight"
+    folder = session.inflight_dir
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "5.json").write_text("{}")
     (folder / "6.json").write_text("[6]")

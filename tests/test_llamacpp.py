@@ -21,6 +21,12 @@ SERVER = Path(__file__).resolve().parent / "llama_server.py"
 SHORT_PROGRAM = "# Research\n\nLower PPL in train.py: change one constant per experiment.\n"
 
 
+def use_short_program(repo: Path) -> None:
+    """SHORT_PROGRAM committed as the research repository's program.md (the user's README edit stays uncommitted)."""
+    (repo / "program.md").write_text(SHORT_PROGRAM)
+    git.Repo(repo).git.commit("-qm", "a short program.md", "--", "program.md")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,8 +85,7 @@ def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_pa
     (The code formats apply 0 of 20 of this model's replies.)"""
     experiments = 3
     repo = make_research_repo(tmp_path / "clone", real=True, MAX_STEPS=2)  # runs of 2 steps: the LLM's time is what counts
-    (repo / "program.md").write_text(SHORT_PROGRAM)
-    git.Repo(repo).git.commit("-qm", "a short program.md", "--", "program.md")  # the user's README edit stays uncommitted
+    use_short_program(repo)
     env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
     start = time.time()
     done = run_agent(repo, llama_server["url"], "--max-experiments", str(experiments), "--timeout", "120",

@@ -30,7 +30,7 @@ from driver.sweep import search_space, sweep_next
 from conftest import patch_constants
 from driver_helpers import ROOT, edit, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
-from test_llamacpp import SHORT_PROGRAM, llama_server  # noqa: F401  (a fixture)
+from test_llamacpp import llama_server, use_short_program  # noqa: F401  (a fixture)
 
 TOOL = ("agent.py", *(f"driver/{p.name}" for p in sorted((ROOT / "driver").glob("*.py"))), "sandbox.py", "prepare.py",
         "train.py", "program.md", ".gitignore")
@@ -198,8 +198,7 @@ def test_grammar_replies_from_the_real_llama_cpp_server(llama_server, tmp_path):
     train.py: then an invalid row with the reason, never a training run). The stand-in harness and a short
     program.md keep the prompt small: on 2 CPU cores the server reads the real 7k-token prompt for minutes."""
     repo = make_research_repo(tmp_path / "clone")
-    (repo / "program.md").write_text(SHORT_PROGRAM)
-    git.Repo(repo).git.commit("-qm", "a short program.md", "--", "program.md")  # the user's README edit stays uncommitted
+    use_short_program(repo)
     recorder = Recorder(llama_server["url"].removesuffix("/v1"))
     try:
         done = run_agent(repo, recorder.url, "--max-experiments", "1", "--reply-format", "grammar", "--repair-turns", "0",
