@@ -95,6 +95,9 @@ LEDGER_COLUMNS = [
 # columns that hold numbers: a cell is a finite number or empty, never text
 LEDGER_NUMBERS = {"experiment", "val_ppl", "best_val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps",
                   "eval_windows", "prompt_tokens", "completion_tokens", "cost_usd", "seen", "bits_per_weight"}
+# a text cell's most characters: what a spreadsheet's cell holds (Excel: 32,767), and far under the csv reader's
+# field limit (131,072): a longer cell made the whole ledger unreadable
+LEDGER_CELL_CHARS = 32_000
 
 _PROCESS_START = time.time()
 
@@ -885,7 +888,7 @@ def finite_number(value) -> int | float | None:
 
 def ledger_cell(column: str, value) -> str:
     """One cell: a finite number in a number column, else empty; in a text column the value's text on one line
-    (whitespace and control characters become single spaces, lone surrogates U+FFFD)."""
+    (whitespace and control characters become single spaces, lone surrogates U+FFFD), cut to LEDGER_CELL_CHARS."""
     if column in LEDGER_NUMBERS:
         number = finite_number(value)
         if number is None:
@@ -894,7 +897,7 @@ def ledger_cell(column: str, value) -> str:
         return str(int(number)) if exact else repr(float(number))
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
-    return one_line_text(str(value))
+    return one_line_text(str(value))[:LEDGER_CELL_CHARS].rstrip()
 
 
 def one_line_text(text: str) -> str:
