@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one torch thread per process, for this process and every train.py and evaluator it starts: two test processes
-# share the cores (-n 2), and the tiny model's operations are too small to gain from threads that wait by spinning
+# share the cores (-n 3), and the tiny model's operations are too small to gain from threads that wait by spinning
 # (22 % less CPU for the same tests; bench/BENCHMARKS.md, the test suite's time)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -290,7 +290,7 @@ def baseline_repo(baseline_template, tmp_path) -> Path:
 
 
 # the tests that take minutes (the real model, the llama.cpp server, whole nights with kills), started first: two test
-# processes (-n 2) then share out the short ones, and none of these is left to run alone at the end
+# processes (-n 3) then share out the short ones, and none of these is left to run alone at the end
 SLOW_FIRST = ("test_real_assets", "test_llamacpp", "test_user_path", "test_kill_resume", "test_hostile")
 
 
