@@ -1,8 +1,8 @@
 """A corpus of hostile train.py edits through the real driver, the real prepare.py and a tiny model: each
 attack must be blocked by the sandbox (Landlock) or detected by a check, and every recorded score must be
 honest: each hostile train.py submits a copy of the same deterministic ternary model, so an honest score
-equals the baseline's, which is re-scored here from pristine inputs. Attacks the sandbox must refuse share
-a train.py (a few runs, not one per attack); each records its own outcome, checked by name. The driver removes
+equals the baseline's, which is re-scored here from pristine inputs. The attacks share a train.py (one run, not
+one per attack; the submission swap runs alone); each records its own outcome, checked by name. The driver removes
 each run's folder (work/) after the run: what a test needs of a run leaves it through train.py's output, which
 the driver keeps in runs/<tag>/<n>/train.log, and processes that outlive train.py write there too (they keep its
 stdout): the evidence of a leftover that escaped the driver's kill."""
@@ -77,20 +77,20 @@ while time.time() < end and not stop.exists():
     time.sleep(0.02)
 '''
 LIMIT = "a pathname unix socket found in /proc/net/unix"  # open, as README's Known limits says
-# the corpus under Landlock, one run (one train.py) per line: each attack records its own outcome
+# the corpus under Landlock: each attack records its own outcome, so attacks can share a run (one train.py)
 BLOCKED = [  # every attack must be refused by the sandbox
-    ["token cache overwrite", "raw data rewrite (size and mtime kept)", "read the validation data", "model config",
-     "model weights", "tokenizer"],
-    ["git hooks", "the driver's ledger backup, pid and state files", "program.md and the ledger",
-     "a leftover file the next experiments would see", "a .pth file in site-packages",
-     "train.py rewrites itself and prepare.py"],
-    ["/proc environ of every ancestor", LIMIT, "a network connection to a local listener", "a signal to the driver",
-     "writes to $HOME", "links and a folder where the driver writes and reads its logs"],
+    "token cache overwrite", "raw data rewrite (size and mtime kept)", "read the validation data", "model config",
+    "model weights", "tokenizer",
+    "git hooks", "the driver's ledger backup, pid and state files", "program.md and the ledger",
+    "a leftover file the next experiments would see", "a .pth file in site-packages",
+    "train.py rewrites itself and prepare.py",
+    "/proc environ of every ancestor", LIMIT, "a network connection to a local listener", "a signal to the driver",
+    "writes to $HOME", "links and a folder where the driver writes and reads its logs",
 ]
-CONFINED = [  # confined to work/, not refused: the driver copes (the daemon alone: its swap may crash the row)
-    ["a tree deeper than the recursion limit in TMPDIR", "a leftover that keeps changing its pid"],
-    ["a child that outlives train.py and swaps the submission"],
-]
+# confined to work/, not refused: the driver copes
+CONFINED = ["a tree deeper than the recursion limit in TMPDIR", "a leftover that keeps changing its pid"]
+SWAP = "a child that outlives train.py and swaps the submission"  # alone: its swap may crash the row
+RUNS = [BLOCKED + CONFINED, [SWAP]]
 
 
 def attacks(ctx: dict) -> dict[str, str]:
@@ -396,8 +396,7 @@ def experiment_of(runs: list[list[str]], name: str) -> int:
 
 
 def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
-    world, repo = hostile_world, hostile_world["repo"]
-    runs = BLOCKED + CONFINED
+    world, repo, runs = hostile_world, hostile_world["repo"], RUNS
     names = [name for names in runs for name in names]
     assert sorted(names) == sorted(attacks(world["ctx"])) and len(names) >= 15
     before = {"model": digests(world["assets"] / "model"), "data": digests(world["assets"] / "data")}
@@ -405,7 +404,7 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
     outcomes = probes(repo)
     print("\n".join(f"{name}: {outcomes.get(name)}" for name in names))
     assert [name for name in names if name not in outcomes] == [], "attacks that never ran"
-    not_refused = {name: outcomes[name] for names in BLOCKED for name in names if name != LIMIT
+    not_refused = {name: outcomes[name] for name in BLOCKED if name != LIMIT
                    and not (outcomes[name].startswith("ATTACK blocked") and any(why in outcomes[name] for why in DENIALS))}
     assert not_refused == {}, "attacks the sandbox did not refuse"
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]  # the signal did not kill the driver
@@ -432,7 +431,7 @@ def test_every_attack_is_blocked_and_every_score_is_honest(hostile_world):
     for path in (repo / "runs").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    for name, leftover in (("a child that outlives train.py and swaps the submission", "daemon pid "),
+    for name, leftover in ((SWAP, "daemon pid "),
                            ("a leftover that keeps changing its pid", "hopper pid ")):
         pids = logged(train_log(repo, experiment_of(runs, name)), leftover)  # the hopper's last generation last
         assert pids and not Path(f"/proc/{pids[-1]}").exists(), f"{name}: outlived the run ({leftover}{pids[-1:]})"
