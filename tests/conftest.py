@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one torch thread per process, for this process and every train.py and evaluator it starts: two test processes
-# share the cores (-n 3), and the tiny model's operations are too small to gain from threads that wait by spinning
+# share the cores (-n 4), and the tiny model's operations are too small to gain from threads that wait by spinning
 # (22 % less CPU for the same tests; bench/BENCHMARKS.md, the test suite's time)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -289,13 +289,40 @@ def baseline_repo(baseline_template, tmp_path) -> Path:
     return path
 
 
-# the tests that take minutes (the real model, the llama.cpp server, whole nights with kills), started first: two test
-# processes (-n 3) then share out the short ones, and none of these is left to run alone at the end
-SLOW_FIRST = ("test_real_assets", "test_llamacpp", "test_user_path", "test_kill_resume", "test_hostile")
+# the tests that take minutes (the real model, the llama.cpp server, whole nights with kills) and about how long each
+# takes under `-n 4` (seconds, bench/BENCHMARKS.md). A module's tests stay together: their module fixtures (the
+# converted SmolLM2, the llama.cpp server) are built once per test process that runs one of them.
+SLOW = {"tests/test_real_assets.py": 360, "tests/test_user_path.py": 270,
+        "tests/test_pool.py::test_two_workers_score_the_real_train_py": 150, "tests/test_llamacpp.py": 135,
+        "tests/test_hostile.py": 100, "tests/test_kill_resume.py": 75,
+        "tests/test_replies.py::test_corpus_through_the_driver_touches_nothing_but_train_py": 65}
+
+
+def slow_unit(item) -> str | None:
+    return next((unit for unit in SLOW if item.nodeid == unit or item.nodeid.startswith(unit + "::")), None)
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    def slow_rank(item) -> int:
-        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
-    items.sort(key=slow_rank)  # stable: a module's tests stay together, in their order
+    """Each test process starts on slow tests of its own. `--dist worksteal` first hands the N processes equal
+    runs of the list, in order, and a process that runs out takes tests from the END of the longest queue: slow
+    tests listed first all went to the first process, which ran them one after another. So the list is cut as
+    worksteal cuts it, and each part begins with its share of the slow tests (the longest first, each to the
+    least loaded part), then the quick ones in their order."""
+    parts = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    units: dict[str, list] = {}
+    quick = []
+    for item in items:
+        unit = slow_unit(item)
+        (units.setdefault(unit, []) if unit else quick).append(item)
+    heads, loads = [[] for _ in range(parts)], [0] * parts
+    for unit in sorted(units, key=lambda u: -SLOW[u]):
+        least = loads.index(min(loads))
+        heads[least] += units[unit]
+        loads[least] += SLOW[unit]
+    ordered, left = [], len(items)
+    for i, head in enumerate(heads):
+        size = left // (parts - i)  # worksteal's first cut: what is left, shared out among the processes left
+        take = max(size - len(head), 0)
+        ordered += head + quick[:take]
+        quick, left = quick[take:], left - len(head) - take
+    items[:] = ordered + quick

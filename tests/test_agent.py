@@ -10,7 +10,7 @@ import time
 import git
 import pytest
 
-from driver_helpers import (AGENT, TAG, check_invariants, edit, kill_agent, ledger, make_research_repo, processes_in, run_agent,
+from driver_helpers import (AGENT, TAG, check_invariants, edit, kill_agent, ledger, processes_in, run_agent,
                             start_agent, state, wait_for_phase)
 from fake_llm import FakeLLM
 
@@ -264,19 +264,6 @@ def test_killed_in_any_phase_resumes_without_loss(baseline_repo, llm, phase):
     if phase != "llm":
         assert len(llm.requests) == requests_before  # the LLM call was not wasted
     assert processes_in(repo) == [] and check_invariants(repo) == []
-
-
-# ---------------------------------------------------------------- the real harness through the driver
-def test_real_harness_through_the_driver(tmp_path, tiny_env, llm):
-    repo = make_research_repo(tmp_path / "real", real=True, MAX_STEPS=2)  # 2 steps, however loaded the machine
-    llm.push(edit("LR = 3e-4", "LR = 1e-3", "raise the learning rate"))
-    done = run_agent(repo, llm.url, "--max-experiments", "1", "--timeout", "120", "--eval-windows", "2", timeout=400,
-                     **{k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"})
-    assert done.returncode == 0, done.stdout[-3000:]
-    rows = ledger(repo)
-    assert rows["status"].tolist()[0] == "baseline" and rows["status"].tolist()[1] in ("keep", "discard")
-    assert (rows["val_ppl"] > 1).all() and (rows["steps"] == 2).all() and (rows["protocol"] == "v1-smoke2w").all()
-    assert check_invariants(repo) == []
 
 
 def test_cost_and_hour_budgets_stop_the_driver(repo, llm):

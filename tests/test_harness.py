@@ -509,4 +509,7 @@ def test_fake_score_printed_by_train_py_is_not_the_score(tiny_env, tmp_path, llm
                             text=True)
     assert scored.returncode == 0, scored.stderr
     honest = json.loads(scored.stdout.strip().splitlines()[-1])["ppl"]
-    assert honest > 10 and ledger(repo)["val_ppl"].tolist() == [pytest.approx(honest, rel=1e-6)]
+    rows = ledger(repo)
+    assert honest > 10 and rows["val_ppl"].tolist() == [pytest.approx(honest, rel=1e-6)]
+    # what the row says of the run comes from the real submission's meta and the evaluator's protocol
+    assert rows["steps"].tolist() == [2] and rows["protocol"].tolist() == ["v1-smoke1w"], rows.to_dict("records")

@@ -77,6 +77,8 @@ def check_knob_replies(repo: Path, rows) -> None:
             assert row["description"] == description and isinstance(row["commit"], str)
     trained = rows.iloc[1:][rows.iloc[1:]["status"].isin(["keep", "discard"])]
     assert len(trained) >= 2 and trained["val_ppl"].notna().all(), "fewer than 2 of 3 knob proposals applied and trained"
+    scored = rows[rows["val_ppl"].notna()]  # the baseline and the trained: the real submission's meta, 2 steps each
+    assert (scored["steps"] == 2).all() and (scored["protocol"] == "v1-smoke1w").all(), scored.to_dict("records")
 
 
 def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_path):
