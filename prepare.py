@@ -95,8 +95,8 @@ LEDGER_COLUMNS = [
 # columns that hold numbers: a cell is a finite number or empty, never text
 LEDGER_NUMBERS = {"experiment", "val_ppl", "best_val_ppl", "train_s", "eval_s", "peak_mem_gb", "train_tokens", "steps",
                   "eval_windows", "prompt_tokens", "completion_tokens", "cost_usd", "seen", "bits_per_weight"}
-# a text cell's most characters: what a spreadsheet's cell holds (Excel: 32,767), and far under the csv reader's
-# field limit (131,072): a longer cell made the whole ledger unreadable
+# a text cell's most characters: far under the csv reader's field limit (131,072 characters), past which one cell
+# made the whole ledger unreadable
 LEDGER_CELL_CHARS = 32_000
 
 _PROCESS_START = time.time()

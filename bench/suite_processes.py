@@ -27,11 +27,11 @@ KINDS = [  # (kind, pattern in the command line), first match wins
     ("prepare.py eval", r"prepare\.py eval"),
     ("prepare.py, other", r"prepare\.py"),
     ("train.py", r"train\.py"),
-    ("pytest (in-process tests)", r"exec\(eval\(sys\.stdin|pytest"),
     ("llama.cpp server", r"llama_server"),
     ("Ray worker", r"default_worker\.py|setup_worker\.py|^ray::"),
     ("Ray daemon", r"raylet|gcs_server|dashboard|log_monitor|monitor\.py|runtime_env|ray/_private"),
     ("git", r"^git |/git "),
+    ("pytest (in-process tests)", r"exec\(eval\(sys\.stdin|bin/pytest|-m pytest"),  # last: test paths name pytest
 ]
 
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# one torch thread per process, for this process and every train.py and evaluator it starts: two test processes
-# share the cores (-n 4), and the tiny model's operations are too small to gain from threads that wait by spinning
+# one torch thread per process, for this process and every train.py and evaluator it starts: four test processes
+# share two cores (-n 4), and the tiny model's operations are too small to gain from threads that wait by spinning
 # (22 % less CPU for the same tests; bench/BENCHMARKS.md, the test suite's time)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -299,9 +299,12 @@ SLOW = {"tests/test_real_assets.py": 360, "tests/test_user_path.py": 270,
 
 
 def slow_unit(item) -> str | None:
-    return next((unit for unit in SLOW if item.nodeid == unit or item.nodeid.startswith(unit + "::")), None)
+    """The SLOW entry `item` belongs to, by its path from the repository (its nodeid depends on pytest's rootdir)."""
+    test = f"{item.path.relative_to(ROOT).as_posix()}::{item.name}"
+    return next((unit for unit in SLOW if test == unit or test.startswith(unit + "::")), None)
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: the list cut is the one worksteal gets
 def pytest_collection_modifyitems(items: list) -> None:
     """Each test process starts on slow tests of its own. `--dist worksteal` first hands the N processes equal
     runs of the list, in order, and a process that runs out takes tests from the END of the longest queue: slow

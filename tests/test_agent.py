@@ -72,7 +72,7 @@ def test_train_py_faults_get_the_right_status(repo, llm, sandboxed):
               "rmruns": denied if sandboxed else ("discard", "not lower"),
               "env": ("discard", "not lower")}  # after rmruns: unsandboxed, its dump must survive to be read
     llm.push(*[mode(m) for m in faults])
-    done = run_agent(repo, llm.url, "--max-experiments", str(len(faults)), "--timeout", "3", "--max-failures", "99",
+    done = run_agent(repo, llm.url, "--max-experiments", str(len(faults)), "--timeout", "5", "--max-failures", "99",
                      "--sandbox", "auto" if sandboxed else "off", timeout=300,
                      AR_TEST_KILL_GRACE_S="1")  # the orphan ignores SIGTERM: 1 s, then SIGKILL
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

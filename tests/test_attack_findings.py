@@ -31,7 +31,10 @@ state = Path(sys.argv[1])
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 proc = subprocess.Popen([sys.executable, str(state / "hop.py"), str(state)], start_new_session=True,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-time.sleep(1)
+end = time.time() + 30
+while not (state / "pid").exists() and time.time() < end:  # the hopper is under way, however loaded the machine
+    time.sleep(0.05)
+time.sleep(0.2)  # a few generations on
 runner.kill_tree(proc, set())
 before = (state / "pid").read_text()
 time.sleep(0.5)

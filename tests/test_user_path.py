@@ -145,6 +145,7 @@ def test_one_sweep_step_on_the_real_program_md(tiny_env, tmp_path):
     rows = pd.read_csv(clone / "results.tsv", sep="\t", keep_default_na=False, na_values=[""])
     assert rows["status"].tolist()[0] == "baseline" and rows["status"][1] in ("keep", "discard"), rows.to_string()
     assert rows["description"][1] == f"sweep: {name} {old} -> {new}" and rows["val_ppl"][1] > 1
+    assert (rows["steps"] == QUICK["MAX_STEPS"]).all(), rows.to_string()  # from the real submissions' meta
     assert rows["prompt_tokens"].isna().all() and rows["cost_usd"].fillna(0).eq(0).all()
     tried = git.Repo(clone).commit(rows["commit"][1]).tree["train.py"].data_stream.read().decode()
     assert find_knobs(tried)[name]["text"] == new
