@@ -13,7 +13,7 @@ from pathlib import Path
 
 import git
 
-from driver.common import FatalError, atomic_write, log, one_line, remove_tree, sha256_file
+from driver.common import FatalError, atomic_write, log, one_line, remove_temp_files, remove_tree, sha256_file
 from driver.records import ExperimentState
 from driver.ledger import reconcile_ledger
 from driver.runner import kill_leftovers
@@ -86,6 +86,9 @@ def restore_tree(session: Session, before: dict[str, bytes | None], commit: str)
 
 def setup_branch(session: Session) -> None:
     take_lock(session)
+    for folder in (Path(session.repo.git_dir) / "autoresearch", session.runs):  # the lock is ours: no writer is left
+        for path in remove_temp_files(folder):
+            log(f"removed {path}, half-written when the driver was stopped")
     restore_after_a_kill(session)
     repo, state = session.repo, session.state()
     session.git_config = (Path(repo.git_dir) / "config").read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +13,7 @@ import prepare
 
 # every git command of the driver: no hook and no fsmonitor command can run in the driver's environment
 GIT_SAFE_CONFIG = ["core.hooksPath=/dev/null", "core.fsmonitor=false"]
+TEMP_NAME = re.compile(r"\..+\.tmp\d+")  # an atomic write's temp file: .NAME.tmpPID, renamed to NAME when whole
 
 
 class ReplyError(Exception):
@@ -51,6 +53,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:  # a full disk: no temp file left behind
         tmp.unlink(missing_ok=True)
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """The temp files atomic_write_bytes and its kin left under `folder` (a driver killed between a temp file's
+    creation and its rename): called at start, when no other process of this night can be writing one."""
+    found = [p for p in folder.rglob(".*.tmp*") if TEMP_NAME.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def open_new(path: Path):
