@@ -86,8 +86,10 @@ def restore_tree(session: Session, before: dict[str, bytes | None], commit: str)
 
 def setup_branch(session: Session) -> None:
     take_lock(session)
-    for folder in (Path(session.repo.git_dir) / "autoresearch", session.runs):  # the lock is ours: no writer is left
-        for path in remove_temp_files(folder):
+    # the lock is ours: no writer is left. Never a run's work/ (a run may leave a tree deeper than glob can walk)
+    private = Path(session.repo.git_dir) / "autoresearch"
+    for folder, pattern in ((private, "**/.*.tmp*"), (session.runs, ".*.tmp*"), (session.runs, "*/.*.tmp*")):
+        for path in remove_temp_files(folder, pattern):
             log(f"removed {path}, half-written when the driver was stopped")
     restore_after_a_kill(session)
     repo, state = session.repo, session.state()

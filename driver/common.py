@@ -55,10 +55,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def remove_temp_files(folder: Path) -> list[Path]:
-    """The temp files atomic_write_bytes and its kin left under `folder` (a driver killed between a temp file's
-    creation and its rename): called at start, when no other process of this night can be writing one."""
-    found = [p for p in folder.rglob(".*.tmp*") if TEMP_NAME.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
+def remove_temp_files(folder: Path, pattern: str) -> list[Path]:
+    """The temp files atomic_write_bytes and its kin left in `folder` (a driver killed between a temp file's
+    creation and its rename), found by the glob `pattern`: called at start, when no process of this night can be
+    writing one."""
+    found = [p for p in folder.glob(pattern) if TEMP_NAME.fullmatch(p.name) and p.is_file()]
     for path in found:
         path.unlink(missing_ok=True)
     return found

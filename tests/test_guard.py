@@ -100,13 +100,21 @@ def test_leftovers_of_a_stale_pid_file_are_only_the_runs_own(repo, llm):
 
 def test_temp_files_of_writes_a_kill_cut_short_are_removed_on_restart(baseline_repo, llm):
     """A driver killed between an atomic write's temp file and its rename (a kill_resume run found one) leaves
-    .NAME.tmpPID behind: the next start removes it, in its private folder and in runs/, and nothing else."""
+    .NAME.tmpPID behind: the next start removes it, in its private folder and in runs/, and nothing else; a run's
+    work/ is not searched (the start must not walk a tree deeper than the recursion limit)."""
     repo = baseline_repo
     private = repo / ".git" / "autoresearch" / TAG
     left = [private / ".child.pid.tmp14760", private.parent / ".results.tsv.tmp3", repo / "runs" / TAG / "0" / ".eval.json.tmp77"]
     kept = [private / "notes.tmp", repo / "runs" / TAG / "0" / ".hidden.tmpfile"]  # not the driver's temp names
     for path in left + kept:
         path.write_text("half")
+    fd = os.open(repo / "runs" / TAG / "0", os.O_RDONLY)  # a killed run's work/ with a tree deeper than glob walks
+    for name in ["work"] + ["d"] * 1100:
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
     done = run_agent(repo, llm.url, "--max-experiments", "0")
     assert done.returncode == 0, done.stdout[-2000:]
     assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
