@@ -40,13 +40,18 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
+def temp_path(path: Path) -> Path:
+    """Where a write to `path` is made whole before its rename: TEMP_NAME, so a start finds what a kill left."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", errors="replace"))  # an LLM's reply may hold a lone surrogate
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open_new(tmp) as f:
             f.write(data)

@@ -16,7 +16,7 @@ import git
 import pandas as pd
 
 import prepare
-from driver.common import FatalError, atomic_write_bytes, one_line
+from driver.common import FatalError, atomic_write_bytes, one_line, temp_path
 
 LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
 REQUIRED_COLUMNS = {"experiment", "branch", "commit", "status", "val_ppl"}
@@ -141,7 +141,7 @@ def save_backup(ledger: Path, backup: Path) -> None:
     """The driver's copy, replaced in one step: a kill mid-copy never leaves a truncated copy, a full disk no
     temp file."""
     backup.parent.mkdir(parents=True, exist_ok=True)
-    tmp = backup.with_name(f".{backup.name}.tmp{os.getpid()}")
+    tmp = temp_path(backup)
     try:
         shutil.copyfile(ledger, tmp)
         os.replace(tmp, backup)

@@ -19,7 +19,7 @@ from pathlib import Path
 import prepare
 import sandbox
 from driver.common import (GIT_SAFE_CONFIG, FatalError, atomic_write, one_line, open_new, remove_tree,
-                           sha256_file)
+                           sha256_file, temp_path)
 from driver.records import RunResult
 from driver.runner import clean_env, log_tail, run_process
 
@@ -80,7 +80,7 @@ def take_submission(written: Path, kept: Path, exited: float, stray_files: set) 
         return "train.py exited cleanly without writing a submission", ""
     except OSError:  # a link
         return "the submission is not a plain file (a link, a folder or a device); not scored", ""
-    digest, tmp = hashlib.sha256(), kept.with_name(f".{kept.name}.tmp{os.getpid()}")
+    digest, tmp = hashlib.sha256(), temp_path(kept)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

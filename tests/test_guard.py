@@ -10,6 +10,7 @@ import sys
 import git
 import pytest
 
+from driver.common import TEMP_NAME, temp_path
 from driver_helpers import (TAG, check_invariants, edit, held_in, ledger, processes_in, release, run_agent,
                             start_agent, state, wait_for_phase, wait_for_train_py)
 from test_agent import mode
@@ -105,9 +106,8 @@ def test_temp_files_of_writes_a_kill_cut_short_are_removed_on_restart(baseline_r
     repo = baseline_repo
     private = repo / ".git" / "autoresearch" / TAG
     left = [private / ".child.pid.tmp14760", private.parent / ".results.tsv.tmp3", repo / "runs" / TAG / "0" / ".eval.json.tmp77"]
+    work = repo / "runs" / TAG / "0" / "work"
     kept = [private / "notes.tmp", repo / "runs" / TAG / "0" / ".hidden.tmpfile"]  # not the driver's temp names
-    for path in left + kept:
-        path.write_text("half")
     fd = os.open(repo / "runs" / TAG / "0", os.O_RDONLY)  # a killed run's work/ with a tree deeper than glob walks
     for name in ["work"] + ["d"] * 1100:
         os.mkdir(name, dir_fd=fd)
@@ -115,10 +115,21 @@ def test_temp_files_of_writes_a_kill_cut_short_are_removed_on_restart(baseline_r
         os.close(fd)
         fd = child
     os.close(fd)
-    done = run_agent(repo, llm.url, "--max-experiments", "0")
-    assert done.returncode == 0, done.stdout[-2000:]
-    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
-    assert "half-written when the driver was stopped" in done.stdout
+    for path in left + kept:
+        path.write_text("half")
+    try:
+        done = run_agent(repo, llm.url, "--max-experiments", "0")
+        assert done.returncode == 0, done.stdout[-2000:]
+        assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
+        assert "half-written when the driver was stopped" in done.stdout
+        assert not work.exists()  # a killed run's work/ is removed at start, however deep
+    finally:  # pytest's own cleanup of old temp folders recurses, and a tree this deep crashed a later session's end
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_every_temp_file_the_driver_writes_is_one_its_start_removes(tmp_path):
+    for name in ("results.tsv", "child.pid", "submission.pt", "a.b.c"):
+        assert TEMP_NAME.fullmatch(temp_path(tmp_path / name).name), name
 
 
 def test_leftovers_of_a_killed_driver_are_ended_on_restart(repo, llm):
