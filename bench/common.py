@@ -2,8 +2,11 @@
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,6 +51,24 @@ def tiny_world(out: Path) -> tuple[Path, dict]:
     # count (so its score) then swings with the other users' load
     return repo, {"AR_MODEL": str(out / "model"), "AR_DATA": str(data), "AR_DATA_SHA256": data_sha256(data),
                   "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def start_llama_server() -> tuple[subprocess.Popen, str]:
+    """A llama.cpp server (xllamacpp) with SmolLM2-135M-Instruct on a free port: (the process, its /v1 URL)."""
+    from conftest import smollm2_gguf
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(smollm2_gguf()), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    for _ in range(180):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("llama.cpp server did not start")
 
 
 def header(title: str) -> str:

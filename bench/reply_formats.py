@@ -6,16 +6,11 @@ an empty ledger, the real train.py) sent N times to a real llama.cpp server (xll
 --program: the program.md in the prompt instead of the real one (tests/test_llamacpp.py sends a short one).
 """
 import argparse
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from common import ROOT, header
+from common import header, start_llama_server
 
 import agent  # noqa: E402
 from driver.common import ReplyError
@@ -24,24 +19,7 @@ from driver.edits import apply_blocks, knob_edit, parse_reply, validate_train_py
 from driver.session import open_session
 from driver.llm import chat, make_client
 from driver.propose import build_prompt
-from conftest import smollm2_gguf  # noqa: E402
 from driver_helpers import make_research_repo  # noqa: E402
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(smollm2_gguf()), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    for _ in range(180):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("llama.cpp server did not start")
 
 
 def main() -> None:
@@ -54,7 +32,7 @@ def main() -> None:
     repo = make_research_repo(Path(tempfile.mkdtemp()) / "research", real=True)
     if args.program:
         (repo / "program.md").write_text(args.program.read_text())
-    proc, url = start_server()
+    proc, url = start_llama_server()
     table = []
     try:
         for fmt in args.formats.split(","):

@@ -1,14 +1,15 @@
-"""The LLM proposer: the prompt (program.md, the ledger, train.py), shrunk to the context window; repair
+"""The LLM proposer: the prompt (program.md, train.py, the ledger), shrunk to the context window; repair
 turns for a reply that does not apply; the next proposal asked for while the current experiment runs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 
 import pandas as pd
 
-from driver.common import ReplyError, atomic_write, log, one_line
+from driver.common import GIT_SAFE_CONFIG, ReplyError, atomic_write, log, one_line
 from driver.records import Proposal
 from driver.keep import best_kept, noise
 from driver.ledger import LEDGER_TAIL_ROWS, ledger_for_prompt
@@ -22,6 +23,7 @@ from driver.record import append_invalid
 MESSAGE_OVERHEAD_TOKENS = 8    # a chat template's tokens around each message
 CONTEXT_MARGIN_TOKENS = 64     # slack for the template and the estimate
 MIN_REPLY_TOKENS = 1024        # the prompt shrinks until at least this much is left for the reply
+SCORED = ("baseline", "keep", "discard")  # a train.py with a score: running it again would measure only the noise
 SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
 training in train.py. Each reply proposes exactly ONE focused change to train.py; it is committed, \
 trained for 5 minutes and scored by a separate, read-only evaluator (WikiText-2 validation perplexity \
@@ -55,36 +57,39 @@ def build_prompt(session: Session, train_py: str, in_flight: str | list | None =
     rows = session.rows() if rows is None else rows
     baseline = rows[rows["status"] == "baseline"]["val_ppl"].dropna()
     best = best_kept(rows)
-    parts = [
-        "# program.md\n" + (session.root / "program.md").read_text(),
-        "# results so far (this branch)\n" + ledger_for_prompt(rows, ledger_rows),
-        f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}; "
-        f"run-to-run noise (std of {len(baseline)} baseline runs): {noise(rows) if noise(rows) is not None else 'n/a'}",
-    ]
+    knob = session.args.reply_format == "knob"  # a weak model chooses among named constants instead of writing code
+    # what changes least comes first: a server's prefix cache (llama.cpp, vLLM, OpenAI) then reuses program.md and
+    # train.py for every request until a change is kept, and reads only the ledger's new rows
+    code = ("# train.py's constants (current values and comments)\n" + knob_listing(train_py) if knob
+            else "# train.py (current)\n```python\n" + train_py + "```")
+    parts = ["# program.md\n" + (session.root / "program.md").read_text(), code,
+             "# results so far (this branch)\n" + ledger_for_prompt(rows, ledger_rows),
+             f"baseline val_ppl: {baseline.iloc[0] if len(baseline) else 'n/a'}; best kept val_ppl: {best or 'n/a'}; "
+             f"run-to-run noise (std of {len(baseline)} baseline runs): {noise(rows) if noise(rows) is not None else 'n/a'}"]
     if len(rows) and rows.iloc[-1]["status"] in ("crash", "timeout") and log_bytes:
         last = rows.iloc[-1]
         tail = log_tail(session.runs / str(int(last["experiment"])) / "train.log", log_bytes)
         parts.append(f"# the last run ({last['status']}: {last['reason']}) ended with this output\n{tail}")
     if isinstance(in_flight, str) and in_flight:
         parts.append(f"# in flight\nThis experiment is training now, its result not known yet: \"{in_flight}\". "
-                     "It is NOT in the train.py below. If it is kept, your change is applied on top of it: propose a "
+                     "It is NOT in the train.py above. If it is kept, your change is applied on top of it: propose a "
                      "different change that does not touch the same lines.")
     elif in_flight:  # --workers: several at once, each on the train.py it was proposed on
         listed = "\n".join(f"- \"{description}\" (on commit {parent[:8]})" for description, parent in in_flight)
         parts.append(f"# in flight\nThese experiments are training now on other GPUs, their results not known yet; "
-                     f"they are NOT in the train.py below:\n{listed}\nPropose something DIFFERENT from each of them, "
+                     f"they are NOT in the train.py above:\n{listed}\nPropose something DIFFERENT from each of them, "
                      "touching other lines: a change that is kept is applied on top of the others.")
     if redo:
         parts.append(f"# re-apply\nThis change won on an earlier train.py, but the changes kept since conflict with "
-                     f"it: \"{redo}\". Make the SAME change to the current train.py below.")
-    if session.args.reply_format == "knob":  # a weak model chooses among named constants instead of writing code
-        parts.append("# train.py's constants (current values and comments)\n" + knob_listing(train_py))
+                     f"it: \"{redo}\". Make the SAME change to the current train.py above.")
+    if knob:
         parts.append('Change ONE or TWO constants: reply {"description": "...", "set": {"NAME": "<value>"}}.')
         return [{"role": "system", "content": KNOB_SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
-    parts.append("# train.py (current)\n```python\n" + train_py + "```")
     parts.append("Propose ONE focused change to train.py in the reply format.")
     system = SYSTEM_PROMPT + (JSON_INSTRUCTIONS if session.args.reply_format == "json" else "")
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
 # How the prompt shrinks to fit the server's context, fullest first: (ledger rows shown, bytes of a crashed
 # run's log, repair history: every earlier reply / the last one / only the last error, without the reply)
 PROMPT_SIZES = ((LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "all"), (LEDGER_TAIL_ROWS, LOG_TAIL_BYTES, "last"),
@@ -171,6 +176,9 @@ def propose(session: Session, n: int, train_py: str, in_flight=None,
         atomic_write(folder / f"response{turn}.md", content or "")
         try:
             description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
+            if twin := scored_before(session, rows, new):
+                raise ReplyError(f"this change makes train.py exactly the file {twin} ran: its score is known. "
+                                 "Propose a different change")
             return {"description": description, "train_py": new, **tokens_since(spent, before), "seen": seen,
                     "base": train_py, "reply": (content, finish)}
         except ReplyError as exc:
@@ -178,6 +186,24 @@ def propose(session: Session, n: int, train_py: str, in_flight=None,
             log(f"experiment {n}: reply rejected (turn {turn + 1}): {one_line(error, 150)}")
             history.append((content or "", error))
     return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
+
+
+def scored_before(session: Session, rows: pd.DataFrame, train_py: str) -> str:
+    """The experiment of this branch that already ran and scored this exact train.py ("experiment 3 (discard,
+    val_ppl 41.2)"), else "". Git compares the files: train.py as committed for each scored row."""
+    scored = rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & rows["commit"].notna()]
+    if scored.empty:
+        return ""
+    git = ["git", "--git-dir", session.repo.git_dir, *[a for c in GIT_SAFE_CONFIG for a in ("-c", c)]]
+    # plain processes, not the session's Repo: a prefetch thread asks this while the main thread uses git
+    blob = subprocess.run(git + ["hash-object", "--no-filters", "--stdin"], capture_output=True, check=True,
+                          input=train_py.encode("utf-8", errors="replace")).stdout.strip()  # as atomic_write writes it
+    listed = subprocess.run(git + ["cat-file", "--batch-check=%(objectname)"], capture_output=True, check=True,
+                            input="".join(f"{commit}:train.py\n" for commit in scored["commit"]).encode()).stdout
+    for row, found in zip(scored.itertuples(), listed.splitlines()):
+        if found == blob:  # a commit the ledger names but git lacks answers "<name> missing"
+            return f"experiment {int(row.experiment)} ({row.status}, val_ppl {row.val_ppl:.4g})"
+    return ""
 
 
 def tokens_since(spent: list, start: int = 0) -> dict:
@@ -220,9 +246,12 @@ def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, 
             proposal = pending.result()
         finally:
             spent.extend(pending.spent)  # billed to experiment n whether it is used, replaced or failed
-        if proposal["base"] == base:  # the experiment in flight was not kept: same train.py
+        twin = "error" not in proposal and scored_before(session, session.rows(), proposal["train_py"])
+        if twin:  # asked for while the experiment it repeats was still running
+            log(f"experiment {n}: the prefetched change makes train.py exactly the file {twin} ran; asking again")
+        elif proposal["base"] == base:  # the experiment in flight was not kept: same train.py
             return {**proposal, **tokens_since(spent)}
-        if "error" not in proposal:  # it was kept: the same blocks must still apply on top of it
+        elif "error" not in proposal:  # it was kept: the same blocks must still apply on top of it
             try:
                 description, new = edit_train_py(base, *proposal["reply"], session.args.reply_format, blocks_only=True)
                 return {**proposal, "description": description, "train_py": new, "base": base, **tokens_since(spent)}

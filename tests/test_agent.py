@@ -50,6 +50,22 @@ def test_keep_then_discard(repo, llm):
     assert "NEVER STOP" in prompt and "lower the ppl" in prompt and "PPL = 18.0" in prompt
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["asked-after", "prefetched-meanwhile"])
+def test_a_change_that_remakes_a_scored_train_py_is_not_trained_again(repo, llm, pipeline):
+    """The same change twice (a weak model's habit): its score is known, so the LLM is asked for another."""
+    worse = edit("PPL = 20.0", "PPL = 21.0", "raise the ppl")
+    llm.push(worse, worse, edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"))
+    done = run_agent(repo, llm.url, "--max-experiments", "2", *([] if pipeline else ["--no-pipeline"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = ledger(repo)
+    assert rows["status"].tolist()[:3] == ["baseline", "discard", "keep"], rows
+    assert rows["val_ppl"].tolist()[:3] == [20.0, 21.0, 18.0]
+    assert "exactly the file experiment 1 (discard, val_ppl 21)" in done.stdout
+    if not pipeline:  # a repair turn: the LLM is told why
+        assert "exactly the file experiment 1" in llm.requests[2]["messages"][-1]["content"]
+    assert check_invariants(repo) == []
+
+
 def test_status_subcommand(repo, llm):
     run_agent(repo, llm.url, "--max-experiments", "1")
     done = run_agent(repo, llm.url, "status")
