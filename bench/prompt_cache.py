@@ -5,7 +5,7 @@ today's order (program.md, train.py, then the ledger) and in the earlier one (th
     python bench/prompt_cache.py [--discards 4]
 
 Each request asks for one token, so its time is the prompt's reading. prompt_n: the tokens the server read (the
-rest came from its cache). Each order starts from an unrelated prompt in the slot, so both first requests read all.
+rest came from its cache). Each order gets a fresh server: llama.cpp keeps earlier prompts' states besides the slot's.
 """
 import argparse
 import json
@@ -62,16 +62,15 @@ def main() -> None:
     prompts = [build_prompt(session, train_py, rows=rows) for rows in ledgers(args.discards)]
     orders = {"the ledger before train.py (before)": lambda user: ledger_first(user, train_py),
               "train.py before the ledger (now)": lambda user: user}
-    proc, url = start_llama_server()
     table = {}
-    try:
-        for name, order in orders.items():
-            ask(url, [{"role": "user", "content": "An unrelated question, to empty the slot's cache."}])
+    for name, order in orders.items():
+        proc, url = start_llama_server()
+        try:
             table[name] = [ask(url, [system, {"role": "user", "content": order(user["content"])}])
                            for system, user in prompts]
-    finally:
-        proc.kill()
-        proc.wait()
+        finally:
+            proc.kill()
+            proc.wait()
     print(header("The prompt's order and the server's prefix cache"))
     print(f"SmolLM2-135M-Instruct Q4_1 on a llama.cpp server (xllamacpp, 2 threads reading the prompt); the real "
           f"program.md and train.py; the prompt before the first proposal, then after each of {args.discards} "

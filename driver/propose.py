@@ -3,13 +3,14 @@ turns for a reply that does not apply; the next proposal asked for while the cur
 
 from __future__ import annotations
 
+import hashlib
 import json
-import subprocess
 import threading
 
+import git
 import pandas as pd
 
-from driver.common import GIT_SAFE_CONFIG, ReplyError, atomic_write, log, one_line
+from driver.common import ReplyError, atomic_write, log, one_line
 from driver.records import Proposal
 from driver.keep import best_kept, noise
 from driver.ledger import LEDGER_TAIL_ROWS, ledger_for_prompt
@@ -139,15 +140,17 @@ def overflow_error(message: str) -> str:
             "(llama-server -c 16384, vllm --max-model-len) or pass a smaller --max-tokens")
 
 
-def propose(session: Session, n: int, train_py: str, in_flight=None,
-            rows: pd.DataFrame | None = None, spent: list | None = None, redo: str | None = None) -> Proposal:
+def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.DataFrame | None = None,
+            spent: list | None = None, redo: str | None = None, scored: dict[str, str] | None = None) -> Proposal:
     """Ask the LLM for one change to `train_py`, with repair turns. Returns the description, the new
     text and the reply (for a later rebase), or the failure; with the tokens used and what it had seen.
     spent: each answered call's (prompt, completion) tokens are appended as it returns, so that a caller
-    that gives up on this proposal (a stop, an exception) can still bill them."""
+    that gives up on this proposal (a stop, an exception) can still bill them. rows, scored: the ledger and
+    scored_train_pys() as the main thread read them (a prefetch thread must not start git)."""
     folder = session.runs / str(n)
     folder.mkdir(parents=True, exist_ok=True)
     rows = session.rows() if rows is None else rows
+    scored = scored_train_pys(session, rows) if scored is None else scored
     seen = int(rows["experiment"].max()) if len(rows) else None
     spent = [] if spent is None else spent
     before = len(spent)
@@ -176,7 +179,7 @@ def propose(session: Session, n: int, train_py: str, in_flight=None,
         atomic_write(folder / f"response{turn}.md", content or "")
         try:
             description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
-            if twin := scored_before(session, rows, new):
+            if twin := scored_before(scored, new):
                 raise ReplyError(f"this change makes train.py exactly the file {twin} ran: its score is known. "
                                  "Propose a different change")
             return {"description": description, "train_py": new, **tokens_since(spent, before), "seen": seen,
@@ -188,22 +191,27 @@ def propose(session: Session, n: int, train_py: str, in_flight=None,
     return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
 
 
-def scored_before(session: Session, rows: pd.DataFrame, train_py: str) -> str:
-    """The experiment of this branch that already ran and scored this exact train.py ("experiment 3 (discard,
-    val_ppl 41.2)"), else "". Git compares the files: train.py as committed for each scored row."""
-    scored = rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & rows["commit"].notna()]
-    if scored.empty:
-        return ""
-    git = ["git", "--git-dir", session.repo.git_dir, *[a for c in GIT_SAFE_CONFIG for a in ("-c", c)]]
-    # plain processes, not the session's Repo: a prefetch thread asks this while the main thread uses git
-    blob = subprocess.run(git + ["hash-object", "--no-filters", "--stdin"], capture_output=True, check=True,
-                          input=train_py.encode("utf-8", errors="replace")).stdout.strip()  # as atomic_write writes it
-    listed = subprocess.run(git + ["cat-file", "--batch-check=%(objectname)"], capture_output=True, check=True,
-                            input="".join(f"{commit}:train.py\n" for commit in scored["commit"]).encode()).stdout
-    for row, found in zip(scored.itertuples(), listed.splitlines()):
-        if found == blob:  # a commit the ledger names but git lacks answers "<name> missing"
-            return f"experiment {int(row.experiment)} ({row.status}, val_ppl {row.val_ppl:.4g})"
-    return ""
+def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
+    """Each train.py this branch ran and scored, by its sha256, with what to tell the LLM ("experiment 3
+    (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a prefetch's) is taken
+    for one of train.py's strays and killed."""
+    found = {}
+    for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & rows["commit"].notna()].itertuples():
+        if row.commit not in session.train_py_digests:  # a commit never changes: read once a night
+            try:
+                data = (session.repo.commit(row.commit).tree / "train.py").data_stream.read()
+                session.train_py_digests[row.commit] = hashlib.sha256(data).hexdigest()
+            except (ValueError, KeyError, git.GitError):  # a commit the ledger names but git lacks
+                session.train_py_digests[row.commit] = ""
+        found.setdefault(session.train_py_digests[row.commit],
+                         f"experiment {int(row.experiment)} ({row.status}, val_ppl {row.val_ppl:.4g})")
+    found.pop("", None)
+    return found
+
+
+def scored_before(scored: dict[str, str], train_py: str) -> str:
+    """The experiment that already scored this exact train.py (as atomic_write writes it), else ""."""
+    return scored.get(hashlib.sha256(train_py.encode("utf-8", errors="replace")).hexdigest(), "")
 
 
 def tokens_since(spent: list, start: int = 0) -> dict:
@@ -219,7 +227,8 @@ class Prefetch(threading.Thread):
         super().__init__(daemon=True, name=f"propose-{n}")
         self.n = n
         self.spent: list[tuple[int, int]] = []
-        self.call = (session, n, base, in_flight, session.rows(), self.spent, redo)  # a snapshot: the ledger grows meanwhile
+        rows = session.rows()  # a snapshot: the ledger grows meanwhile
+        self.call = (session, n, base, in_flight, rows, self.spent, redo, scored_train_pys(session, rows))
         self.proposal: Proposal | None = None
         self.error: BaseException | None = None
         self.start()
@@ -246,7 +255,7 @@ def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, 
             proposal = pending.result()
         finally:
             spent.extend(pending.spent)  # billed to experiment n whether it is used, replaced or failed
-        twin = "error" not in proposal and scored_before(session, session.rows(), proposal["train_py"])
+        twin = "error" not in proposal and scored_before(scored_train_pys(session, session.rows()), proposal["train_py"])
         if twin:  # asked for while the experiment it repeats was still running
             log(f"experiment {n}: the prefetched change makes train.py exactly the file {twin} ran; asking again")
         elif proposal["base"] == base:  # the experiment in flight was not kept: same train.py

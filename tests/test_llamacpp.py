@@ -68,12 +68,14 @@ def llama_server():
 
 def check_knob_replies(repo: Path, rows) -> None:
     """A 135M model cannot copy code (0/20 apply in the code formats, bench/BENCHMARKS.md), but it can set a
-    constant: every reply is the schema's JSON object, and at least 2 of the 3 proposals apply and train."""
+    constant: every reply is the schema's JSON object, and at least 2 of the 3 proposals apply and train (with
+    the default repair turns: about 1 reply in 10 sets a constant to its value, a no-op)."""
     for _, row in rows.iloc[1:].iterrows():
-        reply = (repo / "runs" / TAG / str(row["experiment"]) / "response0.md").read_text()
-        description, changes = parse_knob_reply(reply)
-        assert 1 <= len(changes) <= MAX_KNOBS, reply
-        if row["status"] != "invalid":
+        replies = sorted((repo / "runs" / TAG / str(row["experiment"])).glob("response*.md"))
+        for reply in replies:
+            description, changes = parse_knob_reply(reply.read_text())
+            assert 1 <= len(changes) <= MAX_KNOBS, reply.read_text()
+        if row["status"] != "invalid":  # the last reply is the one applied
             assert row["description"] == description and isinstance(row["commit"], str)
     trained = rows.iloc[1:][rows.iloc[1:]["status"].isin(["keep", "discard"])]
     assert len(trained) >= 2 and trained["val_ppl"].notna().all(), "fewer than 2 of 3 knob proposals applied and trained"
@@ -83,7 +85,7 @@ def check_knob_replies(repo: Path, rows) -> None:
 
 def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_path):
     """SmolLM2-135M behind llama.cpp, in knob mode (the schema-constrained JSON reply): 3 proposals, at least
-    2 of which must apply and train. The prompt: a short program.md, the ledger and the real train.py's constants.
+    2 of which must apply and train. The prompt: a short program.md, the real train.py's constants and the ledger.
     (The code formats apply 0 of 20 of this model's replies.)"""
     experiments = 3
     repo = make_research_repo(tmp_path / "clone", real=True, MAX_STEPS=2)  # runs of 2 steps: the LLM's time is what counts
@@ -91,7 +93,7 @@ def test_knob_proposals_against_a_real_llm_server(llama_server, tiny_env, tmp_pa
     env = {k: v for k, v in tiny_env.items() if k != "AR_SUBMISSION"}
     start = time.time()
     done = run_agent(repo, llama_server["url"], "--max-experiments", str(experiments), "--timeout", "120",
-                     "--eval-windows", "1", "--reply-format", "knob", "--max-tokens", "400", "--repair-turns", "0",
+                     "--eval-windows", "1", "--reply-format", "knob", "--max-tokens", "400",
                      "--temperature", "0.7", "--llm-timeout", "300", "--max-failures", "99", timeout=1200, **env)
     assert done.returncode == 0, done.stdout[-4000:]
     rows = ledger(repo)

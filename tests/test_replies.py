@@ -47,6 +47,21 @@ def test_json_reply_format_parses_and_applies():
         edit_train_py(TRAIN_PY, '{"description": "x"}', "stop", "json")
 
 
+def outcomes_through_the_driver(names: list[str]) -> list[str]:
+    """Each reply's outcome in the driver, in turn: a reply that applies but makes train.py exactly the file an
+    earlier one made (the corpus says one thing several ways) is a repair turn, its score being known."""
+    outcomes, made = [], set()
+    for name in names:
+        want = EXPECTED[name]
+        if want["outcome"] != "ok":
+            outcomes.append(want["outcome"])
+            continue
+        new = edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")[1]
+        outcomes.append("twin" if new in made else "ok")
+        made.add(new)
+    return outcomes
+
+
 def experiments_needed(outcomes: list[str]) -> int:
     """How many experiments the driver spends on the corpus: up to 1 + MAX_REPAIR_TURNS replies each."""
     count, turn = 0, 0
@@ -79,8 +94,10 @@ def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
     names = sorted(EXPECTED)
     llm = FakeLLM([{"content": reply_text(n), "finish_reason": EXPECTED[n]["finish_reason"]} for n in names])
     try:
-        n = experiments_needed([EXPECTED[n]["outcome"] for n in names])
-        done = run_agent(repo, llm.url, "--max-experiments", str(n), "--max-failures", "999", timeout=600)
+        outcomes = outcomes_through_the_driver(names)
+        n = experiments_needed(outcomes)
+        # not pipelined: a twin found before its experiment runs costs a repair turn, never a fresh proposal
+        done = run_agent(repo, llm.url, "--max-experiments", str(n), "--max-failures", "999", "--no-pipeline", timeout=600)
     finally:
         llm.close()
     assert done.returncode == 0, done.stdout[-3000:]
@@ -88,10 +105,13 @@ def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
     rows = ledger(repo)
     assert len(rows) == n + 1
     assert (rows["status"] == "invalid").sum() >= 10 and rows[rows["status"] == "invalid"]["reason"].str.len().min() > 10
-    # every reply that applies becomes one scored experiment commit (no gain over the baseline: discarded)
+    # every reply that applies becomes one scored experiment commit (no gain over the baseline: discarded), but
+    # one that remakes a file already scored
     assert rows.iloc[0]["status"] == "baseline" and rows.iloc[0]["val_ppl"] == 20.0
     applied = rows[rows["commit"].notna() & (rows["status"] != "baseline")]
-    assert len(applied) == sum(want["outcome"] == "ok" for want in EXPECTED.values())
+    assert len(applied) == outcomes.count("ok") and outcomes.count("twin") >= 1
+    rejected = [line for line in done.stdout.splitlines() if "reply rejected" in line]
+    assert sum("exactly the file experiment" in line for line in rejected) == outcomes.count("twin")
     assert set(applied["status"]) == {"discard"} and (applied["val_ppl"] == 20.0).all()
     assert set(rows["status"][1:]) == {"invalid", "discard"}
     # discarded, so off the branch: each commit is read from the ledger (check_invariants ties it to its ref)
