@@ -24,6 +24,7 @@ from driver.record import append_invalid
 MESSAGE_OVERHEAD_TOKENS = 8    # a chat template's tokens around each message
 CONTEXT_MARGIN_TOKENS = 64     # slack for the template and the estimate
 MIN_REPLY_TOKENS = 1024        # the prompt shrinks until at least this much is left for the reply
+COMMIT_ID = r"[0-9a-f]{40}|[0-9a-f]{64}"  # as the driver writes a commit: its full id (SHA-1 or SHA-256)
 SCORED = ("baseline", "keep", "discard")  # a train.py with a score: running it again would measure only the noise
 SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
 training in train.py. Each reply proposes exactly ONE focused change to train.py; it is committed, \
@@ -196,12 +197,13 @@ def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
     (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a prefetch's) is taken
     for one of train.py's strays and killed."""
     found = {}
-    for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & rows["commit"].notna()].itertuples():
+    named = rows["commit"].astype(str).str.fullmatch(COMMIT_ID)  # never a name like HEAD~2 a hand edit left
+    for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & named].itertuples():
         if row.commit not in session.train_py_digests:  # a commit never changes: read once a night
             try:
                 data = (session.repo.commit(row.commit).tree / "train.py").data_stream.read()
                 session.train_py_digests[row.commit] = hashlib.sha256(data).hexdigest()
-            except (ValueError, KeyError, git.GitError):  # a commit the ledger names but git lacks
+            except (ValueError, KeyError, git.GitError, git.BadName, git.BadObject):  # a commit git lacks
                 session.train_py_digests[row.commit] = ""
         found.setdefault(session.train_py_digests[row.commit],
                          f"experiment {int(row.experiment)} ({row.status}, val_ppl {row.val_ppl:.4g})")

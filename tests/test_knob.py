@@ -1,12 +1,9 @@
 """Knob edits (--reply-format knob): the reply sets one or two of train.py's constants, checked before it runs."""
 import json
-import os
 
-import pandas as pd
 import pytest
 
 import agent
-from prepare import LEDGER_COLUMNS
 from driver.common import ReplyError
 from driver.knobs import KNOB_FLOAT_PATTERN, KNOB_INT_PATTERN, MAX_KNOBS, find_knobs, knob_schema, set_knobs
 from driver.edits import edit_train_py
@@ -85,19 +82,6 @@ def test_knob_prompt_lists_constants_instead_of_code(tmp_path):
     assert 'LAMBDA_SCHEDULE = "linear"  # linear | cosine | exponential | two_phase | constant' in user
     assert "LR = 3e-4\n" in user and "def lambda_at" not in user and "NEVER STOP" in user
     assert '"set"' in messages[0]["content"] and "SEARCH" not in messages[0]["content"]
-
-
-@pytest.mark.parametrize("reply_format", ["text", "knob"])
-def test_the_prompt_puts_what_changes_least_first_for_the_servers_prefix_cache(tmp_path, reply_format):
-    """A discard leaves program.md and train.py as they were: the next prompt differs only after them."""
-    repo = make_research_repo(tmp_path / "r", real=True)
-    session = open_session(agent.parse_args(["--repo", str(repo), "--reply-format", reply_format]))
-    first = {c: None for c in LEDGER_COLUMNS} | {"experiment": 0, "status": "baseline", "val_ppl": 40.0}
-    later = [first, first | {"experiment": 1, "status": "discard", "val_ppl": 41.0, "description": "x"}]
-    before, after = (build_prompt(session, TRAIN_PY, rows=pd.DataFrame(rows))[1]["content"] for rows in ([first], later))
-    shared = os.path.commonprefix([before, after])
-    assert "NEVER STOP" in shared and ("LR = 3e-4\n" if reply_format == "knob" else TRAIN_PY) in shared
-    assert "discard" in after[len(shared):]
 
 
 # ---------------------------------------------------------------- the rewrite

@@ -1,0 +1,48 @@
+"""The proposer's side of an experiment before it runs: the prompt's order (for a server's prefix cache) and the
+train.py files already scored, which a proposal may not remake."""
+import os
+
+import git
+import pandas as pd
+import pytest
+
+import agent
+from driver.propose import build_prompt, scored_before, scored_train_pys
+from driver.session import open_session
+from driver_helpers import ROOT, make_research_repo
+from prepare import LEDGER_COLUMNS
+
+TRAIN_PY = (ROOT / "train.py").read_text()
+
+
+def ledger_rows(*rows: dict) -> pd.DataFrame:
+    return pd.DataFrame([{c: None for c in LEDGER_COLUMNS} | row for row in rows])
+
+
+@pytest.mark.parametrize("reply_format", ["text", "knob"])
+def test_the_prompt_puts_what_changes_least_first_for_the_servers_prefix_cache(tmp_path, reply_format):
+    """A discard leaves program.md and train.py as they were: the next prompt differs only after them."""
+    repo = make_research_repo(tmp_path / "r", real=True)
+    session = open_session(agent.parse_args(["--repo", str(repo), "--reply-format", reply_format]))
+    first = {"experiment": 0, "status": "baseline", "val_ppl": 40.0}
+    later = (first, {"experiment": 1, "status": "discard", "val_ppl": 41.0, "description": "x"})
+    before, after = (build_prompt(session, TRAIN_PY, rows=ledger_rows(*rows))[1]["content"] for rows in ((first,), later))
+    shared = os.path.commonprefix([before, after])
+    assert "NEVER STOP" in shared and ("LR = 3e-4\n" if reply_format == "knob" else TRAIN_PY) in shared
+    assert "discard" in after[len(shared):]
+
+
+def test_scored_files_are_read_from_git_and_a_commit_git_lacks_is_passed_over(tmp_path):
+    """The ledger's commit cells name what ran; one git does not know (a ledger copied from another clone, a
+    hand edit) is no twin of anything, and never stops the night."""
+    repo = make_research_repo(tmp_path / "r")
+    session = open_session(agent.parse_args(["--repo", str(repo)]))
+    head = git.Repo(repo).head.commit.hexsha
+    rows = ledger_rows(*[{"experiment": n, "status": "discard", "val_ppl": 21.0, "commit": bad}
+                         for n, bad in enumerate(["0" * 40, "deadbeef", "--help", "HEAD:README.md", "HEAD", None], 1)],
+                       {"experiment": 7, "status": "crash", "commit": head},  # no score: may be tried again
+                       {"experiment": 8, "status": "baseline", "val_ppl": 20.0, "commit": head})
+    found = scored_train_pys(session, rows)
+    assert list(found.values()) == ["experiment 8 (baseline, val_ppl 20)"]
+    assert scored_before(found, (repo / "train.py").read_text()) == "experiment 8 (baseline, val_ppl 20)"
+    assert scored_before(found, (repo / "train.py").read_text() + "\n") == ""
