@@ -198,7 +198,8 @@ def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
     for one of train.py's strays and killed."""
     found = {}
     named = rows["commit"].astype(str).str.fullmatch(COMMIT_ID)  # never a name like HEAD~2 a hand edit left
-    for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & named].itertuples():
+    numbered = rows["experiment"].notna()  # a hand edit's empty (or inf) number names no experiment to the LLM
+    for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & named & numbered].itertuples():
         if row.commit not in session.train_py_digests:  # a commit never changes: read once a night
             try:
                 data = (session.repo.commit(row.commit).tree / "train.py").data_stream.read()

@@ -1,0 +1,20 @@
+"""Round 5 of attacks on the proposer's side: the prompt's order (for a server's prefix cache) and the twin check
+(a proposal may not remake a train.py this branch already scored), against hostile ledgers and odd replies."""
+from driver_helpers import edit, ledger, run_agent
+
+
+def test_a_scored_row_without_an_experiment_number_never_stops_the_night(baseline_repo, llm):
+    """A hand edit (or a train.py that wrote results.tsv) left a scored row whose experiment cell is empty or inf
+    (read as empty): the twin check names rows by number, and int(nan) ended the night with a traceback."""
+    repo = baseline_repo
+    path = repo / "results.tsv"
+    header, baseline = path.read_text().splitlines()[:2]
+    cells = dict(zip(header.split("\t"), baseline.split("\t")))
+    for number in ("", "inf"):
+        path.write_text(path.read_text() + "\t".join({**cells, "experiment": number, "status": "discard"}.values()) + "\n")
+    llm.push(edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"))
+    done = run_agent(repo, llm.url, "--max-experiments", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["baseline", "discard", "discard", "keep"], rows
+    assert rows["experiment"].iloc[-1] == 1 and rows["val_ppl"].iloc[-1] == 18.0
