@@ -12,7 +12,7 @@ import pandas as pd
 
 from driver.common import ReplyError, atomic_write, log, one_line
 from driver.records import Proposal
-from driver.keep import best_kept, noise
+from driver.keep import best_kept, night_protocol, noise, same_protocol
 from driver.ledger import LEDGER_TAIL_ROWS, ledger_for_prompt
 from driver.runner import LOG_TAIL_BYTES, log_tail
 from driver.knobs import KNOB_SYSTEM_PROMPT, knob_listing, knob_schema
@@ -193,10 +193,11 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
 
 
 def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
-    """Each train.py this branch ran and scored, by its sha256, with what to tell the LLM ("experiment 3
-    (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a prefetch's) is taken
-    for one of train.py's strays and killed."""
+    """Each train.py this branch ran and scored under this start's protocol, by its sha256, with what to tell the
+    LLM ("experiment 3 (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a
+    prefetch's) is taken for one of train.py's strays and killed."""
     found = {}
+    rows = same_protocol(rows, night_protocol(session.args))  # a smoke run's score is no full night's: not known
     named = rows["commit"].astype(str).str.fullmatch(COMMIT_ID)  # never a name like HEAD~2 a hand edit left
     numbered = rows["experiment"].notna()  # a hand edit's empty (or inf) number names no experiment to the LLM
     for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & named & numbered].itertuples():

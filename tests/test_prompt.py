@@ -16,7 +16,7 @@ TRAIN_PY = (ROOT / "train.py").read_text()
 
 
 def ledger_rows(*rows: dict) -> pd.DataFrame:
-    return pd.DataFrame([{c: None for c in LEDGER_COLUMNS} | row for row in rows])
+    return pd.DataFrame([{c: None for c in LEDGER_COLUMNS} | {"protocol": "v1"} | row for row in rows])
 
 
 @pytest.mark.parametrize("reply_format", ["text", "knob"])
