@@ -1,5 +1,6 @@
 """Round 5 of attacks on the proposer's side: the prompt's order (for a server's prefix cache) and the twin check
-(a proposal may not remake a train.py this branch already scored), against hostile ledgers and odd replies."""
+(a proposal may not remake a train.py this branch already scored), against a hand-edited ledger and a second
+protocol on the same tag."""
 from driver_helpers import check_invariants, edit, ledger, run_agent
 
 
