@@ -53,13 +53,13 @@ def tiny_world(out: Path) -> tuple[Path, dict]:
                   "AR_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
 
 
-def start_llama_server() -> tuple[subprocess.Popen, str]:
+def start_llama_server(n_ctx: int = 8192) -> tuple[subprocess.Popen, str]:
     """A llama.cpp server (xllamacpp) with SmolLM2-135M-Instruct on a free port: (the process, its /v1 URL)."""
     from conftest import smollm2_gguf
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(smollm2_gguf()), str(port)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(smollm2_gguf()), str(port), str(n_ctx)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     for _ in range(180):
         try:

@@ -19,6 +19,8 @@ import prepare
 from driver.common import FatalError, atomic_write_bytes, one_line, temp_path
 
 LEDGER_TAIL_ROWS = 30          # rows of history shown to the LLM, besides every keep
+LEDGER_WINDOW_STEP = 10        # those rows' window moves this many at a time: in between, a new row only adds to
+                               # the prompt's end, and a server's prefix cache reuses the rows shown before
 REQUIRED_COLUMNS = {"experiment", "branch", "commit", "status", "val_ppl"}
 
 # the last parse of each ledger, by its exact bytes: the driver reads the ledger some ten times an experiment, and
@@ -150,15 +152,19 @@ def save_backup(ledger: Path, backup: Path) -> None:
 
 
 def ledger_for_prompt(rows: pd.DataFrame, tail: int = LEDGER_TAIL_ROWS) -> str:
-    """Every keep and the last `tail` rows; a prompt shrunk to fit the context shows only the last keeps."""
+    """Every keep and the last `tail` rows (up to LEDGER_WINDOW_STEP - 1 more, so that the window starts on a
+    multiple of the step); a prompt shrunk to fit the context shows only the last keeps and `tail` rows."""
     if rows.empty:
         return "(no experiments yet)"
     cols = ["experiment", "status", "val_ppl", "description", "reason"]
     if rows["protocol"].dropna().nunique() > 1:  # scores of different protocols do not compare: say which is which
         cols.insert(3, "protocol")
     keeps = rows[rows["status"] == "keep"]
-    keeps = keeps if tail >= LEDGER_TAIL_ROWS else keeps.tail(tail)
-    shown = pd.concat([keeps, rows.tail(tail)]).drop_duplicates()
+    if tail >= LEDGER_TAIL_ROWS:
+        recent = rows.iloc[max(0, len(rows) - tail) // LEDGER_WINDOW_STEP * LEDGER_WINDOW_STEP:]
+    else:
+        keeps, recent = keeps.tail(tail), rows.tail(tail)
+    shown = pd.concat([keeps, recent]).drop_duplicates()
     shown = shown.sort_values("experiment")[cols].copy()
     shown["reason"] = shown["reason"].fillna("").map(lambda r: one_line(r, 120))
     counts = rows["status"].value_counts().to_dict()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import agent
+from driver.ledger import LEDGER_TAIL_ROWS, LEDGER_WINDOW_STEP, ledger_for_prompt
 from driver.propose import build_prompt, scored_before, scored_train_pys
 from driver.session import open_session
 from driver_helpers import ROOT, make_research_repo
@@ -46,3 +47,15 @@ def test_scored_files_are_read_from_git_and_a_commit_git_lacks_is_passed_over(tm
     assert list(found.values()) == ["experiment 8 (baseline, val_ppl 20)"]
     assert scored_before(found, (repo / "train.py").read_text()) == "experiment 8 (baseline, val_ppl 20)"
     assert scored_before(found, (repo / "train.py").read_text() + "\n") == ""
+
+
+def test_the_ledgers_window_moves_in_steps_so_a_new_row_only_adds_to_the_prompts_end():
+    rows = ledger_rows(*[{"experiment": n, "status": "discard", "val_ppl": 30.0 + n, "description": f"change {n}"}
+                         for n in range(75)])
+    for n in range(2, 75):
+        before, after = ledger_for_prompt(rows.iloc[:n]), ledger_for_prompt(rows.iloc[:n + 1])
+        table = before.split("\n(of ")[0]  # the counts line at the end changes with every row
+        shown = len(after.split("\n(of ")[0].splitlines()) - 1
+        assert LEDGER_TAIL_ROWS <= shown < LEDGER_TAIL_ROWS + LEDGER_WINDOW_STEP or shown == n + 1
+        moved = n + 1 > LEDGER_TAIL_ROWS and (n + 1 - LEDGER_TAIL_ROWS) % LEDGER_WINDOW_STEP == 0
+        assert after.startswith(table) != moved, n
