@@ -8,6 +8,7 @@ import contextlib
 import difflib
 import json
 import re
+from typing import Callable
 
 from driver.common import ReplyError, one_line
 
@@ -70,14 +71,15 @@ KNOB_INT_PATTERN = r"^[0-9]{1,7}$"
 KNOB_FLOAT_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?([eE]-?[0-9]{1,2})?$"
 
 
-def knob_value_schema(knob: dict) -> dict:
+def knob_value_schema(knob: dict, known: Callable[[object], bool] = lambda option: False) -> dict | None:
     """What a server that enforces the schema lets the model write for this constant (as Python literal text):
     one of its other options, the other bool, or a number; anything else any short text. A small model then
-    cannot write prose for a number or repeat the current option (a no-op)."""
+    cannot write prose for a number or repeat the current option (a no-op). known(option): setting it remakes a
+    train.py already scored (a small model undoing a kept change): not offered. None: nothing left to offer."""
     value, options = knob["value"], knob["options"]
     if options or isinstance(value, bool):
-        others = [o for o in (options or [True, False]) if not (o == value and type(o) is type(value))]
-        return {"type": "string", "enum": [literal_text(o) for o in others]}
+        others = [o for o in (options or [True, False]) if not (o == value and type(o) is type(value)) and not known(o)]
+        return {"type": "string", "enum": [literal_text(o) for o in others]} if others else None
     if isinstance(value, int):
         return {"type": "string", "pattern": KNOB_INT_PATTERN}
     if isinstance(value, float) or value is None:
@@ -85,9 +87,19 @@ def knob_value_schema(knob: dict) -> dict:
     return {"type": "string", "maxLength": 40}
 
 
-def knob_schema(train_py: str) -> dict:
-    """The reply's JSON schema, built from train.py as it is now: NAME is an enum of its constants."""
-    knobs = find_knobs(train_py)
+def knob_schema(train_py: str, known: Callable[[str], bool] = lambda text: False) -> dict:
+    """The reply's JSON schema, built from train.py as it is now: NAME is an enum of its constants. known(text):
+    that train.py was already scored, so no option that makes it is offered."""
+    def remakes_known(name: str) -> Callable[[object], bool]:
+        def check(option) -> bool:
+            try:
+                return known(set_knobs(train_py, {name: literal_text(option)}))
+            except ReplyError:  # an option the checks refuse is no scored file either
+                return False
+        return check
+
+    values = {name: knob_value_schema(knob, remakes_known(name)) for name, knob in find_knobs(train_py).items()}
+    knobs = {name: schema for name, schema in values.items() if schema is not None}
     return {
         "type": "object", "additionalProperties": False, "required": ["description", "set"],
         "properties": {
@@ -97,7 +109,7 @@ def knob_schema(train_py: str) -> dict:
             "set": {"type": "object", "propertyNames": {"enum": list(knobs)}, "minProperties": 1,
                     "maxProperties": MAX_KNOBS,
                     "anyOf": [{"type": "object", "additionalProperties": False, "required": [name],
-                               "properties": {name: knob_value_schema(knob)}} for name, knob in knobs.items()]},
+                               "properties": {name: schema}} for name, schema in knobs.items()]},
         },
     }
 

@@ -157,7 +157,9 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
     before = len(spent)
     history: list[tuple[str, str]] = []
     error = ""
-    schema = knob_schema(train_py) if session.args.reply_format == "knob" else None  # built from train.py as it is now
+    schema = None  # knob: built from train.py as it is now, without the options that remake a scored train.py
+    if session.args.reply_format == "knob":
+        schema = knob_schema(train_py, lambda text: bool(scored_before(scored, text)))
     for turn in range(session.args.repair_turns + 1):
         squeeze = False
         while True:  # a request the server finds too long: shrink it and try once more

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import agent
+from driver.knobs import find_knobs, knob_schema, set_knobs
 from driver.ledger import LEDGER_TAIL_ROWS, LEDGER_WINDOW_STEP, ledger_for_prompt
 from driver.propose import build_prompt, scored_before, scored_train_pys
 from driver.session import open_session
@@ -59,3 +60,16 @@ def test_the_ledgers_window_moves_in_steps_so_a_new_row_only_adds_to_the_prompts
         assert LEDGER_TAIL_ROWS <= shown < LEDGER_TAIL_ROWS + LEDGER_WINDOW_STEP or shown == n + 1
         moved = n + 1 > LEDGER_TAIL_ROWS and (n + 1 - LEDGER_TAIL_ROWS) % LEDGER_WINDOW_STEP == 0
         assert after.startswith(table) != moved, n
+
+
+def test_the_knob_schema_offers_no_option_that_remakes_a_scored_train_py():
+    """A small model undoes a kept change (a CI run: "constant" kept, then "linear" twice): a server that
+    enforces the schema cannot write an option that remakes a file already scored."""
+    kept = set_knobs(TRAIN_PY, {"LAMBDA_SCHEDULE": '"constant"'})
+    compiled = set_knobs(kept, {"COMPILE": str(not find_knobs(kept)["COMPILE"]["value"])})
+    schema = knob_schema(kept, lambda text: text in (TRAIN_PY, compiled))
+    offered = {name: branch["properties"][name] for branch in schema["properties"]["set"]["anyOf"]
+               for name in branch["properties"]}
+    assert offered["LAMBDA_SCHEDULE"]["enum"] == ['"cosine"', '"exponential"', '"two_phase"']  # not linear, the baseline
+    assert "COMPILE" not in offered and "COMPILE" not in schema["properties"]["set"]["propertyNames"]["enum"]
+    assert offered["LR"] == knob_schema(kept)["properties"]["set"]["anyOf"][list(offered).index("LR")]["properties"]["LR"]

@@ -264,7 +264,9 @@ def test_a_killed_driver_removes_the_runs_leftovers_at_its_restart(needs_landloc
 """
     try:
         llm.push(attack_reply(body, SHM / prefix, "write, then train for long"))
-        proc = start_agent(repo, llm.url, "--max-experiments", "1")
+        # a limit far past the run's write: under load its imports took most of the helpers' 10 s, and the run's
+        # end removed the file before the test looked (a CI run)
+        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--timeout", "120")
         log = repo / "runs" / TAG / "1" / "train.log"
         end, found = time.time() + 120, None
         while time.time() < end and not found:
