@@ -257,16 +257,16 @@ def test_a_killed_driver_removes_the_runs_leftovers_at_its_restart(needs_landloc
     prefix = f"ar-trust-{uuid.uuid4().hex}"
     body = """
     path = Path(str(SHM) + f"-{os.getpid()}")
-    path.write_bytes(b"weights")
+    held = open(path, "wb")  # held open, as torch holds its shared memory: another test's driver, whose run
+    held.write(b"weights")   # ended meanwhile, removed a closed file created during its run (a CI run)
+    held.flush()
     (Path.cwd() / "weights.pt").write_bytes(b"weights")
     print("WROTE", path, flush=True)
     time.sleep(60)
 """
     try:
         llm.push(attack_reply(body, SHM / prefix, "write, then train for long"))
-        # a limit far past the run's write: under load its imports took most of the helpers' 10 s, and the run's
-        # end removed the file before the test looked (a CI run)
-        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--timeout", "120")
+        proc = start_agent(repo, llm.url, "--max-experiments", "1", "--timeout", "120")  # never ends on its own
         log = repo / "runs" / TAG / "1" / "train.log"
         end, found = time.time() + 120, None
         while time.time() < end and not found:
