@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from pathlib import Path
 
 import git
 import pandas as pd
@@ -157,6 +158,7 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
     before = len(spent)
     history: list[tuple[str, str]] = []
     error = ""
+    first = next_turn(folder)
     schema = None  # knob: built from train.py as it is now, without the options that remake a scored train.py
     if session.args.reply_format == "knob":
         schema = knob_schema(train_py, lambda text: bool(scored_before(scored, text)))
@@ -164,7 +166,7 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
         squeeze = False
         while True:  # a request the server finds too long: shrink it and try once more
             messages, max_tokens = fitted_request(session, train_py, in_flight, rows, history, squeeze, redo)
-            atomic_write(folder / f"prompt{turn}.json", json.dumps(messages, indent=1))
+            atomic_write(folder / f"prompt{first + turn}.json", json.dumps(messages, indent=1))
             try:
                 content, finish, p_tok, c_tok = chat(session, messages, max_tokens, schema)
                 break
@@ -179,7 +181,7 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
                 session.chars_per_token = max(session.chars_per_token * 0.8, 1.0)  # the estimate was short
                 log(f"experiment {n}: the LLM refused the prompt as too long ({exc}); shrinking it and asking again")
         spent.append((p_tok, c_tok))
-        atomic_write(folder / f"response{turn}.md", content or "")
+        atomic_write(folder / f"response{first + turn}.md", content or "")
         try:
             description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
             if twin := scored_before(scored, new):
@@ -192,6 +194,14 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
             log(f"experiment {n}: reply rejected (turn {turn + 1}): {one_line(error, 150)}")
             history.append((content or "", error))
     return {"error": error, **tokens_since(spent, before), "seen": seen, "base": train_py}
+
+
+def next_turn(folder: Path) -> int:
+    """The number of the next prompt and reply file: a second ask for the same experiment (after a prefetch that
+    cannot be used, a pool's re-ask, a killed driver's) keeps the first ask's files beside its own."""
+    numbers = [int(p.stem.removeprefix(stem)) for stem in ("prompt", "response") for p in folder.glob(f"{stem}*")
+               if p.stem.removeprefix(stem).isdigit()]
+    return max(numbers, default=-1) + 1
 
 
 def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:

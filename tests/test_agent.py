@@ -54,7 +54,8 @@ def test_keep_then_discard(repo, llm):
 def test_a_change_that_remakes_a_scored_train_py_is_not_trained_again(repo, llm, pipeline):
     """The same change twice (a weak model's habit): its score is known, so the LLM is asked for another."""
     worse = edit("PPL = 20.0", "PPL = 21.0", "raise the ppl")
-    llm.push(worse, worse, edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"))
+    llm_lower = edit("PPL = 20.0", "PPL = 18.0", "lower the ppl")
+    llm.push(worse, worse, llm_lower)
     done = run_agent(repo, llm.url, "--max-experiments", "2", *([] if pipeline else ["--no-pipeline"]))
     assert done.returncode == 0, done.stdout + done.stderr
     rows = ledger(repo)
@@ -63,6 +64,13 @@ def test_a_change_that_remakes_a_scored_train_py_is_not_trained_again(repo, llm,
     assert "exactly the file experiment 1 (discard, val_ppl 21)" in done.stdout
     if not pipeline:  # a repair turn: the LLM is told why
         assert "exactly the file experiment 1" in llm.requests[2]["messages"][-1]["content"]
+    # every reply for experiment 2 is kept, in the order asked, whether it was a repair turn or a fresh ask
+    # after a prefetch (a fresh ask once wrote response0.md over the prefetch's)
+    folder = repo / "runs" / TAG / "2"
+    replies = [folder / f"response{i}.md" for i in range(2)]
+    assert [r.read_text() for r in replies] == [worse, llm_lower], replies
+    assert sorted(p.name for p in folder.glob("response*.md")) == ["response0.md", "response1.md"]
+    assert sorted(p.name for p in folder.glob("prompt*.json")) == ["prompt0.json", "prompt1.json"]
     assert check_invariants(repo) == []
 
 

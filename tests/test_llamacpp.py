@@ -80,7 +80,8 @@ def check_knob_replies(repo: Path, rows) -> None:
     default repair turns: about 1 reply in 10 sets a constant to its value, a no-op). What a change does to the
     run is the model's choice: a crash counts as applied."""
     for _, row in rows.iloc[1:].iterrows():
-        replies = sorted((repo / "runs" / TAG / str(row["experiment"])).glob("response*.md"))
+        replies = sorted((repo / "runs" / TAG / str(row["experiment"])).glob("response*.md"),
+                         key=lambda p: int(p.stem.removeprefix("response")))  # in the order asked: 10 after 9
         for reply in replies:
             description, changes = parse_knob_reply(reply.read_text())
             assert 1 <= len(changes) <= MAX_KNOBS, reply.read_text()
