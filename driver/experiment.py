@@ -8,7 +8,7 @@ import json
 import git
 import pandas as pd
 
-from driver.common import FatalError, atomic_write, log, one_line, remove_tree, sha256_file
+from driver.common import FatalError, atomic_write, atomic_write_bytes, log, one_line, remove_tree, sha256_file
 from driver.records import ExperimentState, RunResult
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, baseline_failures,
                          confirmation_needed, keep_rule, night_protocol, scored_baselines)
@@ -209,7 +209,8 @@ def apply_and_commit(session: Session, st: ExperimentState) -> ExperimentState:
     if head.hexsha != parent and head.parents and head.parents[0].hexsha == parent:
         commit = head.hexsha  # committed just before the driver was stopped
     else:
-        atomic_write(session.root / "train.py", (session.runs / str(st["experiment"]) / "proposed_train.py").read_text())
+        proposed = session.runs / str(st["experiment"]) / "proposed_train.py"
+        atomic_write_bytes(session.root / "train.py", proposed.read_bytes())  # as is: a reply's \r stays a \r
         # the trailer makes each experiment's commit unique (an identical change proposed twice in the
         # same second would otherwise give the same hash), so the ledger's commit column is a key
         commit = commit_train_py(session, f"{st['description']}\n\nautoresearch experiment {st['experiment']}")
