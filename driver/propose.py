@@ -266,25 +266,37 @@ def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, 
     """The prefetched proposal if it still applies to train.py as it is now, else a fresh one. spent gathers
     every answered call's tokens for experiment n, the abandoned prefetch's included."""
     spent = [] if spent is None else spent
+    rows = session.rows()
+    scored = scored_train_pys(session, rows)  # the experiment in flight when it was asked for has a score now
     if pending is not None:
         try:
             proposal = pending.result()
         finally:
             spent.extend(pending.spent)  # billed to experiment n whether it is used, replaced or failed
-        twin = "error" not in proposal and scored_before(scored_train_pys(session, session.rows()), proposal["train_py"])
-        if twin:  # asked for while the experiment it repeats was still running
-            log(f"experiment {n}: the prefetched change makes train.py exactly the file {twin} ran; asking again")
-        elif proposal["base"] == base:  # the experiment in flight was not kept: same train.py
-            return {**proposal, **tokens_since(spent)}
-        elif "error" not in proposal:  # it was kept: the same blocks must still apply on top of it
-            try:
-                description, new = edit_train_py(base, *proposal["reply"], session.args.reply_format, blocks_only=True)
-                return {**proposal, "description": description, "train_py": new, "base": base, **tokens_since(spent)}
-            except ReplyError as exc:
-                log(f"experiment {n}: the prefetched change does not apply on top of the kept one ({one_line(exc, 100)}); "
-                    "asking again")
-    fresh = propose(session, n, base, spent=spent)
+        if (usable := prefetched_on(session, n, base, proposal, scored)) is not None:
+            return {**usable, **tokens_since(spent)}
+    fresh = propose(session, n, base, rows=rows, spent=spent, scored=scored)
     return {**fresh, **tokens_since(spent)}
+
+
+def prefetched_on(session: Session, n: int, base: str, proposal: Proposal, scored: dict[str, str]) -> Proposal | None:
+    """A prefetched proposal as it applies to train.py now (base), or None to ask again: when the experiment in
+    flight was kept, the reply's blocks must apply on top of it; either way, the train.py it makes must not be
+    one already scored."""
+    if "error" in proposal:  # its rejection stands, unless it was about a train.py since replaced
+        return proposal if proposal["base"] == base else None
+    if proposal["base"] != base:
+        try:
+            description, new = edit_train_py(base, *proposal["reply"], session.args.reply_format, blocks_only=True)
+        except ReplyError as exc:
+            log(f"experiment {n}: the prefetched change does not apply on top of the kept one ({one_line(exc, 100)}); "
+                "asking again")
+            return None
+        proposal = {**proposal, "description": description, "train_py": new, "base": base}
+    if twin := scored_before(scored, proposal["train_py"]):
+        log(f"experiment {n}: the prefetched change makes train.py exactly the file {twin} ran; asking again")
+        return None
+    return proposal
 
 
 def abandon(session: Session, pending: Prefetch, why: str) -> None:
