@@ -35,7 +35,7 @@ from driver.session import Session, budget_left, stop_reason
 from driver.checkout import git_identity, merge, restore_tree, tree_changes
 from driver.record import (append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger,
                            recorded_status)
-from driver.propose import Prefetch, abandon, tokens_since
+from driver.propose import Prefetch, abandon, scored_before, scored_train_pys, tokens_since
 from driver.experiment import next_experiment
 from driver import worker
 from driver.cluster import start_ray
@@ -181,6 +181,17 @@ class Pool:
                 not any(p.n == pending.n for p in self.asking):  # ran, or recorded without running
             self.forget({"experiment": pending.n})  # a re-proposal's state (kind redo) once its row is written
 
+    def not_to_run(self, new: str | None, best: str, parent: str, head: str) -> str:
+        """Why a proposal, as merged onto the best, is not run (else ""): it conflicts with a keep made while it was
+        asked for, that keep already made it, or an experiment that scored while it was asked for ran this file."""
+        if new is None:
+            return f"proposed on {parent[:8]}, and it conflicts with the change kept since ({head[:8]})"
+        if new == best:
+            return f"the change is already in the best train.py ({head[:8]}), kept meanwhile"
+        if twin := scored_before(scored_train_pys(self.session, self.session.rows()), new):
+            return f"the change makes train.py exactly the file {twin} ran: its score is known"
+        return ""
+
     def propose_and_run(self, pending: Prefetch) -> None:
         session, n = self.session, pending.n
         proposal = pending.result()
@@ -194,9 +205,7 @@ class Pool:
         new, best = proposal["train_py"], self.train_py_at(head)
         if pending.parent != head:  # a keep came while it was being asked for
             new = merge(proposal["base"], best, new)
-        if new is None or new == best:
-            why = (f"proposed on {pending.parent[:8]}, and it conflicts with the change kept since ({head[:8]})"
-                   if new is None else f"the change is already in the best train.py ({head[:8]}), kept meanwhile")
+        if why := self.not_to_run(new, best, pending.parent, head):
             if pending.tries < MAX_ASKS and not self.stopping:
                 log(f"experiment {n}: {why}; asking again")
                 self.ask(pending.redo, n=n, spent=list(pending.spent))

@@ -216,3 +216,35 @@ def test_gpus_sets_the_number_of_workers():
     args = agent.parse_args(["--workers", "2", "--gpus", "3,5"])
     assert cluster.gpu_count(args) == 2 and args.gpus == "3,5"
     assert cluster.gpu_count(agent.parse_args(["--gpus", "0,2,5"])) == 3
+
+
+def test_a_proposal_that_remakes_a_train_py_scored_while_it_waited_is_asked_again(repo, ray_cluster):
+    """Pipelined, the third proposal is asked for while the first two train, and repeats one of them (a weak model's
+    habit). By the time a worker is free that one has scored: the repeat is not run, the LLM is asked again."""
+    go = str(repo.parent / "go-{n}")
+    worse = edit("PPL = 20.0", "PPL = 21.0", "proposal X, worse") + held(go)
+    other = edit(SCALE_LINE, SCALE_LINE.replace("1.0", "1.5"), "proposal Y, worse") + held(go)
+    asked_third = repo / "runs" / TAG / "3" / "response0.md"
+
+    def when(st, flights, rows) -> bool:
+        if "proposal X" in st["description"]:  # scored only once the repeat is in the driver's hands
+            return asked_third.exists()
+        if "proposal Y" in st["description"]:  # frees the second worker only after the third proposal's dispatch
+            return any(n >= 3 for n in flights) or (rows is not None and (rows["experiment"] >= 3).any())
+        return True
+    released = release_each(repo, go, when)
+    llm = FakeLLM([worse, other, worse, edit("PPL = 20.0", "PPL = 19.0", "proposal Z, better")])
+    try:
+        done = run_agent(repo, llm.url, "--ray", ray_cluster[0], "--max-experiments", "3", "--timeout", "120",
+                         timeout=400)
+    finally:
+        released.set()
+        llm.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = ledger(repo).set_index("experiment")
+    first = rows[rows["description"] == "proposal X, worse"]
+    assert len(first) == 1 and first.iloc[0]["status"] == "discard", rows
+    assert f"exactly the file experiment {first.index[0]} (discard" in done.stdout, done.stdout[-3000:]
+    assert rows.loc[3, "description"] == "proposal Z, better" and rows.loc[3, "status"] == "keep", rows
+    assert len(llm.requests) == 4
+    assert check_invariants(repo) == []
