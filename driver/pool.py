@@ -189,7 +189,7 @@ class Pool:
         if new == best:
             return f"the change is already in the best train.py ({head[:8]}), kept meanwhile"
         if twin := scored_before(scored_train_pys(self.session, self.session.rows()), new):
-            return f"the change makes train.py exactly the file {twin} ran: its score is known"
+            return f"the change makes train.py the same program as the file {twin} ran: its score is known"
         return ""
 
     def propose_and_run(self, pending: Prefetch) -> None:

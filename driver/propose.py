@@ -3,6 +3,7 @@ turns for a reply that does not apply; the next proposal asked for while the cur
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import threading
@@ -185,8 +186,8 @@ def propose(session: Session, n: int, train_py: str, in_flight=None, rows: pd.Da
         try:
             description, new = edit_train_py(train_py, content, finish, session.args.reply_format)
             if twin := scored_before(scored, new):
-                raise ReplyError(f"this change makes train.py exactly the file {twin} ran: its score is known. "
-                                 "Propose a different change")
+                raise ReplyError(f"this change makes train.py the same program as the file {twin} ran (comments, "
+                                 "spacing and number spellings aside): its score is known. Propose a different change")
             return {"description": description, "train_py": new, **tokens_since(spent, before), "seen": seen,
                     "base": train_py, "reply": (content, finish)}
         except ReplyError as exc:
@@ -205,7 +206,7 @@ def next_turn(folder: Path) -> int:
 
 
 def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
-    """Each train.py this branch ran and scored under this start's protocol, by its sha256, with what to tell the
+    """Each train.py this branch ran and scored under this start's protocol, by its program_digest, with what to tell the
     LLM ("experiment 3 (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a
     prefetch's) is taken for one of train.py's strays and killed."""
     found = {}
@@ -216,7 +217,7 @@ def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
         if row.commit not in session.train_py_digests:  # a commit never changes: read once a night
             try:
                 data = (session.repo.commit(row.commit).tree / "train.py").data_stream.read()
-                session.train_py_digests[row.commit] = hashlib.sha256(data).hexdigest()
+                session.train_py_digests[row.commit] = program_digest(data.decode("utf-8", errors="replace"))
             except (ValueError, KeyError, git.GitError, git.BadName, git.BadObject):  # a commit git lacks
                 session.train_py_digests[row.commit] = ""
         found.setdefault(session.train_py_digests[row.commit],
@@ -226,8 +227,19 @@ def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
 
 
 def scored_before(scored: dict[str, str], train_py: str) -> str:
-    """The experiment that already scored this exact train.py (as atomic_write writes it), else ""."""
-    return scored.get(hashlib.sha256(train_py.encode("utf-8", errors="replace")).hexdigest(), "")
+    """The experiment that already scored this program, else "" (see program_digest)."""
+    return scored.get(program_digest(train_py), "")
+
+
+def program_digest(train_py: str) -> str:
+    """What train.py computes, as a digest: its syntax tree, so that a comment, the spacing or a number's spelling
+    (3e-4, 0.0003) makes no new experiment (a small model re-proposes a change in other words). A file Python
+    cannot parse: its bytes."""
+    try:
+        text = ast.dump(ast.parse(train_py))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        text = f"bytes:{train_py}"
+    return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()
 
 
 def tokens_since(spent: list, start: int = 0) -> dict:
@@ -294,7 +306,8 @@ def prefetched_on(session: Session, n: int, base: str, proposal: Proposal, score
             return None
         proposal = {**proposal, "description": description, "train_py": new, "base": base}
     if twin := scored_before(scored, proposal["train_py"]):
-        log(f"experiment {n}: the prefetched change makes train.py exactly the file {twin} ran; asking again")
+        log(f"experiment {n}: the prefetched change makes train.py the same program as the file {twin} ran; "
+            "asking again")
         return None
     return proposal
 

@@ -62,9 +62,9 @@ def test_a_change_that_remakes_a_scored_train_py_is_not_trained_again(repo, llm,
     rows = ledger(repo)
     assert rows["status"].tolist()[:3] == ["baseline", "discard", "keep"], rows
     assert rows["val_ppl"].tolist()[:3] == [20.0, 21.0, 18.0]
-    assert "exactly the file experiment 1 (discard, val_ppl 21)" in done.stdout
+    assert "the same program as the file experiment 1 (discard, val_ppl 21)" in done.stdout
     if not pipeline:  # a repair turn: the LLM is told why
-        assert "exactly the file experiment 1" in llm.requests[2]["messages"][-1]["content"]
+        assert "the same program as the file experiment 1" in llm.requests[2]["messages"][-1]["content"]
     # every reply for experiment 2 is kept, in the order asked, whether it was a repair turn or a fresh ask
     # after a prefetch (a fresh ask once wrote response0.md over the prefetch's)
     folder = repo / "runs" / TAG / "2"

@@ -35,5 +35,5 @@ def test_a_train_py_scored_only_under_another_protocol_runs_again(repo, llm):
     assert rows["protocol"].tolist() == ["v1-smoke2w", "v1-smoke2w", "v1", "v1"], rows
     assert rows["status"].tolist() == ["baseline", "discard", "baseline", "discard"], rows
     assert rows["description"].iloc[3] == "raise the ppl" and rows["val_ppl"].iloc[3] == 21.0
-    assert "exactly the file" not in done.stdout
+    assert "the same program as the file" not in done.stdout
     assert check_invariants(repo) == []

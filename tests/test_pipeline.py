@@ -71,7 +71,7 @@ def test_no_pipeline_asks_after_each_result(repo):
 
 def test_a_prefetch_that_remakes_a_scored_train_py_on_top_of_a_keep_is_asked_again(repo):
     """Experiment 3 is asked for while experiment 2 trains; 2 is kept and 3's change, applied on top of it,
-    makes exactly the file experiment 1 scored: its score is known, so the LLM is asked for another."""
+    makes the very program experiment 1 scored: its score is known, so the LLM is asked for another."""
     line = next(l for l in (repo / "train.py").read_text().splitlines() if l.startswith("PPL_SCALE = 1.0"))
     double = edit(line, line.replace("1.0", "2.0", 1), "double the scale")
     script = [slow("18.0", "lower the ppl and double the scale, slowly") + double.split("\n", 1)[1],
@@ -85,6 +85,6 @@ def test_a_prefetch_that_remakes_a_scored_train_py_on_top_of_a_keep_is_asked_aga
     rows = ledger(repo)
     assert rows["status"].tolist() == ["baseline", "discard", "keep", "keep"], rows
     assert rows["val_ppl"].tolist() == [20.0, 36.0, 18.0, 17.0]
-    assert len(llm.requests) == 4 and "exactly the file experiment 1 (discard" in done.stdout, done.stdout
+    assert len(llm.requests) == 4 and "the same program as the file experiment 1 (discard" in done.stdout, done.stdout
     assert rows["prompt_tokens"].sum() == sum(p for p, _ in llm.usage)  # the prefetch's call is billed too
     assert check_invariants(repo) == []

@@ -244,7 +244,7 @@ def test_a_proposal_that_remakes_a_train_py_scored_while_it_waited_is_asked_agai
     rows = ledger(repo).set_index("experiment")
     first = rows[rows["description"] == "proposal X, worse"]
     assert len(first) == 1 and first.iloc[0]["status"] == "discard", rows
-    assert f"exactly the file experiment {first.index[0]} (discard" in done.stdout, done.stdout[-3000:]
+    assert f"the same program as the file experiment {first.index[0]} (discard" in done.stdout, done.stdout[-3000:]
     assert rows.loc[3, "description"] == "proposal Z, better" and rows.loc[3, "status"] == "keep", rows
     assert len(llm.requests) == 4
     assert check_invariants(repo) == []

@@ -47,7 +47,12 @@ def test_scored_files_are_read_from_git_and_a_commit_git_lacks_is_passed_over(tm
     found = scored_train_pys(session, rows)
     assert list(found.values()) == ["experiment 8 (baseline, val_ppl 20)"]
     assert scored_before(found, (repo / "train.py").read_text()) == "experiment 8 (baseline, val_ppl 20)"
-    assert scored_before(found, (repo / "train.py").read_text() + "\n") == ""
+    # the same program in other words is the same experiment; a changed number is not
+    text = (repo / "train.py").read_text()
+    for same in (text + "\n", text.replace("PPL = 20.0", "PPL = 2e1  # try 20"), text.replace("\n\n\n", "\n\n")):
+        assert same != text and scored_before(found, same) == "experiment 8 (baseline, val_ppl 20)", same
+    assert scored_before(found, text.replace("PPL = 20.0", "PPL = 20.5")) == ""
+    assert scored_before(found, text + "\n)") == ""  # a file Python cannot parse is compared by its bytes
 
 
 def test_the_ledgers_window_moves_in_steps_so_a_new_row_only_adds_to_the_prompts_end():

@@ -10,6 +10,7 @@ import pytest
 import agent
 from driver.common import ReplyError
 from driver.edits import edit_train_py
+from driver.propose import program_digest
 from driver_helpers import ROOT, check_invariants, ledger, make_research_repo, run_agent
 from fake_llm import FakeLLM
 
@@ -48,15 +49,15 @@ def test_json_reply_format_parses_and_applies():
 
 
 def outcomes_through_the_driver(names: list[str]) -> list[str]:
-    """Each reply's outcome in the driver, in turn: a reply that applies but makes train.py exactly the file an
-    earlier one made (the corpus says one thing several ways) is a repair turn, its score being known."""
-    outcomes, made = [], set()
+    """Each reply's outcome in the driver, in turn: a reply that applies but makes train.py the program the
+    baseline or an earlier reply made (the corpus says one thing several ways) is a repair turn, its score known."""
+    outcomes, made = [], {program_digest(TRAIN_PY)}
     for name in names:
         want = EXPECTED[name]
         if want["outcome"] != "ok":
             outcomes.append(want["outcome"])
             continue
-        new = edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")[1]
+        new = program_digest(edit_train_py(TRAIN_PY, reply_text(name), want["finish_reason"], "text")[1])
         outcomes.append("twin" if new in made else "ok")
         made.add(new)
     return outcomes
@@ -111,7 +112,7 @@ def test_corpus_through_the_driver_touches_nothing_but_train_py(tmp_path):
     applied = rows[rows["commit"].notna() & (rows["status"] != "baseline")]
     assert len(applied) == outcomes.count("ok") and outcomes.count("twin") >= 1
     rejected = [line for line in done.stdout.splitlines() if "reply rejected" in line]
-    assert sum("exactly the file experiment" in line for line in rejected) == outcomes.count("twin")
+    assert sum("the same program as the file experiment" in line for line in rejected) == outcomes.count("twin")
     assert set(applied["status"]) == {"discard"} and (applied["val_ppl"] == 20.0).all()
     assert set(rows["status"][1:]) == {"invalid", "discard"}
     # discarded, so off the branch: each commit is read from the ledger (check_invariants ties it to its ref)
