@@ -206,8 +206,8 @@ def next_turn(folder: Path) -> int:
 
 
 def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
-    """Each train.py this branch ran and scored under this start's protocol, by its program_digest, with what to tell the
-    LLM ("experiment 3 (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a
+    """Each train.py this branch ran and scored under this start's protocol, by its program_digest, with what to
+    tell the LLM ("experiment 3 (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a
     prefetch's) is taken for one of train.py's strays and killed."""
     found = {}
     rows = same_protocol(rows, night_protocol(session.args))  # a smoke run's score is no full night's: not known
