@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -27,6 +28,10 @@ MESSAGE_OVERHEAD_TOKENS = 8    # a chat template's tokens around each message
 CONTEXT_MARGIN_TOKENS = 64     # slack for the template and the estimate
 MIN_REPLY_TOKENS = 1024        # the prompt shrinks until at least this much is left for the reply
 COMMIT_ID = r"[0-9a-f]{40}|[0-9a-f]{64}"  # as the driver writes a commit: its full id (SHA-1 or SHA-256)
+# a prompt or reply file's number as the driver writes it: ASCII digits, few of them. Anything else in the folder is
+# another's (an unsandboxed train.py writes where it likes): "prompt²" is no number to int(), and a planted
+# 244-digit one would make the next name longer than a file name may be
+TURN_NUMBER = re.compile(r"[0-9]{1,9}")
 SCORED = ("baseline", "keep", "discard")  # a train.py with a score: running it again would measure only the noise
 SYSTEM_PROMPT = """You are an autonomous ML research agent improving ternary (1.58-bit) quantization-aware \
 training in train.py. Each reply proposes exactly ONE focused change to train.py; it is committed, \
@@ -201,7 +206,7 @@ def next_turn(folder: Path) -> int:
     """The number of the next prompt and reply file: a second ask for the same experiment (after a prefetch that
     cannot be used, a pool's re-ask, a killed driver's) keeps the first ask's files beside its own."""
     numbers = [int(p.stem.removeprefix(stem)) for stem in ("prompt", "response") for p in folder.glob(f"{stem}*")
-               if p.stem.removeprefix(stem).isdigit()]
+               if TURN_NUMBER.fullmatch(p.stem.removeprefix(stem))]
     return max(numbers, default=-1) + 1
 
 

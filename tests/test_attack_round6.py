@@ -1,0 +1,28 @@
+"""Round 6 of attacks on the proposer's bookkeeping: the numbering of a second ask's prompt and reply files, the
+committed train.py taken byte for byte, and the twin check of a prefetched or pooled proposal."""
+import pytest
+
+from driver_helpers import TAG, check_invariants, edit, ledger, run_agent
+
+# names an unsandboxed train.py can leave in the next experiment's folder: a digit str.isdigit() takes and int()
+# does not ("²"), and a number whose successor's name is longer than a file name may be (255 bytes)
+PLANTED = ["prompt\u00b2.json", "prompt" + "9" * 244 + ".json", "response" + "9" * 244 + ".md"]
+
+
+@pytest.mark.parametrize("name", PLANTED)
+def test_odd_file_names_in_the_next_folder_never_stop_the_night(repo, llm, name):
+    """An unsandboxed train.py writes where it likes, the next experiment's folder too: the next ask numbered its
+    prompt after a `prompt².json` (int() refused it: the night ended with a ValueError) or after 244 nines (the
+    next name was too long for the file system: an OSError)."""
+    planted = repo / "runs" / TAG / "2" / name
+    plant = (f"META = {{}}\n(REPO / {str(planted.parent)!r}).mkdir(parents=True, exist_ok=True)\n"
+             f"(REPO / {str(planted)!r}).write_text('planted')")
+    llm.push(edit("META = {}", plant, "plant a file"), edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"))
+    done = run_agent(repo, llm.url, "--max-experiments", "2", "--no-pipeline", "--sandbox", "off")
+    assert planted.exists(), done.stdout[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = ledger(repo)
+    assert rows["description"].tolist()[1:] == ["plant a file", "lower the ppl"], rows
+    folder = planted.parent
+    assert (folder / "prompt0.json").exists() and (folder / "response0.md").read_text().startswith("DESCRIPTION: lower")
+    assert check_invariants(repo) == []
