@@ -12,6 +12,9 @@ from pathlib import Path
 from driver.common import ReplyError, one_line
 from driver.knobs import parse_knob_reply, set_knobs
 
+# what Python's parser and compiler raise, instead of SyntaxError, on code nested past their limits (a weak model's
+# loop: `+ 0.0` a thousand times, a run of minus signs)
+TOO_DEEP = (RecursionError, MemoryError)
 EVAL_DATA_REFERENCE = re.compile(r"wiki\.(valid|test)|[\"'](validation|test)[\"']|AR_TRAIN_SPLIT")
 BLOCK_RE = re.compile(r"^<{7} SEARCH[^\n]*\n(.*?)^={7}[ \t]*\n(.*?)^>{7} REPLACE[^\n]*$", re.S | re.M)
 FILE_RE = re.compile(r"^<{7} FILE[^\n]*\n(.*?)^>{7} FILE[^\n]*$", re.S | re.M)
@@ -64,6 +67,8 @@ def whole_file_in_fence(content: str) -> tuple[str, list, str]:
             tree = ast.parse(code, "train.py")
         except SyntaxError as exc:
             tree, why = None, f" (the ```python block is not a complete train.py: line {exc.lineno}: {exc.msg})"
+        except TOO_DEEP as exc:
+            tree, why = None, f" (the ```python block nests too deeply for Python: {type(exc).__name__})"
         if tree is not None and calls_submit(tree):
             outside = FENCE_RE.sub("", content)
             match = re.search(r"^\W*DESCRIPTION:\s*(.+)$", outside, re.M | re.I)
@@ -153,6 +158,9 @@ def validate_train_py(old: str, new: str) -> None:
     except SyntaxError as exc:
         raise ReplyError(f"the new train.py does not compile: {exc.msg} at line {exc.lineno}: "
                          f"{(exc.text or '').strip()}") from None
+    except TOO_DEEP as exc:
+        raise ReplyError(f"the new train.py does not compile: it nests too deeply for Python ({type(exc).__name__}): "
+                         "write the expression in steps") from None
     if not calls_submit(tree):
         raise ReplyError("the edit removes the prepare.submit(...) call: train.py must end by submitting")
     added = "\n".join(set(new.splitlines()) - set(old.splitlines()))

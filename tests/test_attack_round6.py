@@ -47,3 +47,22 @@ def test_a_lone_surrogate_in_a_reply_never_stops_or_stalls_the_night(repo, llm):
     assert (repo / "runs" / TAG / "1" / "response0.md").read_text().count("# ?") == 1
     assert len(llm.requests) == 3 and "not found" in llm.requests[2]["messages"][-1]["content"]
     assert check_invariants(repo) == []
+
+
+LOOPS = {"plus": edit("PPL = 20.0", "PPL = 20.0" + " + 0.0" * 1000, "a loop"),
+         "minus": edit("PPL = 20.0", "PPL = " + "-" * 20000 + "20.0", "a loop"),
+         "fence": "A loop.\n```python\nimport prepare\nX = " + "-" * 20000 + "1\nprepare.submit({})\n```\n"}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reply_that_nests_too_deep_for_python_is_a_repair_turn(repo, llm, loop):
+    """A weak model's loop (`+ 0.0` a thousand times, a run of minus signs, in an edit or in a whole file in a
+    ```python block) gives code Python's parser or compiler cannot take: it raised RecursionError or
+    MemoryError, no SyntaxError, and the night ended with a traceback."""
+    llm.push(LOOPS[loop], edit("PPL = 20.0", "PPL = 18.0", "lower the ppl"))
+    done = run_agent(repo, llm.url, "--max-experiments", "1", "--no-pipeline")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["baseline", "keep"] and rows["val_ppl"].iloc[-1] == 18.0, rows
+    assert "nests too deeply" in llm.requests[1]["messages"][-1]["content"]
+    assert check_invariants(repo) == []
