@@ -209,7 +209,7 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
             content = getattr(getattr(choice, "message", None), "content", None)
             finish = getattr(choice, "finish_reason", None)
             if isinstance(content, str):  # a JSON string's lone surrogate (\ud800) as "?", as atomic_write writes it:
-                content = content.encode("utf-8", errors="replace").decode()  # ast.parse and the next request choke on it
+                content = content.encode("utf-8", errors="replace").decode()  # ast.parse and a repair request fail on it
             return (content if isinstance(content, str) else None, finish if isinstance(finish, str) else None,
                     *tokens_used(getattr(response, "usage", None)))
         except openai.APIStatusError as exc:
