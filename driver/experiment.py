@@ -168,7 +168,7 @@ def run_one(session: Session, pending: Prefetch | None = None, prefetch: bool = 
     """One experiment; with prefetch, the next proposal is asked for while this one trains."""
     repo, n = session.repo, next_experiment(session)
     parent = repo.head.commit.hexsha
-    old = (session.root / "train.py").read_text()
+    old = (session.root / "train.py").read_bytes().decode("utf-8")  # as committed: read_text() turns \r into \n
     session.save_state(experiment=n, kind="proposal", phase="llm")
     spent: list[tuple[int, int]] = []
     try:

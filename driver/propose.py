@@ -282,16 +282,16 @@ class Prefetch(threading.Thread):
 def proposal_for(session: Session, n: int, base: str, pending: Prefetch | None, spent: list | None = None) -> Proposal:
     """The prefetched proposal if it still applies to train.py as it is now, else a fresh one. spent gathers
     every answered call's tokens for experiment n, the abandoned prefetch's included."""
-    spent = [] if spent is None else spent
-    rows = session.rows()
-    scored = scored_train_pys(session, rows)  # the experiment in flight when it was asked for has a score now
+    spent, proposal = [] if spent is None else spent, None
     if pending is not None:
         try:
             proposal = pending.result()
         finally:
             spent.extend(pending.spent)  # billed to experiment n whether it is used, replaced or failed
-        if (usable := prefetched_on(session, n, base, proposal, scored)) is not None:
-            return {**usable, **tokens_since(spent)}
+    rows = session.rows()
+    scored = scored_train_pys(session, rows)  # the experiment in flight when it was asked for has a score now
+    if proposal is not None and (usable := prefetched_on(session, n, base, proposal, scored)) is not None:
+        return {**usable, **tokens_since(spent)}
     fresh = propose(session, n, base, rows=rows, spent=spent, scored=scored)
     return {**fresh, **tokens_since(spent)}
 

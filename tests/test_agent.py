@@ -413,17 +413,20 @@ def test_a_context_too_small_gives_invalid_rows_never_a_stop(repo, llm, body):
 
 
 def test_the_committed_train_py_is_the_proposal_byte_for_byte(repo, llm):
-    """A JSON reply's strings may carry carriage returns: the file committed and run is the one the edit made and
-    the twin check hashed, not a copy with its line ends rewritten (it was read back with read_text)."""
+    """A JSON reply's strings may carry carriage returns: the file committed and run is the one the edit made, not
+    a copy with its line ends rewritten (it was read back with read_text), and the next change is made on it."""
     reply = {"description": "lower the ppl", "edits": [{"search": "PPL = 20.0", "replace": "PPL = 18.0\r\n# why\r"}]}
-    llm.push(json.dumps(reply))
-    done = run_agent(repo, llm.url, "--max-experiments", "1", "--reply-format", "json", "--no-pipeline")
+    then = {"description": "fake a score", "edits": [{"search": 'MODE = "ok"', "replace": 'MODE = "fake"'}]}
+    llm.push(json.dumps(reply), json.dumps(then))
+    done = run_agent(repo, llm.url, "--max-experiments", "2", "--reply-format", "json", "--no-pipeline")
     assert done.returncode == 0, done.stdout[-3000:]
-    row = ledger(repo).iloc[-1]
-    assert row["status"] == "keep", row.to_dict()
-    committed = git.Repo(repo).commit(row["commit"]).tree["train.py"].data_stream.read()
-    assert b"PPL = 18.0\r\n# why\r" in committed
-    assert committed == (repo / "runs" / TAG / "1" / "proposed_train.py").read_bytes()
+    rows = ledger(repo)
+    assert rows["status"].tolist() == ["baseline", "keep", "discard"], rows
+    g = git.Repo(repo)
+    for _, row in rows.iloc[1:].iterrows():
+        committed = g.commit(row["commit"]).tree["train.py"].data_stream.read()
+        assert b"PPL = 18.0\r\n# why\r" in committed, row["experiment"]
+        assert committed == (repo / "runs" / TAG / str(row["experiment"]) / "proposed_train.py").read_bytes()
 
 
 def test_json_nulls_and_a_choice_without_a_message_are_invalid_rows(repo, llm):
