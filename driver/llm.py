@@ -208,8 +208,9 @@ def chat(session: "Session", messages: list[dict], max_tokens: int | None = None
             # a choice without a message (or with non-text content) is an empty reply: a repair turn, never a traceback
             content = getattr(getattr(choice, "message", None), "content", None)
             finish = getattr(choice, "finish_reason", None)
-            if isinstance(content, str):  # a JSON string's lone surrogate (\ud800) as "?", as atomic_write writes it:
-                content = content.encode("utf-8", errors="replace").decode()  # ast.parse and a repair request fail on it
+            if isinstance(content, str):  # a JSON string's lone surrogate (\ud800): ast.parse and a repair request
+                # fail on it; U+FFFD, as the ledger shows it
+                content = content.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return (content if isinstance(content, str) else None, finish if isinstance(finish, str) else None,
                     *tokens_used(getattr(response, "usage", None)))
         except openai.APIStatusError as exc:

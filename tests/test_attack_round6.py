@@ -33,18 +33,18 @@ def test_a_lone_surrogate_in_a_reply_never_stops_or_stalls_the_night(repo, llm):
     """A JSON string may carry a lone surrogate (\\ud800, half of an emoji a server cut in two). In a reply's code
     ast.parse() raised UnicodeEncodeError, no SyntaxError: the night ended with a traceback; in a reply rejected for
     another reason, the repair request could not be encoded and was taken for an outage, retried all night. The
-    reply is read as the driver writes it (response0.md, the commit): the surrogate as "?"."""
+    reply is read with the surrogate as U+FFFD, the replacement character, as the ledger shows one."""
     llm.push(edit("PPL = 20.0", "PPL = 18.0  # \ud800", "lower the ppl"),
              edit("PPL = 21.0", "PPL = 17.0  # \ud800", "a search that is not there"),
-             edit("PPL = 18.0  # ?", "PPL = 17.0", "lower it again"))
+             edit("PPL = 18.0  # \ufffd", "PPL = 17.0", "lower it again"))
     done = run_agent(repo, llm.url, "--max-experiments", "2", "--no-pipeline", timeout=60)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = ledger(repo)
     assert rows["status"].tolist() == ["baseline", "keep", "keep"], rows
     assert rows["val_ppl"].tolist() == [20.0, 18.0, 17.0]
     committed = git.Repo(repo).commit(rows["commit"].iloc[1]).tree["train.py"].data_stream.read()
-    assert b"PPL = 18.0  # ?\n" in committed
-    assert (repo / "runs" / TAG / "1" / "response0.md").read_text().count("# ?") == 1
+    assert "PPL = 18.0  # \ufffd\n".encode() in committed
+    assert (repo / "runs" / TAG / "1" / "response0.md").read_text().count("# \ufffd") == 1
     assert len(llm.requests) == 3 and "not found" in llm.requests[2]["messages"][-1]["content"]
     assert check_invariants(repo) == []
 
