@@ -35,7 +35,8 @@ from driver.session import Session, budget_left, stop_reason
 from driver.checkout import git_identity, merge, restore_tree, tree_changes
 from driver.record import (append_invalid, append_rows, decision_rows, keep_best_submission, protect_ledger,
                            recorded_status)
-from driver.propose import Prefetch, abandon, scored_before, scored_train_pys, tokens_since
+from driver.propose import (Prefetch, abandon, program_at, program_digest, scored_before, scored_train_pys,
+                            tokens_since)
 from driver.experiment import next_experiment
 from driver import worker
 from driver.cluster import start_ray
@@ -183,13 +184,18 @@ class Pool:
 
     def not_to_run(self, new: str | None, best: str, parent: str, head: str) -> str:
         """Why a proposal, as merged onto the best, is not run (else ""): it conflicts with a keep made while it was
-        asked for, that keep already made it, or an experiment that scored while it was asked for ran this file."""
+        asked for, that keep already made it, or an experiment that scored while it was asked for, or one training
+        now, runs the same program (a weak model repeats itself, the experiments in flight listed or not)."""
         if new is None:
             return f"proposed on {parent[:8]}, and it conflicts with the change kept since ({head[:8]})"
         if new == best:
             return f"the change is already in the best train.py ({head[:8]}), kept meanwhile"
         if twin := scored_before(scored_train_pys(self.session, self.session.rows()), new):
             return f"the change makes train.py the same program as the file {twin} ran: its score is known"
+        running = {program_at(self.session, st["commit"]): st["experiment"] for st in self.flights.values()
+                   if st.get("commit")}
+        if (twin := running.get(program_digest(new))) is not None:
+            return f"the change makes train.py the same program as experiment {twin}, training now"
         return ""
 
     def propose_and_run(self, pending: Prefetch) -> None:

@@ -219,16 +219,22 @@ def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
     named = rows["commit"].astype(str).str.fullmatch(COMMIT_ID)  # never a name like HEAD~2 a hand edit left
     numbered = rows["experiment"].notna()  # a hand edit's empty (or inf) number names no experiment to the LLM
     for row in rows[rows["status"].isin(SCORED) & rows["val_ppl"].notna() & named & numbered].itertuples():
-        if row.commit not in session.train_py_digests:  # a commit never changes: read once a night
-            try:
-                data = (session.repo.commit(row.commit).tree / "train.py").data_stream.read()
-                session.train_py_digests[row.commit] = program_digest(data.decode("utf-8", errors="replace"))
-            except (ValueError, KeyError, git.GitError, git.BadName, git.BadObject):  # a commit git lacks
-                session.train_py_digests[row.commit] = ""
-        found.setdefault(session.train_py_digests[row.commit],
+        found.setdefault(program_at(session, row.commit),
                          f"experiment {int(row.experiment)} ({row.status}, val_ppl {row.val_ppl:.4g})")
     found.pop("", None)
     return found
+
+
+def program_at(session: Session, commit: str) -> str:
+    """The program_digest of train.py at `commit`, "" where git lacks it. Read once a night: a commit never
+    changes. Main thread only (see scored_train_pys)."""
+    if commit not in session.train_py_digests:
+        try:
+            data = (session.repo.commit(commit).tree / "train.py").data_stream.read()
+            session.train_py_digests[commit] = program_digest(data.decode("utf-8", errors="replace"))
+        except (ValueError, KeyError, git.GitError, git.BadName, git.BadObject):  # a commit git lacks
+            session.train_py_digests[commit] = ""
+    return session.train_py_digests[commit]
 
 
 def scored_before(scored: dict[str, str], train_py: str) -> str:

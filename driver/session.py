@@ -55,7 +55,7 @@ class Session:
     child_exited: float = 0.0        # when the last run's main process ended
     child_killed_for: str = ""       # why the watchdog stopped the last run ('' if it did not)
     stray_files: set = field(default_factory=set)  # (device, inode) its leftovers held at its clean exit
-    train_py_digests: dict = field(default_factory=dict)  # commit → sha256 of its train.py, read once a night
+    train_py_digests: dict = field(default_factory=dict)  # commit → program_digest of its train.py, read once a night
 
     @property
     def ledger(self) -> Path:

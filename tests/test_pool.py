@@ -218,19 +218,23 @@ def test_gpus_sets_the_number_of_workers():
     assert cluster.gpu_count(agent.parse_args(["--gpus", "0,2,5"])) == 3
 
 
-def test_a_proposal_that_remakes_a_train_py_scored_while_it_waited_is_asked_again(repo, ray_cluster):
-    """Pipelined, the third proposal is asked for while the first two train, and repeats one of them (a weak model's
-    habit). By the time a worker is free that one has scored: the repeat is not run, the LLM is asked again."""
+@pytest.mark.parametrize("repeated", ["scored", "training"])
+def test_a_proposal_that_repeats_another_experiments_program_is_asked_again(repo, ray_cluster, repeated):
+    """Pipelined, the third proposal is asked for while the first two (X, Y) train, and repeats X (a weak model's
+    habit). When a worker is free for it, X has either scored (its score is known) or is still training (its score
+    soon will be): either way the repeat is not run, and the LLM is asked again."""
     go = str(repo.parent / "go-{n}")
     worse = edit("PPL = 20.0", "PPL = 21.0", "proposal X, worse") + held(go)
     other = edit(SCALE_LINE, SCALE_LINE.replace("1.0", "1.5"), "proposal Y, worse") + held(go)
     asked_third = repo / "runs" / TAG / "3" / "response0.md"
 
     def when(st, flights, rows) -> bool:
-        if "proposal X" in st["description"]:  # scored only once the repeat is in the driver's hands
+        third_dispatched = any(n >= 3 for n in flights) or (rows is not None and (rows["experiment"] >= 3).any())
+        first, then = ("proposal X", "proposal Y") if repeated == "scored" else ("proposal Y", "proposal X")
+        if first in st["description"]:  # frees its worker once the repeat is in the driver's hands
             return asked_third.exists()
-        if "proposal Y" in st["description"]:  # frees the second worker only after the third proposal's dispatch
-            return any(n >= 3 for n in flights) or (rows is not None and (rows["experiment"] >= 3).any())
+        if then in st["description"]:  # only after the third experiment is dispatched
+            return third_dispatched
         return True
     released = release_each(repo, go, when)
     llm = FakeLLM([worse, other, worse, edit("PPL = 20.0", "PPL = 19.0", "proposal Z, better")])
@@ -244,7 +248,9 @@ def test_a_proposal_that_remakes_a_train_py_scored_while_it_waited_is_asked_agai
     rows = ledger(repo).set_index("experiment")
     first = rows[rows["description"] == "proposal X, worse"]
     assert len(first) == 1 and first.iloc[0]["status"] == "discard", rows
-    assert f"the same program as the file experiment {first.index[0]} (discard" in done.stdout, done.stdout[-3000:]
+    said = (f"the same program as the file experiment {first.index[0]} (discard" if repeated == "scored"
+            else f"the same program as experiment {first.index[0]}, training now")
+    assert said in done.stdout, done.stdout[-3000:]
     assert rows.loc[3, "description"] == "proposal Z, better" and rows.loc[3, "status"] == "keep", rows
     assert len(llm.requests) == 4
     assert check_invariants(repo) == []
