@@ -13,7 +13,7 @@ from driver.records import ExperimentState, RunResult
 from driver.keep import (BASELINE_TRIES, baseline_complete, baseline_description, baseline_failure, baseline_failures,
                          confirmation_needed, keep_rule, night_protocol, scored_baselines)
 from driver.runner import run_process
-from driver.scoring import clear_work, remove_run_files, run_outcome, shm_entries, train_command, train_env
+from driver.scoring import EXIT_GRACE_S, clear_work, remove_run_files, run_outcome, shm_entries, train_command, train_env
 from driver.session import Session, stop_reason
 from driver.checkout import commit_train_py, discard, restore_tree, save_tree_snapshot, tree_changes
 from driver.record import (append_invalid, append_rows, checked_ledger, decision_rows, keep_best_submission,
@@ -37,8 +37,8 @@ def train_and_score(session: Session, st: ExperimentState, label: str = "") -> R
     shm_before = shm_entries()
     atomic_write(session.shm_snapshot, json.dumps(sorted(shm_before)))  # for a restart after a kill
     try:
-        code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + 1, train_env(work, timeout),
-                                    cwd=work)
+        code, train_s = run_process(session, cmd, folder / f"train{label}.log", timeout + EXIT_GRACE_S,
+                                    train_env(work, timeout), cwd=work)
         clear_work(session, work)
         return checked_and_scored(session, st, label, code, train_s, before)
     finally:

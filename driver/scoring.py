@@ -24,6 +24,7 @@ from driver.records import RunResult
 from driver.runner import clean_env, log_tail, run_process
 
 EVAL_TIMEOUT_S = 900           # prepare.py eval's own limit
+EXIT_GRACE_S = 1.0             # past AR_DEADLINE before the run is killed: the interpreter's own exit (torch's)
 # never readable by train.py, though in the repository: other experiments' folders and the kept submission
 # (a warm start would make a kept score irreproducible from its commit), and git's internals (a remote URL
 # in .git/config may hold a credential; the objects hold every experiment of the night)

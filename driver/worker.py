@@ -22,8 +22,8 @@ from pathlib import Path
 from driver.common import FatalError, atomic_write, one_line, remove_tree, sha256_file
 from driver.records import RunResult
 from driver.runner import clean_env, harden_process, kill_leftovers, kill_strays, log_tail, run_process
-from driver.scoring import (clear_work, remove_run_files, run_outcome, sandbox_info, sandbox_plan, shm_entries,
-                            train_command, train_env)
+from driver.scoring import (EXIT_GRACE_S, clear_work, remove_run_files, run_outcome, sandbox_info, sandbox_plan,
+                            shm_entries, train_command, train_env)
 
 HOST_DIR = Path(os.environ.get("AR_WORKER_DIR") or Path.home() / ".cache" / "ternary-autoresearch")
 LOG_RETURN_BYTES = 200_000     # of each log, sent back to the driver from a host that does not share its disk
@@ -154,8 +154,8 @@ def run_experiment(spec: dict) -> RunResult:
     cmd = train_command(tree, work, abi, [Path(p) for p in info.get("train_read", [])])
     shm_before = shm_entries()
     try:
-        code, train_s = run_process(runner, cmd, folder / f"train{label}.log", timeout + 1,
-                                          train_env(work, timeout), cwd=work)
+        code, train_s = run_process(runner, cmd, folder / f"train{label}.log", timeout + EXIT_GRACE_S,
+                                    train_env(work, timeout), cwd=work)
         clear_work(runner, work)
         result = {**base, "train_s": round(train_s, 1), "note": base["note"] + ("" if abi else "unsandboxed; ")}
         if sha256_file(tree / "prepare.py") != spec["prepare_sha256"]:
