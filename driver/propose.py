@@ -19,7 +19,7 @@ from driver.keep import best_kept, night_protocol, noise, same_protocol
 from driver.ledger import LEDGER_TAIL_ROWS, ledger_for_prompt
 from driver.runner import LOG_TAIL_BYTES, log_tail
 from driver.knobs import KNOB_SYSTEM_PROMPT, knob_listing, knob_schema
-from driver.edits import edit_train_py
+from driver.edits import TOO_DEEP, edit_train_py
 from driver.session import Session
 from driver.llm import ContextOverflow, chat, estimate_tokens, reply_tokens
 from driver.record import append_invalid
@@ -212,8 +212,8 @@ def next_turn(folder: Path) -> int:
 
 def scored_train_pys(session: Session, rows: pd.DataFrame) -> dict[str, str]:
     """Each train.py this branch ran and scored under this start's protocol, by its program_digest, with what to
-    tell the LLM ("experiment 3 (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is on (a
-    prefetch's) is taken for one of train.py's strays and killed."""
+    tell the LLM ("experiment 3 (discard, val_ppl 41.2)"). Main thread only: a git process started while a run is
+    on (a prefetch's) is taken for one of train.py's strays and killed."""
     found = {}
     rows = same_protocol(rows, night_protocol(session.args))  # a smoke run's score is no full night's: not known
     named = rows["commit"].astype(str).str.fullmatch(COMMIT_ID)  # never a name like HEAD~2 a hand edit left
@@ -248,7 +248,7 @@ def program_digest(train_py: str) -> str:
     cannot parse: its bytes."""
     try:
         text = ast.dump(ast.parse(train_py))
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except (SyntaxError, ValueError, *TOO_DEEP):
         text = f"bytes:{train_py}"
     return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()
 
