@@ -152,8 +152,8 @@ def test_driver_killed_with_two_in_flight_resumes_both_without_the_llm(repo, llm
     llm.push(*two_held(go))
     proc = start_agent(repo, llm.url, *ARGS, "--max-experiments", "2")
     try:
-        states = wait_until("two experiments in flight", lambda: len(inflight(repo)) >= 2 and inflight(repo), 60, proc)
-        running = wait_until("both train.py running", lambda: len(trainers(repo)) >= 2 and trainers(repo), 30, proc)
+        states = wait_until("two experiments in flight", lambda: len(seen := inflight(repo)) >= 2 and seen, 60, proc)
+        running = wait_until("both train.py running", lambda: len(seen := trainers(repo)) >= 2 and seen, 30, proc)
         states = inflight(repo)
         asked = len(llm.requests)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -206,7 +206,7 @@ def test_a_lost_worker_is_recorded_and_its_commit_runs_again(repo, llm, tmp_path
     llm.push(*two_held(go))
     proc = start_agent(repo, llm.url, "--workers", "2", "--timeout", "120", "--max-experiments", "2")
     try:
-        running = wait_until("both train.py running", lambda: len(trainers(repo)) >= 2 and trainers(repo), 120, proc)
+        running = wait_until("both train.py running", lambda: len(seen := trainers(repo)) >= 2 and seen, 120, proc)
         n = min(running)
         victim = running[n]
         worker = victim.parent()
