@@ -170,17 +170,23 @@ def test_shm_cleanup_removes_only_what_the_run_left(tmp_path):
     before_file, left, held = (SHM / f"ar-test-{tag}-{n}" for n in ("before", "left", "held"))
     work = tmp_path / "work"
     (work / "tmp").mkdir(parents=True)
+    guard = None
     try:
         before_file.write_text("another program's")
+        # held until the check: a parallel test's driver takes a closed file new to its run for its own (README)
+        guard = open(before_file)
         snapshot = shm_entries()
         left.write_text("a run's weights")
         held.write_text("a concurrent run's")
         with open(held) as holder:
+            guard.close()
             remove_run_files(work, snapshot)
             assert holder.read() == "a concurrent run's"
         assert not left.exists() and not work.exists()
         assert before_file.exists() and held.exists()
     finally:
+        if guard is not None:
+            guard.close()
         for path in (before_file, left, held):
             path.unlink(missing_ok=True)
 
